@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    backupy_agent::cli::decrypt::main()
+}

@@ -1,0 +1,272 @@
+//! `backupy-decrypt`: turns a stored object back into the dump.
+//!
+//! Streams input → (SHA-256 of the input) → decrypt → decompress by magic → output in
+//! O(chunk) memory. A file output is written under a temporary name and renamed only
+//! after the object authenticated completely and its SHA-256 matched.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{ArgGroup, Parser};
+use sha2::{Digest, Sha256};
+
+use crate::crypto::{self, Format, Identity, KeySource, token};
+use crate::pipeline::compress::decompress_by_magic;
+
+#[derive(Parser)]
+#[command(
+    name = "backupy-decrypt",
+    version,
+    about = "Decrypt (and decompress) a backupy backup object",
+    long_about = "Decrypt (and decompress) a backupy backup object.\n\n\
+        A decryption token's signature cannot be checked offline (the verification key stays on the \
+        server): its claims (issuer, audience, expiry, key) are checked, its signature is not.",
+    after_help = "Examples:\n  backupy-decrypt --in app.sqlite.zst.bkpy --out app.sqlite --identity backupy.key\n  \
+        backupy-decrypt --in - --out dump.pgdump --token-file token.jwt < object.bkpy",
+    group(ArgGroup::new("key").required(true).args(["token", "token_file", "identity", "key_file"]))
+)]
+struct Cli {
+    /// The stored object, or - for stdin.
+    #[arg(long = "in", value_name = "FILE|-")]
+    input: String,
+    /// Where to write the dump, or - for stdout.
+    #[arg(long = "out", value_name = "FILE|-")]
+    output: String,
+    /// A decryption token (JWT) from the control plane.
+    #[arg(long, value_name = "JWT")]
+    token: Option<String>,
+    /// A file holding a decryption token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// A private key file (from `backupy-agent keygen`) for objects sealed to its public key.
+    #[arg(long, value_name = "KEYFILE")]
+    identity: Option<PathBuf>,
+    /// A raw 32-byte data-key file (64 hex digits or base64).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Expected SHA-256 of the whole object (takes precedence over the token's claim).
+    #[arg(long, value_name = "HEX", conflicts_with = "no_verify_sha256")]
+    sha256: Option<String>,
+    /// Do not compare the object's SHA-256 with an expected value.
+    #[arg(long)]
+    no_verify_sha256: bool,
+    /// Write the decrypted bytes without decompressing them.
+    #[arg(long)]
+    skip_decompress: bool,
+    /// No progress bar and no warnings.
+    #[arg(long)]
+    quiet: bool,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    super::init_logging("warn");
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => super::report("backupy-decrypt", &e),
+    }
+}
+
+/// SHA-256 and byte count of everything read from the input.
+#[derive(Default)]
+struct InputDigest {
+    hasher: Sha256,
+    bytes: u64,
+}
+
+struct HashingReader<R> {
+    inner: R,
+    digest: Rc<RefCell<InputDigest>>,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut d = self.digest.borrow_mut();
+        d.hasher.update(&buf[..n]);
+        d.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let (key, token_sha) = key_source(&cli)?;
+    let expected = match (&cli.sha256, cli.no_verify_sha256) {
+        (_, true) => None,
+        (Some(h), false) => {
+            let h = h.trim().to_ascii_lowercase();
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("--sha256 must be 64 hex digits");
+            }
+            Some(h)
+        }
+        (None, false) => token_sha,
+    };
+
+    let output = Output::prepare(&cli.output, cli.force)?;
+    let (input, len): (Box<dyn Read>, Option<u64>) = if cli.input == "-" {
+        (Box::new(io::stdin().lock()), None)
+    } else {
+        let f =
+            File::open(&cli.input).with_context(|| format!("cannot open input {}", cli.input))?;
+        let len = f.metadata().ok().map(|m| m.len());
+        (Box::new(f), len)
+    };
+    let bar = super::progress_bar(len, cli.quiet);
+    let input: Box<dyn Read> = match &bar {
+        Some(b) => Box::new(b.wrap_read(input)),
+        None => input,
+    };
+    let digest = Rc::new(RefCell::new(InputDigest::default()));
+    let hashing = HashingReader {
+        inner: io::BufReader::with_capacity(1 << 20, input),
+        digest: digest.clone(),
+    };
+
+    let (format, plain) = crypto::open(hashing, &key).map_err(describe_io)?;
+    let mut reader: Box<dyn Read> = if cli.skip_decompress {
+        plain
+    } else {
+        decompress_by_magic(plain).map_err(describe_io)?.1
+    };
+    let mut out = output;
+    let copied = io::copy(&mut reader, out.writer()?);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    copied.map_err(describe_io)?;
+
+    let d = digest.borrow();
+    let actual = hex::encode(d.hasher.clone().finalize());
+    match &expected {
+        Some(exp) if *exp != actual => {
+            out.discard();
+            bail!(
+                "SHA-256 mismatch: the object hashes to {actual}, expected {exp}; it is not the object that was \
+                 stored (output removed)"
+            );
+        }
+        Some(_) => {}
+        None if format == Format::V1 && !cli.quiet => eprintln!(
+            "backupy-decrypt: warning: format v1 cannot detect dropped or reordered frames; pass --sha256 to \
+             verify the whole object"
+        ),
+        None => {}
+    }
+    out.finish()
+}
+
+fn key_source(cli: &Cli) -> Result<(KeySource, Option<String>)> {
+    let now = chrono::Utc::now().timestamp();
+    if let Some(jwt) = &cli.token {
+        let t = token::parse(jwt, now)?;
+        return Ok((KeySource::Raw(t.key), t.sha256));
+    }
+    if let Some(path) = &cli.token_file {
+        let jwt = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read token file {}", path.display()))?;
+        let t = token::parse(&jwt, now)?;
+        return Ok((KeySource::Raw(t.key), t.sha256));
+    }
+    if let Some(path) = &cli.identity {
+        return Ok((KeySource::Identity(Identity::from_file(path)?), None));
+    }
+    if let Some(path) = &cli.key_file {
+        return Ok((KeySource::Raw(crypto::keys::read_raw_key_file(path)?), None));
+    }
+    Err(anyhow!(
+        "one of --token, --token-file, --identity or --key-file is required"
+    ))
+}
+
+/// Turns a stream error into the message of its failure class.
+fn describe_io(e: io::Error) -> anyhow::Error {
+    match crypto::find_error(&e) {
+        Some(c) => anyhow!("{c}"),
+        None => anyhow!("{e}"),
+    }
+}
+
+enum Output {
+    Stdout(io::Stdout),
+    File {
+        temp: Option<tempfile::NamedTempFile>,
+        path: PathBuf,
+    },
+}
+
+impl Output {
+    fn prepare(out: &str, force: bool) -> Result<Self> {
+        if out == "-" {
+            return Ok(Output::Stdout(io::stdout()));
+        }
+        let path = PathBuf::from(out);
+        if path.exists() && !force {
+            bail!(
+                "{} already exists; pass --force to overwrite it",
+                path.display()
+            );
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => Path::new(".").to_path_buf(),
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".partial")
+            .tempfile_in(&dir)
+            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        Ok(Output::File {
+            temp: Some(temp),
+            path,
+        })
+    }
+
+    fn writer(&mut self) -> Result<&mut dyn Write> {
+        Ok(match self {
+            Output::Stdout(s) => s,
+            Output::File { temp, .. } => temp
+                .as_mut()
+                .context("output already finished")?
+                .as_file_mut(),
+        })
+    }
+
+    fn discard(&mut self) {
+        if let Output::File { temp, .. } = self {
+            temp.take();
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        match self {
+            Output::Stdout(mut s) => s.flush().context("cannot write to stdout"),
+            Output::File { temp, path } => {
+                let temp = temp.context("output already discarded")?;
+                temp.as_file()
+                    .sync_all()
+                    .context("cannot fsync the output")?;
+                temp.persist(&path).map_err(|e| {
+                    anyhow!(
+                        "cannot rename the output to {}: {}",
+                        path.display(),
+                        e.error
+                    )
+                })?;
+                Ok(())
+            }
+        }
+    }
+}

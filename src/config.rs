@@ -1,0 +1,393 @@
+//! The standalone TOML configuration: parsed in one place into typed values, with every
+//! refusal naming the file, the line and the reason.
+//!
+//! This file implements the subset the pipeline needs today (state_dir, directory
+//! storage, encryption, sqlite targets, jobs); the rest of the spec's format is refused
+//! as an unknown key until it is implemented, never silently ignored.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::crypto::{self, DataKey, Encryption, Recipient};
+use crate::drivers::Engine;
+use crate::pipeline::Compression;
+use crate::storage::check_key_segment;
+
+/// A refused configuration: `file:line: reason`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {reason}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<Spanned<String>>,
+    storage: Option<Spanned<RawStorage>>,
+    encryption: Option<Spanned<RawEncryption>>,
+    #[serde(default)]
+    targets: Vec<Spanned<RawTarget>>,
+    #[serde(default)]
+    jobs: Vec<Spanned<RawJob>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    dir: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEncryption {
+    recipient: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    identity: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    id: Spanned<String>,
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    path: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    id: Spanned<String>,
+    target: Spanned<String>,
+    cron: Option<Spanned<String>>,
+    compression: Option<Spanned<String>>,
+    encryption: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
+}
+
+/// A validated standalone configuration. Paths are absolute or relative to the
+/// directory of the config file, already resolved.
+#[derive(Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub state_dir: PathBuf,
+    pub storage_dir: PathBuf,
+    pub encryption: EncryptionConfig,
+    pub targets: BTreeMap<String, Target>,
+    pub jobs: Vec<Job>,
+}
+
+#[derive(Debug, Default)]
+pub struct EncryptionConfig {
+    pub recipient: Option<Recipient>,
+    pub key_file: Option<PathBuf>,
+    pub identity: Option<PathBuf>,
+    pub format: FormatChoice,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FormatChoice {
+    V1,
+    #[default]
+    V2,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub id: String,
+    pub engine: Engine,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub target: String,
+    pub cron: Option<String>,
+    pub compression: Compression,
+    /// `encryption = "none"`: the only way to store plaintext.
+    pub plaintext: bool,
+    pub format: Option<FormatChoice>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            reason: format!("cannot read the configuration file: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let line_of = |span: std::ops::Range<usize>| {
+            text[..span.start.min(text.len())].matches('\n').count() + 1
+        };
+        let fail = |span: Option<std::ops::Range<usize>>, reason: String| ConfigError {
+            file: path.to_path_buf(),
+            line: span.map(line_of),
+            reason,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| fail(e.span(), e.message().trim().to_string()))?;
+        let resolve = |p: &str| {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let state_dir = match &raw.state_dir {
+            Some(s) => resolve(s.get_ref()),
+            None => std::env::var_os("BACKUPY_STATE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/backupy")),
+        };
+        let storage = raw.storage.as_ref().ok_or_else(|| {
+            fail(
+                None,
+                "missing [storage] section (e.g. dir = \"./backups\")".into(),
+            )
+        })?;
+        let storage_dir = match &storage.get_ref().dir {
+            Some(d) if !d.get_ref().is_empty() => resolve(d.get_ref()),
+            _ => {
+                return Err(fail(
+                    Some(storage.span()),
+                    "[storage] needs dir = \"PATH\"".into(),
+                ));
+            }
+        };
+
+        let mut encryption = EncryptionConfig::default();
+        if let Some(enc) = &raw.encryption {
+            let e = enc.get_ref();
+            if let Some(r) = &e.recipient {
+                let value = match r.get_ref().strip_prefix("file:") {
+                    Some(p) => std::fs::read_to_string(resolve(p)).map_err(|err| {
+                        fail(
+                            Some(r.span()),
+                            format!(
+                                "cannot read the recipient file {}: {err}",
+                                resolve(p).display()
+                            ),
+                        )
+                    })?,
+                    None => r.get_ref().clone(),
+                };
+                encryption.recipient = Some(
+                    Recipient::parse(&value)
+                        .map_err(|err| fail(Some(r.span()), err.to_string()))?,
+                );
+            }
+            encryption.key_file = e.key_file.as_ref().map(|k| resolve(k.get_ref()));
+            encryption.identity = e.identity.as_ref().map(|k| resolve(k.get_ref()));
+            if let Some(f) = &e.format {
+                encryption.format = parse_format(f).map_err(|m| fail(Some(f.span()), m))?;
+            }
+            if encryption.recipient.is_some() && encryption.key_file.is_some() {
+                return Err(fail(
+                    Some(enc.span()),
+                    "[encryption] takes recipient or key_file, not both".into(),
+                ));
+            }
+            if encryption.format == FormatChoice::V1 && encryption.recipient.is_some() {
+                return Err(fail(
+                    Some(enc.span()),
+                    "format v1 cannot seal to a recipient (it has no header for the sealed key); use format = \"v2\" or a key_file".into(),
+                ));
+            }
+        }
+
+        let mut targets = BTreeMap::new();
+        for t in &raw.targets {
+            let rt = t.get_ref();
+            let id = rt.id.get_ref().clone();
+            check_key_segment("target id", &id).map_err(|m| fail(Some(rt.id.span()), m))?;
+            let engine = Engine::parse(rt.kind.get_ref()).ok_or_else(|| {
+                fail(
+                    Some(rt.kind.span()),
+                    format!(
+                        "unknown target type {:?} (expected postgresql, mysql, mariadb, mongodb, redis or sqlite)",
+                        rt.kind.get_ref()
+                    ),
+                )
+            })?;
+            if engine != Engine::Sqlite {
+                return Err(fail(
+                    Some(rt.kind.span()),
+                    format!(
+                        "target type {engine} is not supported by this build yet; only sqlite targets are"
+                    ),
+                ));
+            }
+            let path = match &rt.path {
+                Some(p) if !p.get_ref().is_empty() => resolve(p.get_ref()),
+                _ => {
+                    return Err(fail(
+                        Some(t.span()),
+                        format!("sqlite target {id:?} needs path = \"FILE\""),
+                    ));
+                }
+            };
+            if targets
+                .insert(
+                    id.clone(),
+                    Target {
+                        id: id.clone(),
+                        engine,
+                        path,
+                    },
+                )
+                .is_some()
+            {
+                return Err(fail(
+                    Some(rt.id.span()),
+                    format!("target id {id:?} is defined twice"),
+                ));
+            }
+        }
+
+        let mut jobs = Vec::new();
+        let mut seen = HashSet::new();
+        for j in &raw.jobs {
+            let rj = j.get_ref();
+            let id = rj.id.get_ref().clone();
+            check_key_segment("job id", &id).map_err(|m| fail(Some(rj.id.span()), m))?;
+            if !seen.insert(id.clone()) {
+                return Err(fail(
+                    Some(rj.id.span()),
+                    format!("job id {id:?} is defined twice"),
+                ));
+            }
+            let target = rj.target.get_ref().clone();
+            if !targets.contains_key(&target) {
+                let known: Vec<&str> = targets.keys().map(String::as_str).collect();
+                return Err(fail(
+                    Some(rj.target.span()),
+                    format!(
+                        "job {id:?}: target {target:?} is not defined (known targets: {})",
+                        list(&known)
+                    ),
+                ));
+            }
+            let compression = match &rj.compression {
+                Some(c) => Compression::parse(c.get_ref()).map_err(|m| fail(Some(c.span()), m))?,
+                None => Compression::default(),
+            };
+            let plaintext = match &rj.encryption {
+                None => false,
+                Some(e) if e.get_ref() == "none" => true,
+                Some(e) => {
+                    return Err(fail(
+                        Some(e.span()),
+                        format!(
+                            "job {id:?}: encryption = {:?} is not valid; the only value is \"none\" (encryption is on by default)",
+                            e.get_ref()
+                        ),
+                    ));
+                }
+            };
+            let format = match &rj.format {
+                Some(f) => Some(parse_format(f).map_err(|m| fail(Some(f.span()), m))?),
+                None => None,
+            };
+            if !plaintext {
+                let fmt = format.unwrap_or(encryption.format);
+                if encryption.recipient.is_none() && encryption.key_file.is_none() {
+                    return Err(fail(
+                        Some(j.span()),
+                        format!(
+                            "job {id:?} is encrypted (the default) but [encryption] names no recipient or key_file; \
+                             run `backupy-agent keygen` and set recipient, or set encryption = \"none\" on the job"
+                        ),
+                    ));
+                }
+                if fmt == FormatChoice::V1 && encryption.recipient.is_some() {
+                    return Err(fail(
+                        Some(j.span()),
+                        format!(
+                            "job {id:?}: format v1 cannot seal to a recipient; use v2 or a key_file"
+                        ),
+                    ));
+                }
+            }
+            jobs.push(Job {
+                id,
+                target,
+                cron: rj.cron.as_ref().map(|c| c.get_ref().clone()),
+                compression,
+                plaintext,
+                format,
+            });
+        }
+        Ok(Config {
+            file: path.to_path_buf(),
+            state_dir,
+            storage_dir,
+            encryption,
+            targets,
+            jobs,
+        })
+    }
+
+    pub fn job(&self, id: &str) -> Option<&Job> {
+        self.jobs.iter().find(|j| j.id == id)
+    }
+
+    /// The encryption a job's runs use. Fails closed: an unusable key is an error.
+    pub fn encryption_for(&self, job: &Job) -> Result<Encryption, String> {
+        if job.plaintext {
+            return Ok(Encryption::None);
+        }
+        let format = job.format.unwrap_or(self.encryption.format);
+        let chunk_size = crypto::v2::DEFAULT_CHUNK;
+        if let Some(r) = &self.encryption.recipient {
+            return Ok(Encryption::V2Recipient {
+                recipient: r.clone(),
+                chunk_size,
+            });
+        }
+        let path = self.encryption.key_file.as_ref().ok_or_else(|| {
+            format!(
+                "job {}: no encryption key configured ([encryption] recipient or key_file)",
+                job.id
+            )
+        })?;
+        let key: DataKey =
+            crypto::keys::read_raw_key_file(path).map_err(|e| format!("job {}: {e}", job.id))?;
+        Ok(match format {
+            FormatChoice::V1 => Encryption::V1 { key },
+            FormatChoice::V2 => Encryption::V2Raw { key, chunk_size },
+        })
+    }
+}
+
+fn parse_format(f: &Spanned<String>) -> Result<FormatChoice, String> {
+    match f.get_ref().as_str() {
+        "v1" => Ok(FormatChoice::V1),
+        "v2" => Ok(FormatChoice::V2),
+        other => Err(format!(
+            "unknown encryption format {other:?} (expected \"v1\" or \"v2\")"
+        )),
+    }
+}
+
+fn list(items: &[&str]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}

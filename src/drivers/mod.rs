@@ -1,0 +1,115 @@
+//! Database drivers: where dump bytes come from, one file per engine.
+//!
+//! A driver turns a target into a pipeline [`Source`](crate::pipeline::Source) (a child
+//! process or a native stream) that carries the engine's magic check, and reports the
+//! server's engine version as "<Engine> <version>". Drivers run on the worker thread
+//! that starts a run; the bytes then flow on the pipeline's dump thread.
+
+pub mod sqlite;
+
+use std::fmt;
+
+/// The engines the agent knows, named as in the standalone TOML and `DbType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    PostgreSql,
+    MySql,
+    MariaDb,
+    MongoDb,
+    Redis,
+    Sqlite,
+}
+
+impl Engine {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "postgresql" => Engine::PostgreSql,
+            "mysql" => Engine::MySql,
+            "mariadb" => Engine::MariaDb,
+            "mongodb" => Engine::MongoDb,
+            "redis" => Engine::Redis,
+            "sqlite" => Engine::Sqlite,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::PostgreSql => "postgresql",
+            Engine::MySql => "mysql",
+            Engine::MariaDb => "mariadb",
+            Engine::MongoDb => "mongodb",
+            Engine::Redis => "redis",
+            Engine::Sqlite => "sqlite",
+        }
+    }
+
+    /// The first extension of a stored object, before compression and encryption.
+    pub fn dump_extension(self) -> &'static str {
+        match self {
+            Engine::PostgreSql => "pgdump",
+            Engine::MySql | Engine::MariaDb => "sql",
+            Engine::MongoDb => "archive",
+            Engine::Redis => "rdb",
+            Engine::Sqlite => "sqlite",
+        }
+    }
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The MariaDB ≥ 10.5.25 sandbox line that may precede the mysqldump banner.
+const MARIADB_SANDBOX_PREFIX: &[u8] = b"/*M!999999\\- enable the sandbox mode */";
+
+/// The magic a dump of `engine` must start with, checked before the object is committed.
+pub fn check_magic(engine: Engine, head: &[u8]) -> Result<(), String> {
+    let (head, expected): (&[u8], &[&[u8]]) = match engine {
+        Engine::Sqlite => (head, &[b"SQLite format 3\0"]),
+        Engine::PostgreSql => (head, &[b"PGDMP"]),
+        Engine::Redis => (head, &[b"REDIS"]),
+        Engine::MongoDb => (head, &[&[0x6D, 0xE2, 0x99, 0x81]]),
+        Engine::MySql | Engine::MariaDb => {
+            let rest = match head.strip_prefix(MARIADB_SANDBOX_PREFIX) {
+                Some(r) => r.strip_prefix(b"\n").unwrap_or(r),
+                None => head,
+            };
+            (rest, &[b"-- MySQL dump", b"-- MariaDB dump"])
+        }
+    };
+    if expected.iter().any(|m| head.starts_with(m)) {
+        return Ok(());
+    }
+    let want = expected[0];
+    if head.len() < want.len() {
+        return Err(format!("the dump is only {} bytes long", head.len()));
+    }
+    Err(format!(
+        "it starts with {:?} instead of the {engine} magic {:?}",
+        String::from_utf8_lossy(&head[..want.len()]),
+        String::from_utf8_lossy(want)
+    ))
+}
+
+/// Bytes of the dump head that [`check_magic`] needs.
+pub const MAGIC_LEN: usize = 64;
+
+/// Why a driver could not produce a dump, with the target named.
+#[derive(Debug, thiserror::Error)]
+#[error("target {target}: {message}")]
+pub struct DriverError {
+    pub target: String,
+    pub message: String,
+}
+
+impl DriverError {
+    pub fn new(target: &str, message: impl Into<String>) -> Self {
+        Self {
+            target: target.to_string(),
+            message: message.into(),
+        }
+    }
+}

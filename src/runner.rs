@@ -1,0 +1,127 @@
+//! One backup run of a standalone job: resolve the job's target and key, take the dump,
+//! stream it through the pipeline into storage, then write the manifest.
+//!
+//! Runs on the calling thread (the CLI today, the scheduler's worker pool later); the
+//! pipeline it starts owns its own stage threads.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+
+use crate::config::{Config, Job};
+use crate::drivers::{self, Engine};
+use crate::pipeline::{self, Cancel, Progress};
+use crate::storage::{self, DirStorage, Manifest};
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A failed run, with the job named; `message` says what to do where it can.
+#[derive(Debug, thiserror::Error)]
+#[error("job {job}: {message}")]
+pub struct RunError {
+    pub job: String,
+    pub message: String,
+}
+
+pub struct RunResult {
+    pub manifest: Manifest,
+    pub storage_path: std::path::PathBuf,
+    pub elapsed: std::time::Duration,
+}
+
+/// Runs `job` once. Nothing is left in storage unless the run succeeds completely.
+pub fn run_job(
+    cfg: &Config,
+    job: &Job,
+    cancel: &Cancel,
+    progress: Arc<Progress>,
+) -> Result<RunResult, RunError> {
+    let fail = |message: String| RunError {
+        job: job.id.clone(),
+        message,
+    };
+    let t0 = Instant::now();
+    let started = Utc::now();
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let target = cfg
+        .targets
+        .get(&job.target)
+        .ok_or_else(|| fail(format!("target {:?} is not defined", job.target)))?;
+
+    let encryption = cfg.encryption_for(job).map_err(fail)?;
+    let prepared = encryption
+        .prepare(job.compression.header_code())
+        .map_err(|e| fail(format!("cannot prepare encryption: {e}")))?;
+    let storage = DirStorage::open(&cfg.storage_dir).map_err(|e| fail(e.to_string()))?;
+
+    let (source, engine_version) = match target.engine {
+        Engine::Sqlite => (
+            drivers::sqlite::snapshot(&target.id, &target.path, &cfg.state_dir.join("tmp"))
+                .map_err(|e| fail(e.to_string()))?,
+            drivers::sqlite::engine_version(),
+        ),
+        other => {
+            return Err(fail(format!(
+                "engine {other} is not supported by this build"
+            )));
+        }
+    };
+
+    let mut ext = vec![target.engine.dump_extension()];
+    ext.extend(job.compression.extension());
+    ext.extend(encryption.extension());
+    let key = storage::object_key(&target.id, &job.id, started, &run_id, &ext.join("."));
+    let writer = storage.create(&key).map_err(|e| fail(e.to_string()))?;
+    log::info!(
+        "job {}: backing up target {} ({}) to {}",
+        job.id,
+        target.id,
+        engine_version,
+        storage.path_of(&key).display()
+    );
+
+    let key_id = prepared.key_id.clone();
+    let opts = pipeline::Options::new(job.compression, prepared);
+    let out = pipeline::run(source, opts, Box::new(writer), cancel, progress)
+        .map_err(|e| fail(e.to_string()))?;
+
+    let manifest = Manifest {
+        manifest_version: 1,
+        id: run_id,
+        job: job.id.clone(),
+        target: target.id.clone(),
+        engine: target.engine.name().to_string(),
+        engine_version,
+        object_key: key.clone(),
+        size_bytes: out.stored_bytes,
+        dump_bytes: out.dump_bytes,
+        sha256: out.sha256,
+        compression: job.compression.name().to_string(),
+        encryption: encryption.label().to_string(),
+        key_id,
+        started_at: storage::rfc3339(started),
+        finished_at: storage::rfc3339(Utc::now()),
+        agent_version: AGENT_VERSION.to_string(),
+    };
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| fail(format!("cannot encode the manifest: {e}")))?;
+    if let Err(e) = storage.put(&storage::manifest_key(&key), &json) {
+        // Without its manifest the object is an incomplete backup: do not leave it behind.
+        let _ = storage.delete(&key);
+        return Err(fail(format!("cannot write the manifest: {e}")));
+    }
+    log::info!(
+        "job {}: stored {} ({} bytes, dump {} bytes, sha256 {})",
+        job.id,
+        key,
+        manifest.size_bytes,
+        manifest.dump_bytes,
+        manifest.sha256
+    );
+    Ok(RunResult {
+        storage_path: storage.path_of(&key),
+        manifest,
+        elapsed: t0.elapsed(),
+    })
+}
