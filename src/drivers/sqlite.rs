@@ -66,9 +66,23 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path) -> Result<Source, Dr
         })?;
         // -1 copies every page in one step while holding the read lock: a consistent
         // snapshot. Smaller steps would restart whenever another connection writes.
-        backup
-            .run_to_completion(-1, Duration::from_millis(50), None)
-            .map_err(|e| err(format!("online backup of {} failed: {e}", path.display())))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            use rusqlite::backup::StepResult;
+            match backup
+                .step(-1)
+                .map_err(|e| err(format!("online backup of {} failed: {e}", path.display())))?
+            {
+                StepResult::Done => break,
+                _ if std::time::Instant::now() > deadline => {
+                    return Err(err(format!(
+                        "online backup of {} stayed locked by other connections for 5 minutes",
+                        path.display()
+                    )));
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
     }
     let file = snapshot
         .reopen()
