@@ -324,6 +324,17 @@ services_stop_all() {
         awk -v t="$tmp/" 'index($2, t) == 1 {print $2}' /proc/mounts | sort -r |
             while read -r m; do umount -l "$m" 2>/dev/null; done
     fi
+    # Forget the variables of the services that are gone.
+    local line var
+    for name in "${names[@]}"; do
+        [[ -f $tmp/$name/env ]] || continue
+        while read -r line; do
+            var=${line#export }
+            var=${var%%=*}
+            [[ $var =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] && unset "$var"
+        done <"$tmp/$name/env"
+    done
+    unset BACKUPY_TEST_TMP
     if [[ ${BACKUPY_TEST_KEEP:-0} == 1 ]]; then
         echo "services: kept $tmp" >&2
     else
