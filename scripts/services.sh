@@ -189,7 +189,7 @@ _svc_spawn() {
 _svc_fail() {
     local name=$1 log=$2
     shift 2
-    _svc_err "$name: $* (log: $log)"
+    _svc_err "$name: $* (log: $log; BACKUPY_TEST_KEEP=1 keeps the temp dir)"
     if [[ -s $log ]]; then
         echo "---- last lines of $log ----" >&2
         tail -n 25 "$log" >&2

@@ -213,15 +213,16 @@ pub fn run(
     ];
     drop(status_tx);
 
-    let mut first_failure: Option<Stage> = None;
-    let mut externally_cancelled = false;
+    // The first event decides the error: a stage's own failure, or an external cancel.
+    // Everything the abort then provokes in other stages is a consequence.
+    let mut cause: Option<Option<Stage>> = None;
     let mut pending = handles.len();
     while pending > 0 {
         match status_rx.recv_timeout(Duration::from_millis(50)) {
             Ok((stage, outcome)) => {
                 pending -= 1;
-                if matches!(outcome, Outcome::Failed) && first_failure.is_none() {
-                    first_failure = Some(stage);
+                if matches!(outcome, Outcome::Failed) && cause.is_none() {
+                    cause = Some(Some(stage));
                     inner.cancel();
                     abort.kill();
                 }
@@ -229,8 +230,8 @@ pub fn run(
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         }
-        if cancel.is_cancelled() && !externally_cancelled {
-            externally_cancelled = true;
+        if cancel.is_cancelled() && cause.is_none() {
+            cause = Some(None);
             inner.cancel();
             abort.kill();
         }
@@ -265,14 +266,15 @@ pub fn run(
             Err(e) => errors.push((stage, e)),
         }
     }
-    if let Some(stage) = first_failure {
-        if let Some(pos) = errors.iter().position(|(s, _)| *s == stage) {
-            let (stage, source) = errors.swap_remove(pos);
-            return Err(PipelineError::Stage { stage, source });
+    match cause {
+        Some(None) => return Err(PipelineError::Cancelled),
+        Some(Some(stage)) => {
+            if let Some(pos) = errors.iter().position(|(s, _)| *s == stage) {
+                let (stage, source) = errors.swap_remove(pos);
+                return Err(PipelineError::Stage { stage, source });
+            }
         }
-    }
-    if externally_cancelled {
-        return Err(PipelineError::Cancelled);
+        None => {}
     }
     if let Some((stage, source)) = errors.into_iter().next() {
         return Err(PipelineError::Stage { stage, source });
