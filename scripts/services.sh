@@ -16,7 +16,8 @@
 #
 #   services_init             BACKUPY_TEST_TMP
 #   services_stop_all         stops every service (reverse start order), kills anything
-#                             left running from the temp dir, removes the temp dir
+#                             left running from the temp dir, removes the temp dir and
+#                             unsets the variables below; idempotent
 #   services_free_port        prints a free TCP port on 127.0.0.1 (asks the kernel)
 #   services_start_postgres   BACKUPY_TEST_PG_HOST=127.0.0.1 BACKUPY_TEST_PG_PORT
 #                             BACKUPY_TEST_PG_USER=postgres BACKUPY_TEST_PG_PASSWORD
@@ -37,7 +38,7 @@
 #                             BACKUPY_TEST_SECANTUS_USER BACKUPY_TEST_SECANTUS_PASSWORD
 #                             BACKUPY_TEST_SECANTUS_PYTHON (the venv's python, has pymongo)
 #   services_start_dockerd    BACKUPY_TEST_DOCKER_SOCKET (path) DOCKER_HOST=unix://PATH
-#   services_start_all        all of the above
+#   services_start_all        all of the above (stops at the first failure)
 #
 # Knobs (environment):
 #   BACKUPY_TEST_SERVICE_TIMEOUT  seconds to wait for a service to answer (default 60)
@@ -243,15 +244,14 @@ _svc_stop() {
         fi
     fi
     # The session leader may be gone while children remain in its process group.
-    [[ $pid =~ ^[0-9]+$ ]] && kill -s KILL -- "-$pid" 2>/dev/null
+    if [[ $pid =~ ^[0-9]+$ ]]; then kill -s KILL -- "-$pid" 2>/dev/null || true; fi
     rm -f "$dir/pid" "$dir/ready"
     return 0
 }
 
 # pids (other than this shell and its ancestors) whose command line names the temp dir
 _svc_leftovers() {
-    local tmp=$1 p cmd ppid k v
-    local -a argv
+    local tmp=$1 p ppid k v
     local -A mine=()
     p=$BASHPID
     while [[ -n $p && $p != 0 ]]; do
@@ -262,14 +262,17 @@ _svc_leftovers() {
         done 2>/dev/null <"/proc/$p/status"
         p=$ppid
     done
-    for p in /proc/[0-9]*; do
+    local -a hits=()
+    # The first line is the pid of the grep itself (its command line names $tmp too).
+    mapfile -t hits < <(echo "$BASHPID" && exec grep -lsaF -- "$tmp" /proc/[0-9]*/cmdline)
+    mine[${hits[0]:-0}]=1
+    for p in "${hits[@]:1}"; do
         p=${p#/proc/}
+        p=${p%/cmdline}
         [[ -n ${mine[$p]:-} ]] && continue
-        { mapfile -d '' -t argv <"/proc/$p/cmdline"; } 2>/dev/null || continue
-        cmd="${argv[*]}"
-        [[ $cmd == *"$tmp"* ]] || continue
         _svc_alive "$p" && echo "$p"
     done
+    return 0
 }
 
 # ------------------------------------------------------------------ init / stop
@@ -427,11 +430,13 @@ services_start_mariadb() {
     if [[ $(id -u) -eq 0 ]]; then
         if id mysql >/dev/null 2>&1; then user=mysql; else user=root; fi
     fi
+    # Small redo log and buffer pool: faster to create and to delete (96 MiB by default).
+    local -a opts=(--innodb-log-file-size=16M --innodb-buffer-pool-size=64M)
     mkdir -p "$dir/data" "$dir/tmp"
     [[ $user == mysql ]] && chown -R mysql: "$dir"
     # --no-defaults: ignore /etc/mysql (the machine's own server and its socket).
     if ! mariadb-install-db --no-defaults --datadir="$dir/data" --user="$user" \
-        --auth-root-authentication-method=normal --skip-test-db \
+        --auth-root-authentication-method=normal --skip-test-db "${opts[@]}" \
         >"$dir/install-db.log" 2>&1; then
         _svc_fail mariadb "$dir/install-db.log" "mariadb-install-db failed"
         return 1
@@ -439,8 +444,8 @@ services_start_mariadb() {
     _svc_spawn mariadb "$log" TERM "$(command -v mariadbd)" --no-defaults \
         --datadir="$dir/data" --tmpdir="$dir/tmp" --port="$port" --bind-address=127.0.0.1 \
         --socket="$sock" --pid-file="$dir/mariadbd.pid" --user="$user" \
-        --innodb-buffer-pool-size=64M --innodb-flush-log-at-trx-commit=0 \
-        --skip-log-bin --log-error="$log" || return 1
+        --innodb-flush-log-at-trx-commit=0 --skip-log-bin --log-error="$log" \
+        "${opts[@]}" || return 1
     # Fresh install: root has no password yet; set one over the socket.
     _svc_wait mariadb "$log" mariadb --no-defaults --socket="$sock" -uroot -e 'select 1' ||
         return 1
@@ -522,6 +527,8 @@ EOF
 #                        that nothing is left over with `ls -a "$BACKUPY_TEST_S3_DIR"`)
 #   writes go through DIR/.tmp.N.internal.part then a rename.
 # Bucket names need >= 3 characters; path-style addressing only (no --domain given).
+# Every signed request must carry x-amz-content-sha256 (the SDKs send it; with
+# `curl --aws-sigv4` add -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD'), else 400.
 
 _svc_s3s_bin() {
     local b=${BACKUPY_TEST_S3S_FS:-}

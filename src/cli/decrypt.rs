@@ -200,6 +200,7 @@ enum Output {
     File {
         temp: Option<tempfile::NamedTempFile>,
         path: PathBuf,
+        force: bool,
     },
 }
 
@@ -231,6 +232,7 @@ impl Output {
         Ok(Output::File {
             temp: Some(temp),
             path,
+            force,
         })
     }
 
@@ -253,18 +255,29 @@ impl Output {
     fn finish(self) -> Result<()> {
         match self {
             Output::Stdout(mut s) => s.flush().context("cannot write to stdout"),
-            Output::File { temp, path } => {
+            Output::File { temp, path, force } => {
                 let temp = temp.context("output already discarded")?;
                 temp.as_file()
                     .sync_all()
                     .context("cannot fsync the output")?;
-                temp.persist(&path).map_err(|e| {
+                // Without --force, a file that appeared meanwhile is still never replaced.
+                let persisted = if force {
+                    temp.persist(&path)
+                } else {
+                    temp.persist_noclobber(&path)
+                };
+                persisted.map_err(|e| {
                     anyhow!(
                         "cannot rename the output to {}: {}",
                         path.display(),
                         e.error
                     )
                 })?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .context("cannot fsync the output directory")?;
+                }
                 Ok(())
             }
         }

@@ -1,6 +1,6 @@
 //! SQLite through its online backup API: a consistent snapshot copied in one backup
 //! step (so concurrent writers cannot make it inconsistent) into a 0600 temporary file
-//! in the state directory, streamed by the pipeline and deleted when the run ends.
+//! in the state directory, streamed by the pipeline and deleted once the dump stage has read it.
 
 use std::path::Path;
 use std::time::Duration;

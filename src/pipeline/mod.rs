@@ -266,6 +266,11 @@ pub fn run(
             Err(e) => errors.push((stage, e)),
         }
     }
+    if errors.is_empty() {
+        // Every stage finished, the object is committed: a cancel that arrived after
+        // that is too late to undo a complete backup.
+        return Ok(out);
+    }
     match cause {
         Some(None) => return Err(PipelineError::Cancelled),
         Some(Some(stage)) => {
@@ -276,10 +281,11 @@ pub fn run(
         }
         None => {}
     }
-    if let Some((stage, source)) = errors.into_iter().next() {
-        return Err(PipelineError::Stage { stage, source });
-    }
-    Ok(out)
+    // No recorded cause (e.g. a stage thread could not start): prefer a real error over
+    // a neighbour's "stopped".
+    errors.sort_by_key(|(_, e)| channel::is_peer_stopped(e));
+    let (stage, source) = errors.swap_remove(0);
+    Err(PipelineError::Stage { stage, source })
 }
 
 enum StageValue {

@@ -25,7 +25,8 @@ pub struct Source {
     pub(crate) magic: Option<(usize, MagicCheck)>,
     /// Expected dump size, when the engine offers an estimate (progress only).
     pub size_hint: Option<u64>,
-    /// Kept alive until the pipeline ends (e.g. a snapshot file deleted on drop).
+    /// Kept alive until the dump stage has read everything (e.g. a snapshot file that
+    /// is deleted on drop).
     pub(crate) _guard: Option<Box<dyn Send>>,
 }
 

@@ -148,9 +148,11 @@ impl ObjectWriter for DirObjectWriter {
             return Err(e);
         }
         if let Some(dir) = self.final_path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| ctx("cannot fsync directory", dir, e))?;
+            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                // The rename may not survive a crash: do not report a durable object.
+                let _ = fs::remove_file(&self.final_path);
+                return Err(ctx("cannot fsync directory", dir, e));
+            }
         }
         Ok(StoredObject {
             key: self.key.clone(),
