@@ -1,0 +1,194 @@
+//! `backupy-agent` through the real binary: configuration refusals name file, line and
+//! reason; bad targets and storage fail with one clear line and leave nothing behind.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
+    let p = dir.join("backupy.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn backup(config: &Path) -> std::process::Output {
+    let mut c = agent();
+    c.args(["backup", "--config"]).arg(config);
+    run(c)
+}
+
+/// Runs `backup` and returns stderr, asserting exit status 1.
+fn refused(config: &Path) -> String {
+    let out = backup(config);
+    assert_eq!(out.status.code(), Some(1), "stdout: {} stderr: {}", text(&out.stdout), text(&out.stderr));
+    text(&out.stderr)
+}
+
+const GOOD_TAIL: &str = r#"
+[[targets]]
+id = "app"
+type = "sqlite"
+path = "app.db"
+[[jobs]]
+id = "nightly"
+target = "app"
+encryption = "none"
+"#;
+
+fn sqlite_db(dir: &Path) {
+    rusqlite::Connection::open(dir.join("app.db"))
+        .unwrap()
+        .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+        .unwrap();
+}
+
+#[test]
+fn config_with_invalid_toml_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "[storage]\ndir = \"./b\"\n\n[[targets]\nid = \"x\"\n");
+    let err = refused(&cfg);
+    assert!(err.contains(&format!("{}:4:", cfg.display())), "{err}");
+}
+
+#[test]
+fn config_with_unknown_key_names_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\ncolour = \"blue\"\n{GOOD_TAIL}"));
+    let err = refused(&cfg);
+    assert!(err.contains(&format!("{}:3:", cfg.display())), "{err}");
+    assert!(err.contains("colour"), "{err}");
+}
+
+#[test]
+fn config_with_dangling_target_reference_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = GOOD_TAIL.replace("target = \"app\"", "target = \"nope\"");
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{body}"));
+    let err = refused(&cfg);
+    // Two storage lines, the blank line GOOD_TAIL starts with, then its 7th line.
+    assert!(err.contains(&format!("{}:10:", cfg.display())), "{err}");
+    assert!(err.contains("target \"nope\" is not defined") && err.contains("known targets: app"), "{err}");
+}
+
+#[test]
+fn config_with_unknown_compression_or_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = GOOD_TAIL.replace("encryption = \"none\"", "encryption = \"none\"\ncompression = \"lz4\"");
+    let err = refused(&write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{body}")));
+    assert!(err.contains(":12:") && err.contains("unknown compression \"lz4\""), "{err}");
+    let body = "[storage]\ndir = \"./b\"\n[encryption]\nkey_file = \"k\"\nformat = \"v3\"\n";
+    let err = refused(&write_config(dir.path(), &format!("{body}{GOOD_TAIL}")));
+    assert!(err.contains(":5:") && err.contains("unknown encryption format"), "{err}");
+}
+
+#[test]
+fn encrypted_job_without_a_key_is_refused_not_stored_in_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    sqlite_db(dir.path());
+    let body = GOOD_TAIL.replace("encryption = \"none\"\n", "");
+    let err = refused(&write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{body}")));
+    assert!(err.contains("names no recipient or key_file") && err.contains("keygen"), "{err}");
+    assert!(!dir.path().join("b").exists(), "nothing was written");
+}
+
+#[test]
+fn unusable_key_file_fails_the_run_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    sqlite_db(dir.path());
+    std::fs::write(dir.path().join("k"), "not a key\n").unwrap();
+    let body = GOOD_TAIL.replace("encryption = \"none\"\n", "");
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n[encryption]\nkey_file = \"k\"\n{body}"));
+    let err = refused(&cfg);
+    assert!(err.contains("job nightly") && err.contains("key file"), "{err}");
+    assert!(files_under(&dir.path().join("b")).is_empty());
+}
+
+#[test]
+fn invalid_recipient_is_refused_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n[encryption]\nrecipient = \"bkpy1nope\"\n{GOOD_TAIL}"));
+    let err = refused(&cfg);
+    assert!(err.contains(":4:") && err.contains("recipient"), "{err}");
+}
+
+#[test]
+fn unreadable_config_file_is_named() {
+    let err = refused(Path::new("/nonexistent/backupy.toml"));
+    assert!(err.contains("/nonexistent/backupy.toml") && err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn missing_sqlite_file_fails_with_one_clear_line_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{GOOD_TAIL}"));
+    let err = refused(&cfg);
+    assert!(err.contains("job nightly") && err.contains("target app") && err.contains("does not exist"), "{err}");
+    assert_eq!(err.lines().filter(|l| l.contains("error")).count(), 1, "{err}");
+    assert!(files_under(&dir.path().join("b")).is_empty());
+}
+
+#[test]
+fn a_file_that_is_not_sqlite_fails_the_run_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.db"), "hello, I am a text file, not a database\n".repeat(100)).unwrap();
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{GOOD_TAIL}"));
+    let err = refused(&cfg);
+    assert!(err.contains("job nightly") && err.contains("target app"), "{err}");
+    assert!(files_under(&dir.path().join("b")).is_empty());
+}
+
+#[test]
+fn unwritable_storage_directory_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    sqlite_db(dir.path());
+    // A path below a regular file cannot be created, even by root.
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./file/backups\"\n{GOOD_TAIL}"));
+    let err = refused(&cfg);
+    assert!(err.contains("job nightly") && err.contains("storage directory") && err.contains("file/backups"), "{err}");
+}
+
+#[test]
+fn unknown_job_is_refused_listing_the_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{GOOD_TAIL}"));
+    let mut c = agent();
+    c.args(["backup", "--config"]).arg(&cfg).args(["--job", "weekly"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no job \"weekly\" (jobs: nightly)"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn plaintext_job_is_stored_as_the_raw_dump_when_explicitly_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    sqlite_db(dir.path());
+    let body = GOOD_TAIL.replace("encryption = \"none\"", "encryption = \"none\"\ncompression = \"none\"");
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{body}"));
+    let out = backup(&cfg);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let files = files_under(&dir.path().join("b"));
+    assert!(files[0].ends_with(".sqlite"), "{files:?}");
+    let db = dir.path().join("b").join(&files[0]);
+    assert_eq!(sqlite3(&db, "SELECT x FROM t"), "1");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [vec!["backup"], vec!["frobnicate"], vec!["backup", "--config", "x", "--bogus"]] {
+        let mut c = agent();
+        c.args(&args);
+        assert_eq!(run(c).status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn version_json_is_machine_readable() {
+    let mut c = agent();
+    c.args(["version", "--json"]);
+    let out = run(c);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+}
