@@ -129,9 +129,8 @@ impl Config {
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let line_of = |span: std::ops::Range<usize>| {
-            text[..span.start.min(text.len())].matches('\n').count() + 1
-        };
+        let line_of =
+            |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
         let fail = |span: Option<std::ops::Range<usize>>, reason: String| ConfigError {
             file: path.to_path_buf(),
             line: span.map(line_of),
@@ -141,11 +140,7 @@ impl Config {
             toml::from_str(text).map_err(|e| fail(e.span(), e.message().trim().to_string()))?;
         let resolve = |p: &str| {
             let p = Path::new(p);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
+            clean(&if p.is_absolute() { p.to_path_buf() } else { base.join(p) })
         };
 
         let state_dir = match &raw.state_dir {
@@ -154,19 +149,14 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/backupy")),
         };
-        let storage = raw.storage.as_ref().ok_or_else(|| {
-            fail(
-                None,
-                "missing [storage] section (e.g. dir = \"./backups\")".into(),
-            )
-        })?;
+        let storage = raw
+            .storage
+            .as_ref()
+            .ok_or_else(|| fail(None, "missing [storage] section (e.g. dir = \"./backups\")".into()))?;
         let storage_dir = match &storage.get_ref().dir {
             Some(d) if !d.get_ref().is_empty() => resolve(d.get_ref()),
             _ => {
-                return Err(fail(
-                    Some(storage.span()),
-                    "[storage] needs dir = \"PATH\"".into(),
-                ));
+                return Err(fail(Some(storage.span()), "[storage] needs dir = \"PATH\"".into()));
             }
         };
 
@@ -178,18 +168,13 @@ impl Config {
                     Some(p) => std::fs::read_to_string(resolve(p)).map_err(|err| {
                         fail(
                             Some(r.span()),
-                            format!(
-                                "cannot read the recipient file {}: {err}",
-                                resolve(p).display()
-                            ),
+                            format!("cannot read the recipient file {}: {err}", resolve(p).display()),
                         )
                     })?,
                     None => r.get_ref().clone(),
                 };
-                encryption.recipient = Some(
-                    Recipient::parse(&value)
-                        .map_err(|err| fail(Some(r.span()), err.to_string()))?,
-                );
+                encryption.recipient =
+                    Some(Recipient::parse(&value).map_err(|err| fail(Some(r.span()), err.to_string()))?);
             }
             encryption.key_file = e.key_file.as_ref().map(|k| resolve(k.get_ref()));
             encryption.identity = e.identity.as_ref().map(|k| resolve(k.get_ref()));
@@ -235,27 +220,11 @@ impl Config {
             let path = match &rt.path {
                 Some(p) if !p.get_ref().is_empty() => resolve(p.get_ref()),
                 _ => {
-                    return Err(fail(
-                        Some(t.span()),
-                        format!("sqlite target {id:?} needs path = \"FILE\""),
-                    ));
+                    return Err(fail(Some(t.span()), format!("sqlite target {id:?} needs path = \"FILE\"")));
                 }
             };
-            if targets
-                .insert(
-                    id.clone(),
-                    Target {
-                        id: id.clone(),
-                        engine,
-                        path,
-                    },
-                )
-                .is_some()
-            {
-                return Err(fail(
-                    Some(rt.id.span()),
-                    format!("target id {id:?} is defined twice"),
-                ));
+            if targets.insert(id.clone(), Target { id: id.clone(), engine, path }).is_some() {
+                return Err(fail(Some(rt.id.span()), format!("target id {id:?} is defined twice")));
             }
         }
 
@@ -266,20 +235,14 @@ impl Config {
             let id = rj.id.get_ref().clone();
             check_key_segment("job id", &id).map_err(|m| fail(Some(rj.id.span()), m))?;
             if !seen.insert(id.clone()) {
-                return Err(fail(
-                    Some(rj.id.span()),
-                    format!("job id {id:?} is defined twice"),
-                ));
+                return Err(fail(Some(rj.id.span()), format!("job id {id:?} is defined twice")));
             }
             let target = rj.target.get_ref().clone();
             if !targets.contains_key(&target) {
                 let known: Vec<&str> = targets.keys().map(String::as_str).collect();
                 return Err(fail(
                     Some(rj.target.span()),
-                    format!(
-                        "job {id:?}: target {target:?} is not defined (known targets: {})",
-                        list(&known)
-                    ),
+                    format!("job {id:?}: target {target:?} is not defined (known targets: {})", list(&known)),
                 ));
             }
             let compression = match &rj.compression {
@@ -317,9 +280,7 @@ impl Config {
                 if fmt == FormatChoice::V1 && encryption.recipient.is_some() {
                     return Err(fail(
                         Some(j.span()),
-                        format!(
-                            "job {id:?}: format v1 cannot seal to a recipient; use v2 or a key_file"
-                        ),
+                        format!("job {id:?}: format v1 cannot seal to a recipient; use v2 or a key_file"),
                     ));
                 }
             }
@@ -332,14 +293,7 @@ impl Config {
                 format,
             });
         }
-        Ok(Config {
-            file: path.to_path_buf(),
-            state_dir,
-            storage_dir,
-            encryption,
-            targets,
-            jobs,
-        })
+        Ok(Config { file: path.to_path_buf(), state_dir, storage_dir, encryption, targets, jobs })
     }
 
     pub fn job(&self, id: &str) -> Option<&Job> {
@@ -354,16 +308,10 @@ impl Config {
         let format = job.format.unwrap_or(self.encryption.format);
         let chunk_size = crypto::v2::DEFAULT_CHUNK;
         if let Some(r) = &self.encryption.recipient {
-            return Ok(Encryption::V2Recipient {
-                recipient: r.clone(),
-                chunk_size,
-            });
+            return Ok(Encryption::V2Recipient { recipient: r.clone(), chunk_size });
         }
         let path = self.encryption.key_file.as_ref().ok_or_else(|| {
-            format!(
-                "job {}: no encryption key configured ([encryption] recipient or key_file)",
-                job.id
-            )
+            format!("job {}: no encryption key configured ([encryption] recipient or key_file)", job.id)
         })?;
         let key: DataKey =
             crypto::keys::read_raw_key_file(path).map_err(|e| format!("job {}: {e}", job.id))?;
@@ -378,16 +326,27 @@ fn parse_format(f: &Spanned<String>) -> Result<FormatChoice, String> {
     match f.get_ref().as_str() {
         "v1" => Ok(FormatChoice::V1),
         "v2" => Ok(FormatChoice::V2),
-        other => Err(format!(
-            "unknown encryption format {other:?} (expected \"v1\" or \"v2\")"
-        )),
+        other => Err(format!("unknown encryption format {other:?} (expected \"v1\" or \"v2\")")),
     }
 }
 
-fn list(items: &[&str]) -> String {
-    if items.is_empty() {
-        "none".into()
-    } else {
-        items.join(", ")
+/// Removes `.` and `name/..` lexically, so messages show `backups/x`, not
+/// `examples/../backups/x`.
+fn clean(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
     }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
+}
+
+fn list(items: &[&str]) -> String {
+    if items.is_empty() { "none".into() } else { items.join(", ") }
 }

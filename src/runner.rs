@@ -37,10 +37,7 @@ pub fn run_job(
     cancel: &Cancel,
     progress: Arc<Progress>,
 ) -> Result<RunResult, RunError> {
-    let fail = |message: String| RunError {
-        job: job.id.clone(),
-        message,
-    };
+    let fail = |message: String| RunError { job: job.id.clone(), message };
     let t0 = Instant::now();
     let started = Utc::now();
     let run_id = uuid::Uuid::new_v4().to_string();
@@ -62,9 +59,7 @@ pub fn run_job(
             drivers::sqlite::engine_version(),
         ),
         other => {
-            return Err(fail(format!(
-                "engine {other} is not supported by this build"
-            )));
+            return Err(fail(format!("engine {other} is not supported by this build")));
         }
     };
 
@@ -83,8 +78,8 @@ pub fn run_job(
 
     let key_id = prepared.key_id.clone();
     let opts = pipeline::Options::new(job.compression, prepared);
-    let out = pipeline::run(source, opts, Box::new(writer), cancel, progress)
-        .map_err(|e| fail(e.to_string()))?;
+    let out =
+        pipeline::run(source, opts, Box::new(writer), cancel, progress).map_err(|e| fail(e.to_string()))?;
 
     let manifest = Manifest {
         manifest_version: 1,
@@ -104,8 +99,8 @@ pub fn run_job(
         finished_at: storage::rfc3339(Utc::now()),
         agent_version: AGENT_VERSION.to_string(),
     };
-    let json = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| fail(format!("cannot encode the manifest: {e}")))?;
+    let json =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| fail(format!("cannot encode the manifest: {e}")))?;
     if let Err(e) = storage.put(&storage::manifest_key(&key), &json) {
         // Without its manifest the object is an incomplete backup: do not leave it behind.
         let _ = storage.delete(&key);
@@ -119,9 +114,5 @@ pub fn run_job(
         manifest.dump_bytes,
         manifest.sha256
     );
-    Ok(RunResult {
-        storage_path: storage.path_of(&key),
-        manifest,
-        elapsed: t0.elapsed(),
-    })
+    Ok(RunResult { storage_path: storage.path_of(&key), manifest, elapsed: t0.elapsed() })
 }

@@ -27,9 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a job now (or every job in turn) from a standalone config.
-    #[command(
-        after_help = "Example:\n  backupy-agent backup --config backupy.toml --job app-nightly"
-    )]
+    #[command(after_help = "Example:\n  backupy-agent backup --config backupy.toml --job app-nightly")]
     Backup {
         /// The standalone TOML configuration.
         #[arg(long, value_name = "FILE")]
@@ -40,9 +38,7 @@ enum Command {
     },
     /// Create an X25519 key pair: the private key goes to a 0600 file, the public key
     /// (the `recipient` of [encryption]) is printed as the only line on stdout.
-    #[command(
-        after_help = "Example:\n  backupy-agent keygen --out /secure/backupy.key > backupy.pub"
-    )]
+    #[command(after_help = "Example:\n  backupy-agent keygen --out /secure/backupy.key > backupy.pub")]
     Keygen {
         /// Where to write the private key (refuses to overwrite).
         #[arg(long, value_name = "PATH", default_value = "./backupy.key")]
@@ -91,11 +87,7 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
     let jobs: Vec<_> = match only {
         Some(id) => vec![cfg.job(id).with_context(|| {
             let known: Vec<&str> = cfg.jobs.iter().map(|j| j.id.as_str()).collect();
-            format!(
-                "{}: no job {id:?} (jobs: {})",
-                config.display(),
-                known.join(", ")
-            )
+            format!("{}: no job {id:?} (jobs: {})", config.display(), known.join(", "))
         })?],
         None => cfg.jobs.iter().collect(),
     };
@@ -119,10 +111,7 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
                 std::thread::sleep(Duration::from_millis(100));
             }
             h.join().unwrap_or_else(|_| {
-                Err(runner::RunError {
-                    job: job.id.clone(),
-                    message: "the run panicked".into(),
-                })
+                Err(runner::RunError { job: job.id.clone(), message: "the run panicked".into() })
             })
         });
         if let Some(b) = bar {
@@ -143,39 +132,24 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn keygen(out: &Path) -> Result<()> {
     let identity = Identity::generate()?;
     let recipient = identity.recipient()?;
     let text = identity.to_file_text()?;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                anyhow::anyhow!(
-                    "{} already exists; refusing to overwrite a private key",
-                    out.display()
-                )
-            } else {
-                anyhow::anyhow!("cannot create {}: {e}", out.display())
-            }
-        })?;
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(out).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!("{} already exists; refusing to overwrite a private key", out.display())
+        } else {
+            anyhow::anyhow!("cannot create {}: {e}", out.display())
+        }
+    })?;
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
         .with_context(|| format!("cannot write {}", out.display()))?;
     println!("{recipient}");
-    log::info!(
-        "private key written to {}; keep it safe, it is the only way to restore",
-        out.display()
-    );
+    log::info!("private key written to {}; keep it safe, it is the only way to restore", out.display());
     Ok(())
 }

@@ -115,8 +115,7 @@ fn run(cli: Cli) -> Result<()> {
     let (input, len): (Box<dyn Read>, Option<u64>) = if cli.input == "-" {
         (Box::new(io::stdin().lock()), None)
     } else {
-        let f =
-            File::open(&cli.input).with_context(|| format!("cannot open input {}", cli.input))?;
+        let f = File::open(&cli.input).with_context(|| format!("cannot open input {}", cli.input))?;
         let len = f.metadata().ok().map(|m| m.len());
         (Box::new(f), len)
     };
@@ -126,17 +125,12 @@ fn run(cli: Cli) -> Result<()> {
         None => input,
     };
     let digest = Rc::new(RefCell::new(InputDigest::default()));
-    let hashing = HashingReader {
-        inner: io::BufReader::with_capacity(1 << 20, input),
-        digest: digest.clone(),
-    };
+    let hashing =
+        HashingReader { inner: io::BufReader::with_capacity(1 << 20, input), digest: digest.clone() };
 
     let (format, plain) = crypto::open(hashing, &key).map_err(describe_io)?;
-    let mut reader: Box<dyn Read> = if cli.skip_decompress {
-        plain
-    } else {
-        decompress_by_magic(plain).map_err(describe_io)?.1
-    };
+    let mut reader: Box<dyn Read> =
+        if cli.skip_decompress { plain } else { decompress_by_magic(plain).map_err(describe_io)?.1 };
     let mut out = output;
     let copied = io::copy(&mut reader, out.writer()?);
     if let Some(b) = &bar {
@@ -182,9 +176,7 @@ fn key_source(cli: &Cli) -> Result<(KeySource, Option<String>)> {
     if let Some(path) = &cli.key_file {
         return Ok((KeySource::Raw(crypto::keys::read_raw_key_file(path)?), None));
     }
-    Err(anyhow!(
-        "one of --token, --token-file, --identity or --key-file is required"
-    ))
+    Err(anyhow!("one of --token, --token-file, --identity or --key-file is required"))
 }
 
 /// Turns a stream error into the message of its failure class.
@@ -197,11 +189,7 @@ fn describe_io(e: io::Error) -> anyhow::Error {
 
 enum Output {
     Stdout(io::Stdout),
-    File {
-        temp: Option<tempfile::NamedTempFile>,
-        path: PathBuf,
-        force: bool,
-    },
+    File { temp: Option<tempfile::NamedTempFile>, path: PathBuf, force: bool },
 }
 
 impl Output {
@@ -211,38 +199,25 @@ impl Output {
         }
         let path = PathBuf::from(out);
         if path.exists() && !force {
-            bail!(
-                "{} already exists; pass --force to overwrite it",
-                path.display()
-            );
+            bail!("{} already exists; pass --force to overwrite it", path.display());
         }
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => Path::new(".").to_path_buf(),
         };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".partial")
             .tempfile_in(&dir)
             .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-        Ok(Output::File {
-            temp: Some(temp),
-            path,
-            force,
-        })
+        Ok(Output::File { temp: Some(temp), path, force })
     }
 
     fn writer(&mut self) -> Result<&mut dyn Write> {
         Ok(match self {
             Output::Stdout(s) => s,
-            Output::File { temp, .. } => temp
-                .as_mut()
-                .context("output already finished")?
-                .as_file_mut(),
+            Output::File { temp, .. } => temp.as_mut().context("output already finished")?.as_file_mut(),
         })
     }
 
@@ -257,22 +232,11 @@ impl Output {
             Output::Stdout(mut s) => s.flush().context("cannot write to stdout"),
             Output::File { temp, path, force } => {
                 let temp = temp.context("output already discarded")?;
-                temp.as_file()
-                    .sync_all()
-                    .context("cannot fsync the output")?;
+                temp.as_file().sync_all().context("cannot fsync the output")?;
                 // Without --force, a file that appeared meanwhile is still never replaced.
-                let persisted = if force {
-                    temp.persist(&path)
-                } else {
-                    temp.persist_noclobber(&path)
-                };
-                persisted.map_err(|e| {
-                    anyhow!(
-                        "cannot rename the output to {}: {}",
-                        path.display(),
-                        e.error
-                    )
-                })?;
+                let persisted = if force { temp.persist(&path) } else { temp.persist_noclobber(&path) };
+                persisted
+                    .map_err(|e| anyhow!("cannot rename the output to {}: {}", path.display(), e.error))?;
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     File::open(dir)
                         .and_then(|d| d.sync_all())

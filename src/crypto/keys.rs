@@ -40,9 +40,7 @@ impl Recipient {
     /// Parses `bkpy1` + lower-case base32 without padding.
     pub fn parse(s: &str) -> Result<Self, Error> {
         let s = s.trim();
-        let bad = |why: &str| Error::BadKey {
-            reason: format!("recipient {s:?}: {why}"),
-        };
+        let bad = |why: &str| Error::BadKey { reason: format!("recipient {s:?}: {why}") };
         let body = s
             .strip_prefix(RECIPIENT_PREFIX)
             .ok_or_else(|| bad("a recipient starts with bkpy1 (from `backupy-agent keygen`)"))?;
@@ -64,9 +62,8 @@ impl Recipient {
 
     /// Seals a data key: `enc(32) ‖ AES-256-GCM(key)(48)`.
     pub fn seal(&self, key: &DataKey) -> Result<[u8; SEALED_BLOCK_LEN], Error> {
-        let pk = PublicKey::from_bytes(&self.0).map_err(|e| Error::BadKey {
-            reason: format!("recipient is not a usable X25519 key: {e}"),
-        })?;
+        let pk = PublicKey::from_bytes(&self.0)
+            .map_err(|e| Error::BadKey { reason: format!("recipient is not a usable X25519 key: {e}") })?;
         let (enc, sealed) = hpke::single_shot_seal::<AesGcm256, HkdfSha256, X25519HkdfSha256>(
             &OpModeS::Base,
             &pk,
@@ -74,9 +71,7 @@ impl Recipient {
             key.as_bytes(),
             b"",
         )
-        .map_err(|e| Error::BadKey {
-            reason: format!("sealing the data key failed: {e}"),
-        })?;
+        .map_err(|e| Error::BadKey { reason: format!("sealing the data key failed: {e}") })?;
         let mut block = [0u8; SEALED_BLOCK_LEN];
         block[..ENC_LEN].copy_from_slice(&enc.to_bytes());
         block[ENC_LEN..].copy_from_slice(&sealed);
@@ -86,9 +81,7 @@ impl Recipient {
 
 impl std::fmt::Display for Recipient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let b32 = data_encoding::BASE32_NOPAD
-            .encode(&self.0)
-            .to_ascii_lowercase();
+        let b32 = data_encoding::BASE32_NOPAD.encode(&self.0).to_ascii_lowercase();
         write!(f, "{RECIPIENT_PREFIX}{b32}")
     }
 }
@@ -118,23 +111,19 @@ impl Identity {
                 continue;
             }
             if found.is_some() {
-                return Err(Error::BadKey {
-                    reason: "an identity file holds exactly one key line".into(),
-                });
+                return Err(Error::BadKey { reason: "an identity file holds exactly one key line".into() });
             }
             found = Some(line);
         }
-        let line = found.ok_or_else(|| Error::BadKey {
-            reason: format!("no {IDENTITY_PREFIX} line found"),
+        let line =
+            found.ok_or_else(|| Error::BadKey { reason: format!("no {IDENTITY_PREFIX} line found") })?;
+        let b64 = line.strip_prefix(IDENTITY_PREFIX).ok_or_else(|| Error::BadKey {
+            reason: format!("the key line must start with {IDENTITY_PREFIX}"),
         })?;
-        let b64 = line
-            .strip_prefix(IDENTITY_PREFIX)
-            .ok_or_else(|| Error::BadKey {
-                reason: format!("the key line must start with {IDENTITY_PREFIX}"),
-            })?;
-        let bytes = Zeroizing::new(B64.decode(b64).map_err(|_| Error::BadKey {
-            reason: "the private key is not valid base64".into(),
-        })?);
+        let bytes = Zeroizing::new(
+            B64.decode(b64)
+                .map_err(|_| Error::BadKey { reason: "the private key is not valid base64".into() })?,
+        );
         let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| Error::BadKey {
             reason: format!("the private key must be 32 bytes, got {}", bytes.len()),
         })?;
@@ -146,17 +135,16 @@ impl Identity {
             reason: format!("cannot read identity file {}: {e}", path.display()),
         })?);
         Self::parse(&text).map_err(|e| match e {
-            Error::BadKey { reason } => Error::BadKey {
-                reason: format!("identity file {}: {reason}", path.display()),
-            },
+            Error::BadKey { reason } => {
+                Error::BadKey { reason: format!("identity file {}: {reason}", path.display()) }
+            }
             other => other,
         })
     }
 
     fn private_key(&self) -> Result<PrivateKey, Error> {
-        PrivateKey::from_bytes(self.0.as_ref()).map_err(|e| Error::BadKey {
-            reason: format!("not a usable X25519 private key: {e}"),
-        })
+        PrivateKey::from_bytes(self.0.as_ref())
+            .map_err(|e| Error::BadKey { reason: format!("not a usable X25519 private key: {e}") })
     }
 
     pub fn recipient(&self) -> Result<Recipient, Error> {
@@ -165,9 +153,7 @@ impl Identity {
             .to_bytes()
             .as_slice()
             .try_into()
-            .map_err(|_| Error::BadKey {
-                reason: "unexpected public key length".into(),
-            })?;
+            .map_err(|_| Error::BadKey { reason: "unexpected public key length".into() })?;
         Ok(Recipient(bytes))
     }
 
@@ -189,9 +175,8 @@ impl Identity {
                 block.len()
             )));
         }
-        let enc = EncappedKey::from_bytes(&block[..ENC_LEN]).map_err(|_| {
-            Error::BadHeader("sealed key block has an invalid encapsulated key".into())
-        })?;
+        let enc = EncappedKey::from_bytes(&block[..ENC_LEN])
+            .map_err(|_| Error::BadHeader("sealed key block has an invalid encapsulated key".into()))?;
         let key = Zeroizing::new(
             hpke::single_shot_open::<AesGcm256, HkdfSha256, X25519HkdfSha256>(
                 &OpModeR::Base,
@@ -211,9 +196,8 @@ impl Identity {
 pub fn parse_raw_key(text: &str) -> Result<DataKey, Error> {
     let t = text.trim();
     if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
-        let bytes = Zeroizing::new(hex::decode(t).map_err(|_| Error::BadKey {
-            reason: "invalid hex".into(),
-        })?);
+        let bytes =
+            Zeroizing::new(hex::decode(t).map_err(|_| Error::BadKey { reason: "invalid hex".into() })?);
         return DataKey::from_slice(&bytes);
     }
     let bytes = Zeroizing::new(B64.decode(t).map_err(|_| Error::BadKey {
@@ -223,13 +207,14 @@ pub fn parse_raw_key(text: &str) -> Result<DataKey, Error> {
 }
 
 pub fn read_raw_key_file(path: &Path) -> Result<DataKey, Error> {
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::BadKey {
-        reason: format!("cannot read key file {}: {e}", path.display()),
-    })?);
+    let text =
+        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::BadKey {
+            reason: format!("cannot read key file {}: {e}", path.display()),
+        })?);
     parse_raw_key(&text).map_err(|e| match e {
-        Error::BadKey { reason } => Error::BadKey {
-            reason: format!("key file {}: {reason}", path.display()),
-        },
+        Error::BadKey { reason } => {
+            Error::BadKey { reason: format!("key file {}: {reason}", path.display()) }
+        }
         other => other,
     })
 }

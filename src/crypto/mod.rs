@@ -27,9 +27,9 @@ impl DataKey {
     }
 
     pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| Error::BadKey {
-            reason: format!("a data key is 32 bytes, got {}", bytes.len()),
-        })?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| Error::BadKey { reason: format!("a data key is 32 bytes, got {}", bytes.len()) })?;
         Ok(Self(arr))
     }
 
@@ -105,10 +105,7 @@ pub enum Encryption {
     /// v2 with a raw data key supplied by the caller (key mode 0).
     V2Raw { key: DataKey, chunk_size: u32 },
     /// v2 with a fresh data key sealed to an X25519 recipient (key mode 1).
-    V2Recipient {
-        recipient: Recipient,
-        chunk_size: u32,
-    },
+    V2Recipient { recipient: Recipient, chunk_size: u32 },
 }
 
 impl Encryption {
@@ -132,11 +129,9 @@ impl Encryption {
     /// together with a factory for the writer the encrypt stage wraps its output in.
     pub fn prepare(&self, compression_code: u8) -> Result<PreparedEncryption, Error> {
         Ok(match self {
-            Encryption::None => PreparedEncryption {
-                key_id: String::new(),
-                encrypted_dek: Vec::new(),
-                kind: Prepared::None,
-            },
+            Encryption::None => {
+                PreparedEncryption { key_id: String::new(), encrypted_dek: Vec::new(), kind: Prepared::None }
+            }
             Encryption::V1 { key } => PreparedEncryption {
                 key_id: String::new(),
                 encrypted_dek: key.as_bytes().to_vec(),
@@ -147,16 +142,10 @@ impl Encryption {
                 PreparedEncryption {
                     key_id: String::new(),
                     encrypted_dek: key.as_bytes().to_vec(),
-                    kind: Prepared::V2 {
-                        key: key.clone(),
-                        header,
-                    },
+                    kind: Prepared::V2 { key: key.clone(), header },
                 }
             }
-            Encryption::V2Recipient {
-                recipient,
-                chunk_size,
-            } => {
+            Encryption::V2Recipient { recipient, chunk_size } => {
                 let key = DataKey::generate()?;
                 let sealed = recipient.seal(&key)?;
                 let header = v2::Header::new_sealed(compression_code, *chunk_size, sealed)?;
@@ -192,9 +181,7 @@ impl PreparedEncryption {
         Ok(match self.kind {
             Prepared::None => EncryptWriter::Plain(inner),
             Prepared::V1 { key } => EncryptWriter::V1(v1::Writer::new(inner, &key)),
-            Prepared::V2 { key, header } => {
-                EncryptWriter::V2(v2::Writer::new(inner, &key, header)?)
-            }
+            Prepared::V2 { key, header } => EncryptWriter::V2(v2::Writer::new(inner, &key, header)?),
         })
     }
 }
@@ -253,10 +240,7 @@ pub enum Format {
 /// Opens an encrypted object for streaming decryption, detecting its format by the
 /// `BKPY` magic (a v1 object cannot start with it: its first frame length would exceed
 /// the v1 maximum).
-pub fn open<R: Read + 'static>(
-    mut inner: R,
-    key: &KeySource,
-) -> io::Result<(Format, Box<dyn Read>)> {
+pub fn open<R: Read + 'static>(mut inner: R, key: &KeySource) -> io::Result<(Format, Box<dyn Read>)> {
     let mut head = [0u8; 4];
     let n = read_up_to(&mut inner, &mut head)?;
     let rest = io::Cursor::new(head[..n].to_vec()).chain(inner);

@@ -49,9 +49,7 @@ pub fn parse(jwt: &str, now_unix: i64) -> Result<Token, TokenError> {
     let err = |m: &str| TokenError(m.to_string());
     let parts: Vec<&str> = jwt.trim().split('.').collect();
     if parts.len() != 3 {
-        return Err(err(
-            "a token has three dot-separated parts (header.payload.signature)",
-        ));
+        return Err(err("a token has three dot-separated parts (header.payload.signature)"));
     }
     let payload = URL_SAFE_NO_PAD
         .decode(parts[1].trim_end_matches('='))
@@ -68,53 +66,32 @@ pub fn parse(jwt: &str, now_unix: i64) -> Result<Token, TokenError> {
         None => false,
     };
     if !aud_ok {
-        return Err(err(
-            "audience (aud) is not backupy-decrypt: this token is for something else",
-        ));
+        return Err(err("audience (aud) is not backupy-decrypt: this token is for something else"));
     }
     let exp = claims.exp.ok_or_else(|| err("no expiry (exp) claim"))?;
     if now_unix > exp + LEEWAY_SECS {
         let when = chrono::DateTime::from_timestamp(exp, 0)
             .map(|t| t.to_rfc3339())
             .unwrap_or_else(|| exp.to_string());
-        return Err(TokenError(format!(
-            "the token expired at {when}; ask for a new one"
-        )));
+        return Err(TokenError(format!("the token expired at {when}; ask for a new one")));
     }
-    for (name, v) in [
-        ("sub", &claims.sub),
-        ("run_id", &claims.run_id),
-        ("company_id", &claims.company_id),
-    ] {
+    for (name, v) in [("sub", &claims.sub), ("run_id", &claims.run_id), ("company_id", &claims.company_id)] {
         if v.as_deref().is_none_or(str::is_empty) {
             return Err(TokenError(format!("claim {name} is missing or empty")));
         }
     }
     if claims.alg.as_deref() != Some("AES-256-GCM") {
-        return Err(err(
-            "claim alg is not AES-256-GCM: this token is for another format",
-        ));
+        return Err(err("claim alg is not AES-256-GCM: this token is for another format"));
     }
     let dek = Zeroizing::new(
-        B64.decode(
-            claims
-                .dek
-                .as_deref()
-                .ok_or_else(|| err("no data key (dek) claim"))?,
-        )
-        .map_err(|_| err("claim dek is not base64"))?,
+        B64.decode(claims.dek.as_deref().ok_or_else(|| err("no data key (dek) claim"))?)
+            .map_err(|_| err("claim dek is not base64"))?,
     );
     let key = DataKey::from_slice(&dek).map_err(|_| err("claim dek is not a 32-byte key"))?;
     let sha256 = match claims.sha256 {
-        Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            Some(h.to_ascii_lowercase())
-        }
+        Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => Some(h.to_ascii_lowercase()),
         Some(_) => return Err(err("claim sha256 is not 64 hex digits")),
         None => None,
     };
-    Ok(Token {
-        key,
-        run_id: claims.run_id.unwrap_or_default(),
-        sha256,
-    })
+    Ok(Token { key, run_id: claims.run_id.unwrap_or_default(), sha256 })
 }

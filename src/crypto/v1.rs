@@ -136,19 +136,12 @@ impl<R: Read> Reader<R> {
         let tag = Tag::try_from(&self.frame[ct_len..]).expect("tag slice is 16 bytes");
         self.frame.truncate(ct_len);
         self.cipher
-            .decrypt_inout_detached(
-                &Nonce::from(nonce),
-                b"",
-                self.frame.as_mut_slice().into(),
-                &tag,
-            )
-            .map_err(|_| {
-                if self.index == 0 {
-                    Error::WrongKey
-                } else {
-                    Error::Tampered { chunk: self.index }
-                }
-            })?;
+            .decrypt_inout_detached(&Nonce::from(nonce), b"", self.frame.as_mut_slice().into(), &tag)
+            .map_err(
+                |_| {
+                    if self.index == 0 { Error::WrongKey } else { Error::Tampered { chunk: self.index } }
+                },
+            )?;
         self.index += 1;
         self.pos = 0;
         Ok(true)

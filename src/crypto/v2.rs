@@ -52,12 +52,7 @@ impl Header {
         Self::new(KEY_MODE_RECIPIENT, compression, chunk_size, sealed.to_vec())
     }
 
-    fn new(
-        key_mode: u8,
-        compression: u8,
-        chunk_size: u32,
-        sealed_key: Vec<u8>,
-    ) -> Result<Self, Error> {
+    fn new(key_mode: u8, compression: u8, chunk_size: u32, sealed_key: Vec<u8>) -> Result<Self, Error> {
         if !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
             return Err(Error::BadHeader(format!(
                 "chunk size {chunk_size} outside [{MIN_CHUNK}, {MAX_CHUNK}]"
@@ -67,14 +62,7 @@ impl Header {
         let mut nonce_prefix = [0u8; 7];
         random_bytes(&mut salt)?;
         random_bytes(&mut nonce_prefix)?;
-        Ok(Self {
-            key_mode,
-            compression,
-            chunk_size,
-            salt,
-            nonce_prefix,
-            sealed_key,
-        })
+        Ok(Self { key_mode, compression, chunk_size, salt, nonce_prefix, sealed_key })
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -119,20 +107,14 @@ impl Header {
         }
         let chunk_size = u32::from_be_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
         if !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
-            return Err(bad(format!(
-                "chunk size {chunk_size} outside [{MIN_CHUNK}, {MAX_CHUNK}]"
-            )));
+            return Err(bad(format!("chunk size {chunk_size} outside [{MIN_CHUNK}, {MAX_CHUNK}]")));
         }
         let mut salt = [0u8; 16];
         salt.copy_from_slice(&fixed[12..28]);
         let mut nonce_prefix = [0u8; 7];
         nonce_prefix.copy_from_slice(&fixed[28..35]);
         let k = u16::from_be_bytes([fixed[35], fixed[36]]) as usize;
-        let expected_k = if key_mode == KEY_MODE_RAW {
-            0
-        } else {
-            SEALED_BLOCK_LEN
-        };
+        let expected_k = if key_mode == KEY_MODE_RAW { 0 } else { SEALED_BLOCK_LEN };
         if k != expected_k {
             return Err(bad(format!(
                 "sealed key block is {k} bytes, key mode {key_mode} requires {expected_k}"
@@ -144,17 +126,7 @@ impl Header {
         }
         let mut bytes = fixed.to_vec();
         bytes.extend_from_slice(&sealed_key);
-        Ok((
-            Self {
-                key_mode,
-                compression,
-                chunk_size,
-                salt,
-                nonce_prefix,
-                sealed_key,
-            },
-            bytes,
-        ))
+        Ok((Self { key_mode, compression, chunk_size, salt, nonce_prefix, sealed_key }, bytes))
     }
 }
 
@@ -169,14 +141,9 @@ impl ChunkCipher {
     fn new(key: &DataKey, header: &Header, header_bytes: &[u8]) -> Self {
         let hk = Hkdf::<Sha256>::new(Some(&header.salt), key.as_bytes());
         let mut chunk_key = zeroize::Zeroizing::new([0u8; 32]);
-        hk.expand(HKDF_INFO, chunk_key.as_mut())
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        hk.expand(HKDF_INFO, chunk_key.as_mut()).expect("32 bytes is a valid HKDF-SHA256 output length");
         let aad: [u8; 32] = Sha256::digest(header_bytes).into();
-        Self {
-            cipher: Aes256Gcm::new((&*chunk_key).into()),
-            nonce_prefix: header.nonce_prefix,
-            aad,
-        }
+        Self { cipher: Aes256Gcm::new((&*chunk_key).into()), nonce_prefix: header.nonce_prefix, aad }
     }
 
     fn nonce(&self, index: u32, last: bool) -> Nonce<aes_gcm::aead::consts::U12> {
@@ -198,10 +165,8 @@ impl ChunkCipher {
         let ct_len = buf.len() - TAG_LEN;
         let tag = Tag::try_from(&buf[ct_len..]).expect("tag slice is 16 bytes");
         let (ct, _) = buf.split_at_mut(ct_len);
-        let ok = self
-            .cipher
-            .decrypt_inout_detached(&self.nonce(index, last), &self.aad, ct.into(), &tag)
-            .is_ok();
+        let ok =
+            self.cipher.decrypt_inout_detached(&self.nonce(index, last), &self.aad, ct.into(), &tag).is_ok();
         if ok {
             buf.truncate(ct_len);
         }
@@ -237,10 +202,8 @@ impl<W: Write> Writer<W> {
         self.inner.write_all(&self.buf)?;
         self.inner.write_all(&tag)?;
         self.buf.clear();
-        self.index = self
-            .index
-            .checked_add(1)
-            .ok_or_else(|| Error::TooLarge("more than 2^32 chunks".into()))?;
+        self.index =
+            self.index.checked_add(1).ok_or_else(|| Error::TooLarge("more than 2^32 chunks".into()))?;
         Ok(())
     }
 
@@ -290,8 +253,7 @@ impl<R: Read> Reader<R> {
             (KeySource::Identity(id), KEY_MODE_RECIPIENT) => id.open(&header.sealed_key)?,
             (KeySource::Raw(_), _) => {
                 return Err(Error::KeyMismatch(
-                    "this backup is sealed to a recipient key; use --identity with the private key"
-                        .into(),
+                    "this backup is sealed to a recipient key; use --identity with the private key".into(),
                 )
                 .into());
             }
@@ -346,15 +308,12 @@ impl<R: Read> Reader<R> {
             return Err(Error::Truncated(format!("chunk {index} is cut short")).into());
         }
         if at_end && n == TAG_LEN && index > 0 {
-            return Err(
-                Error::BadHeader(format!("empty final chunk {index} after other chunks")).into(),
-            );
+            return Err(Error::BadHeader(format!("empty final chunk {index} after other chunks")).into());
         }
         if self.cipher.open(index, at_end, &mut self.buf) {
             self.done = at_end;
-            self.index = index
-                .checked_add(1)
-                .ok_or_else(|| Error::TooLarge("more than 2^32 chunks".into()))?;
+            self.index =
+                index.checked_add(1).ok_or_else(|| Error::TooLarge("more than 2^32 chunks".into()))?;
             self.pos = 0;
             return Ok(());
         }
@@ -362,14 +321,12 @@ impl<R: Read> Reader<R> {
         // checks the tag before decrypting, so `buf` still holds the ciphertext.
         let other = self.cipher.open(index, !at_end, &mut self.buf);
         Err(match (other, at_end) {
-            (true, true) => Error::Truncated(format!(
-                "the stream ends after chunk {index}, which is not the final chunk"
-            )),
+            (true, true) => {
+                Error::Truncated(format!("the stream ends after chunk {index}, which is not the final chunk"))
+            }
             (true, false) => Error::TrailingData(format!("bytes follow the final chunk {index}")),
             (false, _) if index == 0 => Error::WrongKey,
-            (false, _) => Error::Tampered {
-                chunk: index as u64,
-            },
+            (false, _) => Error::Tampered { chunk: index as u64 },
         }
         .into())
     }

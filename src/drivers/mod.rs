@@ -107,9 +107,6 @@ pub struct DriverError {
 
 impl DriverError {
     pub fn new(target: &str, message: impl Into<String>) -> Self {
-        Self {
-            target: target.to_string(),
-            message: message.into(),
-        }
+        Self { target: target.to_string(), message: message.into() }
     }
 }

@@ -28,42 +28,22 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path) -> Result<Source, Dr
     if !meta.is_file() {
         return Err(err(format!("{} is not a file", path.display())));
     }
-    let src = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
-    src.busy_timeout(Duration::from_secs(30))
-        .map_err(|e| err(format!("cannot set busy timeout: {e}")))?;
+    let src =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+    src.busy_timeout(Duration::from_secs(30)).map_err(|e| err(format!("cannot set busy timeout: {e}")))?;
 
-    std::fs::create_dir_all(temp_dir).map_err(|e| {
-        err(format!(
-            "cannot create temporary directory {}: {e}",
-            temp_dir.display()
-        ))
-    })?;
+    std::fs::create_dir_all(temp_dir)
+        .map_err(|e| err(format!("cannot create temporary directory {}: {e}", temp_dir.display())))?;
     let snapshot = tempfile::Builder::new()
         .prefix(".sqlite-snapshot-")
         .tempfile_in(temp_dir)
-        .map_err(|e| {
-            err(format!(
-                "cannot create a snapshot file in {}: {e}",
-                temp_dir.display()
-            ))
-        })?;
+        .map_err(|e| err(format!("cannot create a snapshot file in {}: {e}", temp_dir.display())))?;
     {
-        let mut dst = Connection::open(snapshot.path()).map_err(|e| {
-            err(format!(
-                "cannot open snapshot file {}: {e}",
-                snapshot.path().display()
-            ))
-        })?;
-        let backup = rusqlite::backup::Backup::new(&src, &mut dst).map_err(|e| {
-            err(format!(
-                "cannot start the online backup of {}: {e}",
-                path.display()
-            ))
-        })?;
+        let mut dst = Connection::open(snapshot.path())
+            .map_err(|e| err(format!("cannot open snapshot file {}: {e}", snapshot.path().display())))?;
+        let backup = rusqlite::backup::Backup::new(&src, &mut dst)
+            .map_err(|e| err(format!("cannot start the online backup of {}: {e}", path.display())))?;
         // -1 copies every page in one step while holding the read lock: a consistent
         // snapshot. Smaller steps would restart whenever another connection writes.
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
@@ -84,17 +64,10 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path) -> Result<Source, Dr
             }
         }
     }
-    let file = snapshot
-        .reopen()
-        .map_err(|e| err(format!("cannot read snapshot file: {e}")))?;
+    let file = snapshot.reopen().map_err(|e| err(format!("cannot read snapshot file: {e}")))?;
     let size = file.metadata().map(|m| m.len()).ok();
-    Ok(
-        Source::from_reader(format!("sqlite snapshot of {}", path.display()), file)
-            .with_magic(
-                MAGIC_LEN,
-                Box::new(|head| check_magic(Engine::Sqlite, head)),
-            )
-            .with_size_hint(size)
-            .with_guard(snapshot),
-    )
+    Ok(Source::from_reader(format!("sqlite snapshot of {}", path.display()), file)
+        .with_magic(MAGIC_LEN, Box::new(|head| check_magic(Engine::Sqlite, head)))
+        .with_size_hint(size)
+        .with_guard(snapshot))
 }

@@ -36,8 +36,7 @@ pub fn peer_stopped() -> io::Error {
 }
 
 pub fn is_peer_stopped(e: &io::Error) -> bool {
-    e.get_ref()
-        .is_some_and(|i| i.is::<PeerStopped>() || i.is::<Cancelled>())
+    e.get_ref().is_some_and(|i| i.is::<PeerStopped>() || i.is::<Cancelled>())
 }
 
 /// Receives the next message; a disconnect without `End` is the upstream's failure.
@@ -58,12 +57,7 @@ pub struct ChannelWriter {
 
 impl ChannelWriter {
     pub fn new(tx: Sender<Msg>, buffer_size: usize, cancel: Cancel) -> Self {
-        Self {
-            tx,
-            buf: Vec::with_capacity(buffer_size),
-            buffer_size,
-            cancel,
-        }
+        Self { tx, buf: Vec::with_capacity(buffer_size), buffer_size, cancel }
     }
 
     fn send_buf(&mut self) -> io::Result<()> {

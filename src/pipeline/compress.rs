@@ -18,9 +18,7 @@ pub enum Compression {
 
 impl Default for Compression {
     fn default() -> Self {
-        Compression::Zstd {
-            level: DEFAULT_ZSTD_LEVEL,
-        }
+        Compression::Zstd { level: DEFAULT_ZSTD_LEVEL }
     }
 }
 
@@ -31,9 +29,7 @@ impl Compression {
             "" | "zstd" => Ok(Self::default()),
             "gzip" => Ok(Compression::Gzip),
             "none" => Ok(Compression::None),
-            other => Err(format!(
-                "unknown compression {other:?} (expected zstd, gzip or none)"
-            )),
+            other => Err(format!("unknown compression {other:?} (expected zstd, gzip or none)")),
         }
     }
 
@@ -65,10 +61,9 @@ impl Compression {
     pub fn writer<W: Write>(self, inner: W) -> io::Result<CompressWriter<W>> {
         Ok(match self {
             Compression::Zstd { level } => CompressWriter::Zstd(zstd::Encoder::new(inner, level)?),
-            Compression::Gzip => CompressWriter::Gzip(flate2::write::GzEncoder::new(
-                inner,
-                flate2::Compression::default(),
-            )),
+            Compression::Gzip => {
+                CompressWriter::Gzip(flate2::write::GzEncoder::new(inner, flate2::Compression::default()))
+            }
             Compression::None => CompressWriter::None(inner),
         })
     }
@@ -110,9 +105,7 @@ impl<W: Write> Write for CompressWriter<W> {
 
 /// Wraps `inner` in the decompressor its first bytes call for (zstd, gzip), or passes
 /// it through unchanged. Returns the detected compression name too.
-pub fn decompress_by_magic<R: Read + 'static>(
-    mut inner: R,
-) -> io::Result<(&'static str, Box<dyn Read>)> {
+pub fn decompress_by_magic<R: Read + 'static>(mut inner: R) -> io::Result<(&'static str, Box<dyn Read>)> {
     let mut head = [0u8; 4];
     let n = read_up_to(&mut inner, &mut head)?;
     let rest = io::Cursor::new(head[..n].to_vec()).chain(inner);

@@ -149,18 +149,16 @@ pub fn run(
 
     let spawn = |stage: Stage, f: Box<dyn FnOnce() -> io::Result<StageValue> + Send>| {
         let status_tx = status_tx.clone();
-        thread::Builder::new()
-            .name(format!("pipeline-{}", stage.name()))
-            .spawn(move || {
-                let r = f();
-                let outcome = match &r {
-                    Ok(_) => Outcome::Ok,
-                    Err(e) if channel::is_peer_stopped(e) => Outcome::Peer,
-                    Err(_) => Outcome::Failed,
-                };
-                let _ = status_tx.send((stage, outcome));
-                r
-            })
+        thread::Builder::new().name(format!("pipeline-{}", stage.name())).spawn(move || {
+            let r = f();
+            let outcome = match &r {
+                Ok(_) => Outcome::Ok,
+                Err(e) if channel::is_peer_stopped(e) => Outcome::Peer,
+                Err(_) => Outcome::Failed,
+            };
+            let _ = status_tx.send((stage, outcome));
+            r
+        })
     };
 
     let c = inner.clone();
@@ -168,10 +166,7 @@ pub fn run(
     let handles = [
         (
             Stage::Dump,
-            spawn(
-                Stage::Dump,
-                Box::new(move || dump_stage(source, ChannelWriter::new(dump_tx, bs, c), p)),
-            ),
+            spawn(Stage::Dump, Box::new(move || dump_stage(source, ChannelWriter::new(dump_tx, bs, c), p))),
         ),
         (Stage::Compress, {
             let c = inner.clone();
@@ -197,18 +192,12 @@ pub fn run(
         }),
         (Stage::Hash, {
             let c = inner.clone();
-            spawn(
-                Stage::Hash,
-                Box::new(move || hash_stage(&enc_rx, hash_tx, &c)),
-            )
+            spawn(Stage::Hash, Box::new(move || hash_stage(&enc_rx, hash_tx, &c)))
         }),
         (Stage::Store, {
             let c = inner.clone();
             let p = progress.clone();
-            spawn(
-                Stage::Store,
-                Box::new(move || store_stage(&hash_rx, sink, &c, p)),
-            )
+            spawn(Stage::Store, Box::new(move || store_stage(&hash_rx, sink, &c, p)))
         }),
     ];
     drop(status_tx);
@@ -240,19 +229,13 @@ pub fn run(
     let mut results = Vec::new();
     for (stage, h) in handles {
         let r = match h {
-            Ok(h) => h
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("stage thread panicked"))),
+            Ok(h) => h.join().unwrap_or_else(|_| Err(io::Error::other("stage thread panicked"))),
             Err(e) => Err(io::Error::other(format!("cannot start stage thread: {e}"))),
         };
         results.push((stage, r));
     }
-    let mut out = Output {
-        dump_bytes: 0,
-        stored_bytes: 0,
-        sha256: String::new(),
-        object: StoredObject::default(),
-    };
+    let mut out =
+        Output { dump_bytes: 0, stored_bytes: 0, sha256: String::new(), object: StoredObject::default() };
     let mut errors = Vec::new();
     for (stage, r) in results {
         match r {
@@ -295,11 +278,7 @@ enum StageValue {
     Done,
 }
 
-fn dump_stage(
-    mut source: Source,
-    mut out: ChannelWriter,
-    progress: Arc<Progress>,
-) -> io::Result<StageValue> {
+fn dump_stage(mut source: Source, mut out: ChannelWriter, progress: Arc<Progress>) -> io::Result<StageValue> {
     let name = source.name.clone();
     let mut buf = vec![0u8; 256 << 10];
     let mut head: Vec<u8> = Vec::new();
@@ -311,10 +290,7 @@ fn dump_stage(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("reading from {name}: {e}"),
-                ));
+                return Err(io::Error::new(e.kind(), format!("reading from {name}: {e}")));
             }
         };
         if head.len() < head_len {
@@ -330,8 +306,7 @@ fn dump_stage(
         child.finish(&name)?;
     }
     if let Some((_, check)) = &source.magic {
-        check(&head)
-            .map_err(|why| io::Error::other(format!("{name} output is not a valid dump: {why}")))?;
+        check(&head).map_err(|why| io::Error::other(format!("{name} output is not a valid dump: {why}")))?;
     }
     out.finish()?;
     Ok(StageValue::Dumped(total))
@@ -367,10 +342,7 @@ fn hash_stage(rx: &Receiver<Msg>, tx: Sender<Msg>, cancel: &Cancel) -> io::Resul
         }
     }
     tx.send(Msg::End).map_err(|_| channel::peer_stopped())?;
-    Ok(StageValue::Hashed {
-        bytes,
-        sha256: hex::encode(hasher.finalize()),
-    })
+    Ok(StageValue::Hashed { bytes, sha256: hex::encode(hasher.finalize()) })
 }
 
 fn store_stage(

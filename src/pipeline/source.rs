@@ -46,13 +46,9 @@ impl Source {
     /// builds the environment (an allow-list); this function never adds to it.
     pub fn spawn(name: impl Into<String>, mut cmd: Command) -> io::Result<Self> {
         let name = name.into();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {name}: {e}")))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        let mut child =
+            cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("cannot start {name}: {e}")))?;
         let stdout = child.stdout.take().expect("stdout was piped");
         let stderr = child.stderr.take().expect("stderr was piped");
         let stderr_tail = std::thread::Builder::new()
@@ -116,19 +112,11 @@ impl ChildProcess {
             }
             return Ok(());
         }
-        Err(io::Error::other(format!(
-            "{name} {}{}",
-            describe(status),
-            tail_suffix(&tail)
-        )))
+        Err(io::Error::other(format!("{name} {}{}", describe(status), tail_suffix(&tail))))
     }
 
     fn take_tail(&mut self) -> String {
-        let bytes = self
-            .stderr_tail
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
+        let bytes = self.stderr_tail.take().and_then(|h| h.join().ok()).unwrap_or_default();
         String::from_utf8_lossy(&bytes).trim().to_string()
     }
 }
@@ -177,11 +165,7 @@ fn describe(status: ExitStatus) -> String {
 }
 
 fn tail_suffix(tail: &str) -> String {
-    if tail.is_empty() {
-        String::new()
-    } else {
-        format!(": {tail}")
-    }
+    if tail.is_empty() { String::new() } else { format!(": {tail}") }
 }
 
 /// Reads `r` to the end, keeping only the last `cap` bytes.

@@ -18,20 +18,12 @@ impl DirStorage {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot create storage directory {}: {e}", root.display()),
-            )
+            io::Error::new(e.kind(), format!("cannot create storage directory {}: {e}", root.display()))
         })?;
         let probe = root.join(format!(".backupy-write-test-{}", std::process::id()));
-        File::create(&probe)
-            .and_then(|_| fs::remove_file(&probe))
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("storage directory {} is not writable: {e}", root.display()),
-                )
-            })?;
+        File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| {
+            io::Error::new(e.kind(), format!("storage directory {} is not writable: {e}", root.display()))
+        })?;
         Ok(Self { root })
     }
 
@@ -75,49 +67,24 @@ impl DirObjectWriter {
     fn create(final_path: PathBuf, key: String) -> io::Result<Self> {
         let dir = final_path.parent().unwrap_or(Path::new(".")).to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot create directory {}: {e}", dir.display()),
-            )
+            io::Error::new(e.kind(), format!("cannot create directory {}: {e}", dir.display()))
         })?;
-        let name = final_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp_path = dir.join(format!(".{name}.partial"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp_path)
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot create {}: {e}", temp_path.display()),
-                )
+        let file =
+            OpenOptions::new().write(true).create(true).truncate(true).open(&temp_path).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot create {}: {e}", temp_path.display()))
             })?;
-        Ok(Self {
-            key,
-            final_path,
-            temp_path,
-            file: Some(file),
-            size: 0,
-        })
+        Ok(Self { key, final_path, temp_path, file: Some(file), size: 0 })
     }
 }
 
 impl Write for DirObjectWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("object already committed"))?;
-        let n = file.write(buf).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("writing {}: {e}", self.temp_path.display()),
-            )
-        })?;
+        let file = self.file.as_mut().ok_or_else(|| io::Error::other("object already committed"))?;
+        let n = file
+            .write(buf)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", self.temp_path.display())))?;
         self.size += n as u64;
         Ok(n)
     }
@@ -129,20 +96,14 @@ impl Write for DirObjectWriter {
 
 impl ObjectWriter for DirObjectWriter {
     fn commit(mut self: Box<Self>) -> io::Result<StoredObject> {
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("object already committed"))?;
+        let file = self.file.take().ok_or_else(|| io::Error::other("object already committed"))?;
         let ctx = |what: &str, p: &Path, e: io::Error| {
             io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
         };
-        let durable = file
-            .sync_all()
-            .map_err(|e| ctx("cannot fsync", &self.temp_path, e))
-            .and_then(|_| {
-                fs::rename(&self.temp_path, &self.final_path)
-                    .map_err(|e| ctx("cannot rename into", &self.final_path, e))
-            });
+        let durable = file.sync_all().map_err(|e| ctx("cannot fsync", &self.temp_path, e)).and_then(|_| {
+            fs::rename(&self.temp_path, &self.final_path)
+                .map_err(|e| ctx("cannot rename into", &self.final_path, e))
+        });
         if let Err(e) = durable {
             let _ = fs::remove_file(&self.temp_path);
             return Err(e);
@@ -154,10 +115,7 @@ impl ObjectWriter for DirObjectWriter {
                 return Err(ctx("cannot fsync directory", dir, e));
             }
         }
-        Ok(StoredObject {
-            key: self.key.clone(),
-            size: self.size,
-        })
+        Ok(StoredObject { key: self.key.clone(), size: self.size })
     }
 }
 

@@ -45,25 +45,13 @@ impl Write for Discard {
 
 impl ObjectWriter for Discard {
     fn commit(self: Box<Self>) -> io::Result<StoredObject> {
-        Ok(StoredObject {
-            key: String::new(),
-            size: self.size,
-        })
+        Ok(StoredObject { key: String::new(), size: self.size })
     }
 }
 
 /// `<target>/<job>/<yyyymmddThhmmssZ>-<run id>.<ext>`.
-pub fn object_key(
-    target: &str,
-    job: &str,
-    started: DateTime<Utc>,
-    run_id: &str,
-    ext: &str,
-) -> String {
-    format!(
-        "{target}/{job}/{}-{run_id}.{ext}",
-        started.format("%Y%m%dT%H%M%SZ")
-    )
+pub fn object_key(target: &str, job: &str, started: DateTime<Utc>, run_id: &str, ext: &str) -> String {
+    format!("{target}/{job}/{}-{run_id}.{ext}", started.format("%Y%m%dT%H%M%SZ"))
 }
 
 /// The manifest key of an object: its key plus `.json`.
@@ -77,8 +65,7 @@ pub fn check_key_segment(what: &str, s: &str) -> Result<(), String> {
         && s.len() <= 128
         && s != "."
         && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok {
         Ok(())
     } else {
