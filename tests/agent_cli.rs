@@ -99,7 +99,10 @@ fn unusable_key_file_fails_the_run_and_stores_nothing() {
     sqlite_db(dir.path());
     std::fs::write(dir.path().join("k"), "not a key\n").unwrap();
     let body = GOOD_TAIL.replace("encryption = \"none\"\n", "");
-    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n[encryption]\nkey_file = \"k\"\n{body}"));
+    let cfg = write_config(
+        dir.path(),
+        &format!("[storage]\ndir = \"./b\"\n[encryption]\nkey_file = \"k\"\n{body}"),
+    );
     let err = refused(&cfg);
     assert!(err.contains("job nightly") && err.contains("key file"), "{err}");
     assert!(files_under(&dir.path().join("b")).is_empty());
@@ -108,7 +111,10 @@ fn unusable_key_file_fails_the_run_and_stores_nothing() {
 #[test]
 fn invalid_recipient_is_refused_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n[encryption]\nrecipient = \"bkpy1nope\"\n{GOOD_TAIL}"));
+    let cfg = write_config(
+        dir.path(),
+        &format!("[storage]\ndir = \"./b\"\n[encryption]\nrecipient = \"bkpy1nope\"\n{GOOD_TAIL}"),
+    );
     let err = refused(&cfg);
     assert!(err.contains(":4:") && err.contains("recipient"), "{err}");
 }
@@ -124,7 +130,10 @@ fn missing_sqlite_file_fails_with_one_clear_line_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{GOOD_TAIL}"));
     let err = refused(&cfg);
-    assert!(err.contains("job nightly") && err.contains("target app") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("job nightly") && err.contains("target app") && err.contains("does not exist"),
+        "{err}"
+    );
     assert_eq!(err.lines().filter(|l| l.contains("error")).count(), 1, "{err}");
     assert!(files_under(&dir.path().join("b")).is_empty());
 }
@@ -132,7 +141,8 @@ fn missing_sqlite_file_fails_with_one_clear_line_and_stores_nothing() {
 #[test]
 fn a_file_that_is_not_sqlite_fails_the_run_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("app.db"), "hello, I am a text file, not a database\n".repeat(100)).unwrap();
+    std::fs::write(dir.path().join("app.db"), "hello, I am a text file, not a database\n".repeat(100))
+        .unwrap();
     let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{GOOD_TAIL}"));
     let err = refused(&cfg);
     assert!(err.contains("job nightly") && err.contains("target app"), "{err}");
@@ -147,7 +157,10 @@ fn unwritable_storage_directory_fails_clearly() {
     std::fs::write(dir.path().join("file"), "x").unwrap();
     let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./file/backups\"\n{GOOD_TAIL}"));
     let err = refused(&cfg);
-    assert!(err.contains("job nightly") && err.contains("storage directory") && err.contains("file/backups"), "{err}");
+    assert!(
+        err.contains("job nightly") && err.contains("storage directory") && err.contains("file/backups"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -33,10 +33,7 @@ impl Vector {
     }
 
     fn s(&self, field: &str) -> String {
-        self.v[field]
-            .as_str()
-            .unwrap_or_else(|| panic!("{}: field {field} missing", self.file))
-            .to_string()
+        self.v[field].as_str().unwrap_or_else(|| panic!("{}: field {field} missing", self.file)).to_string()
     }
 
     fn dir_file(&self, field: &str) -> PathBuf {
@@ -67,11 +64,7 @@ fn manifest() -> Vec<Vector> {
             }
         })
         .collect();
-    assert!(
-        vectors.len() >= 24,
-        "the manifest lists {} vectors",
-        vectors.len()
-    );
+    assert!(vectors.len() >= 24, "the manifest lists {} vectors", vectors.len());
     vectors
 }
 
@@ -80,11 +73,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn decrypt(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(DECRYPT)
-        .args(args)
-        .env_remove("BACKUPY_LOG_LEVEL")
-        .output()
-        .expect("run backupy-decrypt")
+    Command::new(DECRYPT).args(args).env_remove("BACKUPY_LOG_LEVEL").output().expect("run backupy-decrypt")
 }
 
 /// Runs the binary and returns its stdout, panicking with its stderr on failure.
@@ -103,11 +92,7 @@ fn decrypt_ok(v: &Vector, args: &[&std::ffi::OsStr]) -> Vec<u8> {
 
 /// The key option for a vector: its identity file (recipient) or the named key file (raw).
 fn key_arg(v: &Vector, key_field: &str) -> (&'static str, PathBuf) {
-    if v.recipient {
-        ("--identity", v.identity_path())
-    } else {
-        ("--key-file", v.dir_file(key_field))
-    }
+    if v.recipient { ("--identity", v.identity_path()) } else { ("--key-file", v.dir_file(key_field)) }
 }
 
 #[test]
@@ -126,7 +111,8 @@ fn every_vector_decrypts_to_output_sha256_on_stdout() {
         let (k, key) = key_arg(&v, "key_file_hex");
         let (k, kp) = (k.as_ref(), key.as_os_str());
         let input = v.path();
-        let out = decrypt_ok(&v, &["--in".as_ref(), input.as_os_str(), "--out".as_ref(), "-".as_ref(), k, kp]);
+        let out =
+            decrypt_ok(&v, &["--in".as_ref(), input.as_os_str(), "--out".as_ref(), "-".as_ref(), k, kp]);
         assert_eq!(out.len() as u64, v.v["output_size"].as_u64().unwrap(), "{}", v.file);
         assert_eq!(sha256_hex(&out), v.s("output_sha256"), "{}", v.file);
     }
@@ -220,12 +206,7 @@ fn every_vector_verifies_against_its_object_sha256() {
             k,
             kp,
         ]);
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            v.file,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}: {}", v.file, String::from_utf8_lossy(&out.stderr));
         // With an expected SHA-256 there is nothing to warn about, even for v1.
         assert!(
             !String::from_utf8_lossy(&out.stderr).contains("warning"),
@@ -238,10 +219,7 @@ fn every_vector_verifies_against_its_object_sha256() {
 }
 
 fn token_for(key_hex: &str) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let header = serde_json::json!({"alg": "HS256", "typ": "JWT"});
     let claims = serde_json::json!({
         "iss": "backupy-server",
@@ -339,8 +317,7 @@ fn library_open_gives_plaintext_sha256() {
             KeySource::Raw(DataKey::from_slice(&hex::decode(v.s("key_hex")).unwrap()).unwrap())
         };
         let file = fs::File::open(v.path()).unwrap();
-        let (format, mut plain) =
-            crypto::open(file, &key).unwrap_or_else(|e| panic!("{}: {e}", v.file));
+        let (format, mut plain) = crypto::open(file, &key).unwrap_or_else(|e| panic!("{}: {e}", v.file));
         let expected_format = match v.v["format_version"].as_u64() {
             Some(1) => crypto::Format::V1,
             Some(2) => crypto::Format::V2,
@@ -348,9 +325,7 @@ fn library_open_gives_plaintext_sha256() {
         };
         assert_eq!(format, expected_format, "{}", v.file);
         let mut buf = Vec::new();
-        plain
-            .read_to_end(&mut buf)
-            .unwrap_or_else(|e| panic!("{}: {e}", v.file));
+        plain.read_to_end(&mut buf).unwrap_or_else(|e| panic!("{}: {e}", v.file));
         assert_eq!(sha256_hex(&buf), v.s("plaintext_sha256"), "{}", v.file);
     }
 }

@@ -64,19 +64,14 @@ fn clone_err(e: &Error) -> Error {
         Error::WrongIdentity => Error::WrongIdentity,
         Error::TrailingData(s) => Error::TrailingData(s.clone()),
         Error::KeyMismatch(s) => Error::KeyMismatch(s.clone()),
-        Error::BadKey { reason } => Error::BadKey {
-            reason: reason.clone(),
-        },
+        Error::BadKey { reason } => Error::BadKey { reason: reason.clone() },
         Error::Random(s) => Error::Random(s.clone()),
         Error::TooLarge(s) => Error::TooLarge(s.clone()),
     }
 }
 
 fn v2_raw() -> Encryption {
-    Encryption::V2Raw {
-        key: key(7),
-        chunk_size: C as u32,
-    }
+    Encryption::V2Raw { key: key(7), chunk_size: C as u32 }
 }
 
 #[test]
@@ -84,17 +79,9 @@ fn v2_raw_round_trips_at_chunk_boundaries() {
     for n in [0, 1, C - 1, C, C + 1, 3 * C, 3 * C + 5, 10 * C + 17] {
         let pt = data(n);
         let (obj, dek) = seal(&v2_raw(), &pt);
-        assert_eq!(
-            dek,
-            key(7).as_bytes().to_vec(),
-            "raw mode reports the raw key"
-        );
+        assert_eq!(dek, key(7).as_bytes().to_vec(), "raw mode reports the raw key");
         let chunks = if n == 0 { 1 } else { n.div_ceil(C) };
-        assert_eq!(
-            obj.len(),
-            H + n + chunks * TAG,
-            "size {n}: header + plaintext + one tag per chunk"
-        );
+        assert_eq!(obj.len(), H + n + chunks * TAG, "size {n}: header + plaintext + one tag per chunk");
         assert_eq!(open(obj, &KeySource::Raw(key(7))).unwrap(), pt, "size {n}");
     }
 }
@@ -105,26 +92,15 @@ fn v2_recipient_round_trips_at_chunk_boundaries() {
     let recipient = id.recipient().unwrap();
     for n in [0, 1, C - 1, C, C + 1, 5 * C + 3] {
         let pt = data(n);
-        let enc = Encryption::V2Recipient {
-            recipient: recipient.clone(),
-            chunk_size: C as u32,
-        };
+        let enc = Encryption::V2Recipient { recipient: recipient.clone(), chunk_size: C as u32 };
         let prepared = enc.prepare(1).unwrap();
-        assert_eq!(
-            prepared.encrypted_dek.len(),
-            80,
-            "sealed key block is 80 bytes"
-        );
+        assert_eq!(prepared.encrypted_dek.len(), 80, "sealed key block is 80 bytes");
         assert!(prepared.key_id.starts_with("x25519:") && prepared.key_id.len() == 7 + 16);
         let (obj, _) = seal(&enc, &pt);
         assert_eq!(&obj[5..6], &[1], "key mode 1");
         assert_eq!(&obj[35..37], &[0, 80], "K = 80");
         assert_eq!(
-            open(
-                obj,
-                &KeySource::Identity(Identity::parse(&id.to_file_text().unwrap()).unwrap())
-            )
-            .unwrap(),
+            open(obj, &KeySource::Identity(Identity::parse(&id.to_file_text().unwrap()).unwrap())).unwrap(),
             pt
         );
     }
@@ -133,10 +109,7 @@ fn v2_recipient_round_trips_at_chunk_boundaries() {
 #[test]
 fn v2_default_chunk_size_round_trips_several_chunks() {
     let pt = data(3 * (1 << 20) + 11);
-    let enc = Encryption::V2Raw {
-        key: key(1),
-        chunk_size: crypto::v2::DEFAULT_CHUNK,
-    };
+    let enc = Encryption::V2Raw { key: key(1), chunk_size: crypto::v2::DEFAULT_CHUNK };
     let (obj, _) = seal(&enc, &pt);
     assert_eq!(u32::from_be_bytes(obj[8..12].try_into().unwrap()), 1 << 20);
     assert_eq!(open(obj, &KeySource::Raw(key(1))).unwrap(), pt);
@@ -148,11 +121,7 @@ fn v1_round_trips_at_frame_boundaries() {
         let pt = data(n);
         let (obj, _) = seal(&Encryption::V1 { key: key(3) }, &pt);
         let frames = n.div_ceil(V1_FRAME);
-        assert_eq!(
-            obj.len(),
-            n + frames * (4 + 12 + TAG) + 4,
-            "size {n}: frames plus end marker"
-        );
+        assert_eq!(obj.len(), n + frames * (4 + 12 + TAG) + 4, "size {n}: frames plus end marker");
         assert_eq!(open(obj, &KeySource::Raw(key(3))).unwrap(), pt, "size {n}");
     }
 }
@@ -188,13 +157,7 @@ fn v2_rejects_flipped_bit_in_header_salt() {
 
 #[test]
 fn v2_rejects_flipped_bit_in_header_fields() {
-    for (pos, what) in [
-        (0, "magic"),
-        (4, "version"),
-        (5, "key mode"),
-        (6, "compression"),
-        (7, "reserved"),
-    ] {
+    for (pos, what) in [(0, "magic"), (4, "version"), (5, "key mode"), (6, "compression"), (7, "reserved")] {
         let mut obj = v2_object();
         obj[pos] ^= 0x40;
         let e = open_v2(obj).expect_err(what);
@@ -210,20 +173,14 @@ fn v2_rejects_flipped_bit_in_header_fields() {
 fn v2_rejects_flipped_bit_in_a_chunk() {
     let mut obj = v2_object();
     obj[chunk_range(1).start + 100] ^= 0x04;
-    assert!(matches!(
-        crypto_err(open_v2(obj)),
-        Error::Tampered { chunk: 1 }
-    ));
+    assert!(matches!(crypto_err(open_v2(obj)), Error::Tampered { chunk: 1 }));
 }
 
 #[test]
 fn v2_rejects_flipped_bit_in_a_tag() {
     let mut obj = v2_object();
     obj[chunk_range(2).end - 3] ^= 0x80;
-    assert!(matches!(
-        crypto_err(open_v2(obj)),
-        Error::Tampered { chunk: 2 }
-    ));
+    assert!(matches!(crypto_err(open_v2(obj)), Error::Tampered { chunk: 2 }));
 }
 
 #[test]
@@ -238,19 +195,12 @@ fn v2_rejects_stream_cut_at_a_chunk_boundary() {
 
 #[test]
 fn v2_rejects_stream_cut_inside_a_chunk() {
-    for cut in [
-        chunk_range(1).start + 10,
-        chunk_range(3).start + 50,
-        chunk_range(0).start + 5,
-    ] {
+    for cut in [chunk_range(1).start + 10, chunk_range(3).start + 50, chunk_range(0).start + 5] {
         let mut obj = v2_object();
         obj.truncate(cut);
         let e = crypto_err(open_v2(obj));
         assert!(
-            matches!(
-                e,
-                Error::Truncated(_) | Error::Tampered { .. } | Error::WrongKey
-            ),
+            matches!(e, Error::Truncated(_) | Error::Tampered { .. } | Error::WrongKey),
             "cut at {cut}: {e}"
         );
     }
@@ -260,10 +210,7 @@ fn v2_rejects_stream_cut_inside_a_chunk() {
 fn v2_rejects_a_dropped_chunk() {
     let mut obj = v2_object();
     obj.drain(chunk_range(1));
-    assert!(matches!(
-        crypto_err(open_v2(obj)),
-        Error::Tampered { chunk: 1 }
-    ));
+    assert!(matches!(crypto_err(open_v2(obj)), Error::Tampered { chunk: 1 }));
 }
 
 #[test]
@@ -274,10 +221,7 @@ fn v2_rejects_two_swapped_chunks() {
     swapped.extend_from_slice(&obj[chunk_range(1)]);
     swapped.extend_from_slice(&obj[chunk_range(3).start..]);
     assert_eq!(swapped.len(), obj.len());
-    assert!(matches!(
-        crypto_err(open_v2(swapped)),
-        Error::Tampered { chunk: 1 }
-    ));
+    assert!(matches!(crypto_err(open_v2(swapped)), Error::Tampered { chunk: 1 }));
 }
 
 #[test]
@@ -286,10 +230,7 @@ fn v2_rejects_a_duplicated_chunk() {
     let mut dup = obj[..chunk_range(2).end].to_vec();
     dup.extend_from_slice(&obj[chunk_range(2)]);
     dup.extend_from_slice(&obj[chunk_range(3).start..]);
-    assert!(matches!(
-        crypto_err(open_v2(dup)),
-        Error::Tampered { chunk: 3 }
-    ));
+    assert!(matches!(crypto_err(open_v2(dup)), Error::Tampered { chunk: 3 }));
 }
 
 #[test]
@@ -301,43 +242,28 @@ fn v2_rejects_bytes_appended_after_the_final_chunk() {
     // Final chunk short: the extra bytes become part of it and its tag fails.
     let mut obj = v2_object();
     obj.push(0);
-    assert!(matches!(
-        crypto_err(open_v2(obj)),
-        Error::Tampered { chunk: 3 }
-    ));
+    assert!(matches!(crypto_err(open_v2(obj)), Error::Tampered { chunk: 3 }));
 }
 
 #[test]
 fn v2_rejects_a_wrong_key() {
     let obj = v2_object();
-    assert!(matches!(
-        crypto_err(open(obj, &KeySource::Raw(key(8)))),
-        Error::WrongKey
-    ));
+    assert!(matches!(crypto_err(open(obj, &KeySource::Raw(key(8)))), Error::WrongKey));
 }
 
 #[test]
 fn v2_rejects_a_wrong_private_key() {
     let id = Identity::generate().unwrap();
-    let enc = Encryption::V2Recipient {
-        recipient: id.recipient().unwrap(),
-        chunk_size: C as u32,
-    };
+    let enc = Encryption::V2Recipient { recipient: id.recipient().unwrap(), chunk_size: C as u32 };
     let (obj, _) = seal(&enc, &data(100));
     let other = Identity::generate().unwrap();
-    assert!(matches!(
-        crypto_err(open(obj, &KeySource::Identity(other))),
-        Error::WrongIdentity
-    ));
+    assert!(matches!(crypto_err(open(obj, &KeySource::Identity(other))), Error::WrongIdentity));
 }
 
 #[test]
 fn v2_rejects_key_kind_that_does_not_match_the_key_mode() {
     let id = Identity::generate().unwrap();
-    let enc = Encryption::V2Recipient {
-        recipient: id.recipient().unwrap(),
-        chunk_size: C as u32,
-    };
+    let enc = Encryption::V2Recipient { recipient: id.recipient().unwrap(), chunk_size: C as u32 };
     let (sealed, _) = seal(&enc, &data(10));
     let e = crypto_err(open(sealed, &KeySource::Raw(key(1))));
     assert!(e.to_string().contains("--identity"), "{e}");
@@ -368,9 +294,7 @@ fn craft_v2(chunks: &[(&[u8], bool)]) -> Vec<u8> {
         nonce[..7].copy_from_slice(&[0x22; 7]);
         nonce[7..11].copy_from_slice(&(i as u32).to_be_bytes());
         nonce[11] = *last as u8;
-        let ct = cipher
-            .encrypt(&nonce.into(), Payload { msg: pt, aad: &aad })
-            .unwrap();
+        let ct = cipher.encrypt(&nonce.into(), Payload { msg: pt, aad: &aad }).unwrap();
         obj.extend_from_slice(&ct);
     }
     obj
@@ -389,9 +313,7 @@ fn v2_reader_accepts_an_independently_built_object() {
 fn v2_rejects_an_empty_final_chunk_after_other_chunks() {
     let a = data(C);
     let obj = craft_v2(&[(&a, false), (b"", true)]);
-    assert!(
-        matches!(crypto_err(open_v2(obj)), Error::BadHeader(m) if m.contains("empty final chunk"))
-    );
+    assert!(matches!(crypto_err(open_v2(obj)), Error::BadHeader(m) if m.contains("empty final chunk")));
 }
 
 #[test]
@@ -426,10 +348,7 @@ fn v1_rejects_flipped_bits() {
     let mut obj = v1_object();
     let second = 4 + 12 + V1_FRAME + TAG;
     obj[second + 4 + 12 + 3] ^= 1;
-    assert!(matches!(
-        crypto_err(open_v1(obj)),
-        Error::Tampered { chunk: 1 }
-    ));
+    assert!(matches!(crypto_err(open_v1(obj)), Error::Tampered { chunk: 1 }));
 }
 
 #[test]
@@ -444,10 +363,7 @@ fn v1_rejects_bad_frame_lengths() {
     for l in [1u32, 27, 1_048_605, u32::MAX] {
         let mut obj = v1_object();
         obj[..4].copy_from_slice(&l.to_be_bytes());
-        assert!(
-            matches!(crypto_err(open_v1(obj)), Error::BadHeader(_)),
-            "L = {l}"
-        );
+        assert!(matches!(crypto_err(open_v1(obj)), Error::BadHeader(_)), "L = {l}");
     }
 }
 
@@ -467,10 +383,7 @@ fn v1_rejects_a_cut_frame() {
 
 #[test]
 fn v1_rejects_a_wrong_key() {
-    assert!(matches!(
-        crypto_err(open(v1_object(), &KeySource::Raw(key(4)))),
-        Error::WrongKey
-    ));
+    assert!(matches!(crypto_err(open(v1_object(), &KeySource::Raw(key(4)))), Error::WrongKey));
 }
 
 // --- keys ----------------------------------------------------------------------------
@@ -479,10 +392,7 @@ fn v1_rejects_a_wrong_key() {
 fn identity_file_accepts_comments_crlf_and_missing_final_newline() {
     let id = Identity::generate().unwrap();
     let text = id.to_file_text().unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("BKPY-SECRET-KEY-1:"))
-        .unwrap();
+    let line = text.lines().find(|l| l.starts_with("BKPY-SECRET-KEY-1:")).unwrap();
     let variant = format!("\r\n# comment\r\n\r\n   {line}  ");
     let again = Identity::parse(&variant).unwrap();
     assert_eq!(again.recipient().unwrap(), id.recipient().unwrap());
@@ -503,23 +413,16 @@ fn recipient_string_is_bkpy1_and_57_lowercase_chars() {
 #[test]
 fn recipient_key_id_is_sha256_prefix_of_the_public_key() {
     // The shared vectors' recipient and its dek_kms_id, from the independent implementation.
-    let r = crypto::Recipient::parse("bkpy1eudvnifsjvjtk4d2ckf6wtu5zu6aws7ucqxbnjl656asn72r3eua")
-        .unwrap();
+    let r = crypto::Recipient::parse("bkpy1eudvnifsjvjtk4d2ckf6wtu5zu6aws7ucqxbnjl656asn72r3eua").unwrap();
     assert_eq!(r.key_id(), "x25519:4402cca154a29bcd");
 }
 
 #[test]
 fn raw_key_file_accepts_hex_and_base64_with_whitespace() {
     let hex = format!("  {}\n", "ab".repeat(32));
-    assert_eq!(
-        crypto::keys::parse_raw_key(&hex).unwrap(),
-        DataKey::from_bytes([0xab; 32])
-    );
+    assert_eq!(crypto::keys::parse_raw_key(&hex).unwrap(), DataKey::from_bytes([0xab; 32]));
     let b64 = "\n q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s= \n";
-    assert_eq!(
-        crypto::keys::parse_raw_key(b64).unwrap(),
-        DataKey::from_bytes([0xab; 32])
-    );
+    assert_eq!(crypto::keys::parse_raw_key(b64).unwrap(), DataKey::from_bytes([0xab; 32]));
     assert!(crypto::keys::parse_raw_key("abcd").is_err());
     assert!(crypto::keys::parse_raw_key(&"ab".repeat(31)).is_err());
 }

@@ -19,12 +19,7 @@ fn text_data(n: usize) -> Vec<u8> {
     let mut i = 0u64;
     while out.len() < n {
         out.extend_from_slice(
-            format!(
-                "INSERT INTO t VALUES ({i}, 'row {}', {});\n",
-                i * 7919 % 1000,
-                i % 13
-            )
-            .as_bytes(),
+            format!("INSERT INTO t VALUES ({i}, 'row {}', {});\n", i * 7919 % 1000, i % 13).as_bytes(),
         );
         i += 1;
     }
@@ -68,28 +63,18 @@ fn every_compression_and_encryption_mode_round_trips() {
         ("none", Encryption::None, None),
         (
             "v1",
-            Encryption::V1 {
-                key: DataKey::from_bytes([1; 32]),
-            },
+            Encryption::V1 { key: DataKey::from_bytes([1; 32]) },
             Some(KeySource::Raw(DataKey::from_bytes([1; 32]))),
         ),
         (
             "v2raw",
-            Encryption::V2Raw {
-                key: DataKey::from_bytes([2; 32]),
-                chunk_size: 1 << 20,
-            },
+            Encryption::V2Raw { key: DataKey::from_bytes([2; 32]), chunk_size: 1 << 20 },
             Some(KeySource::Raw(DataKey::from_bytes([2; 32]))),
         ),
         (
             "v2rcpt",
-            Encryption::V2Recipient {
-                recipient: id.recipient().unwrap(),
-                chunk_size: 64 << 10,
-            },
-            Some(KeySource::Identity(
-                Identity::parse(&id.to_file_text().unwrap()).unwrap(),
-            )),
+            Encryption::V2Recipient { recipient: id.recipient().unwrap(), chunk_size: 64 << 10 },
+            Some(KeySource::Identity(Identity::parse(&id.to_file_text().unwrap()).unwrap())),
         ),
     ];
     let dir = tempfile::tempdir().unwrap();
@@ -103,13 +88,7 @@ fn every_compression_and_encryption_mode_round_trips() {
             let stored = std::fs::read(storage.path_of(&name)).unwrap();
             assert_eq!(out.dump_bytes, input.len() as u64, "{name}");
             assert_eq!(out.stored_bytes, stored.len() as u64, "{name}");
-            assert_eq!(
-                out.object,
-                StoredObject {
-                    key: name.clone(),
-                    size: stored.len() as u64
-                }
-            );
+            assert_eq!(out.object, StoredObject { key: name.clone(), size: stored.len() as u64 });
             assert_eq!(
                 out.sha256,
                 hex::encode(sha2::Sha256::digest(&stored)),
@@ -135,10 +114,7 @@ fn every_compression_and_encryption_mode_round_trips() {
 fn empty_dump_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let storage = DirStorage::open(dir.path()).unwrap();
-    let enc = Encryption::V2Raw {
-        key: DataKey::from_bytes([9; 32]),
-        chunk_size: 4096,
-    };
+    let enc = Encryption::V2Raw { key: DataKey::from_bytes([9; 32]), chunk_size: 4096 };
     let out = run(
         Source::from_reader("empty", io::empty()),
         Compression::default(),
@@ -149,11 +125,8 @@ fn empty_dump_round_trips() {
     .unwrap();
     assert_eq!(out.dump_bytes, 0);
     let stored = std::fs::read(storage.path_of("e")).unwrap();
-    let (_, r) = crypto::open(
-        io::Cursor::new(stored),
-        &KeySource::Raw(DataKey::from_bytes([9; 32])),
-    )
-    .unwrap();
+    let (_, r) =
+        crypto::open(io::Cursor::new(stored), &KeySource::Raw(DataKey::from_bytes([9; 32]))).unwrap();
     let (_, mut r) = decompress_by_magic(r).unwrap();
     let mut back = Vec::new();
     r.read_to_end(&mut back).unwrap();
@@ -162,10 +135,7 @@ fn empty_dump_round_trips() {
 
 fn sh(script: &str) -> Source {
     let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(script)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin");
+    cmd.arg("-c").arg(script).env_clear().env("PATH", "/usr/bin:/bin");
     Source::spawn("test-dump", cmd).unwrap()
 }
 
@@ -173,8 +143,10 @@ fn sh(script: &str) -> Source {
 fn dump_exiting_nonzero_after_writing_bytes_fails_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let storage = DirStorage::open(dir.path()).unwrap();
-    let source = sh("printf 'SQLite format 3\\000'; head -c 3000000 /dev/zero; echo 'FATAL: lost connection' >&2; exit 1")
-        .with_magic(MAGIC_LEN, Box::new(|h| check_magic(Engine::Sqlite, h)));
+    let source = sh(
+        "printf 'SQLite format 3\\000'; head -c 3000000 /dev/zero; echo 'FATAL: lost connection' >&2; exit 1",
+    )
+    .with_magic(MAGIC_LEN, Box::new(|h| check_magic(Engine::Sqlite, h)));
     let err = run(
         source,
         Compression::default(),
@@ -186,15 +158,8 @@ fn dump_exiting_nonzero_after_writing_bytes_fails_and_stores_nothing() {
     assert_eq!(err.stage(), Some(Stage::Dump), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("exited with status 1"), "{msg}");
-    assert!(
-        msg.contains("FATAL: lost connection"),
-        "stderr tail in the error: {msg}"
-    );
-    assert_eq!(
-        files_in(dir.path()),
-        Vec::<String>::new(),
-        "no object, no partial file"
-    );
+    assert!(msg.contains("FATAL: lost connection"), "stderr tail in the error: {msg}");
+    assert_eq!(files_in(dir.path()), Vec::<String>::new(), "no object, no partial file");
 }
 
 #[test]
@@ -225,10 +190,7 @@ struct FailingSink {
 impl Write for FailingSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.written + buf.len() > self.limit {
-            return Err(io::Error::new(
-                io::ErrorKind::StorageFull,
-                "no space left on device",
-            ));
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "no space left on device"));
         }
         self.written += buf.len();
         Ok(buf.len())
@@ -247,39 +209,26 @@ impl ObjectWriter for FailingSink {
 fn pid_alive(pid: &str) -> bool {
     // A zombie still has a /proc entry; its state letter is Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
         .unwrap_or(false)
 }
 
 #[test]
 fn store_failure_stops_an_endless_dump_promptly_and_names_the_stage() {
     let pidfile = tempfile::NamedTempFile::new().unwrap();
-    let source = sh(&format!(
-        "echo $$ > {}; exec cat /dev/urandom",
-        pidfile.path().display()
-    ));
+    let source = sh(&format!("echo $$ > {}; exec cat /dev/urandom", pidfile.path().display()));
     let t0 = Instant::now();
     let err = run(
         source,
         Compression::None,
-        &Encryption::V2Raw {
-            key: DataKey::from_bytes([1; 32]),
-            chunk_size: 1 << 20,
-        },
-        Box::new(FailingSink {
-            written: 0,
-            limit: 8 << 20,
-        }),
+        &Encryption::V2Raw { key: DataKey::from_bytes([1; 32]), chunk_size: 1 << 20 },
+        Box::new(FailingSink { written: 0, limit: 8 << 20 }),
         &Cancel::default(),
     )
     .unwrap_err();
     assert_eq!(err.stage(), Some(Stage::Store), "{err}");
     assert!(err.to_string().contains("no space left"), "{err}");
-    assert!(
-        t0.elapsed() < Duration::from_secs(10),
-        "stopped promptly, took {:?}",
-        t0.elapsed()
-    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "stopped promptly, took {:?}", t0.elapsed());
     let pid = std::fs::read_to_string(pidfile.path()).unwrap();
     assert!(!pid_alive(pid.trim()), "the dump process was killed");
 }
@@ -288,10 +237,7 @@ fn store_failure_stops_an_endless_dump_promptly_and_names_the_stage() {
 fn cancel_stops_a_stalled_dump_and_kills_its_process_group() {
     let pidfile = tempfile::NamedTempFile::new().unwrap();
     // The child forks a grandchild that holds stdout open: only a group kill ends both.
-    let source = sh(&format!(
-        "sleep 600 & echo $! > {}; wait",
-        pidfile.path().display()
-    ));
+    let source = sh(&format!("sleep 600 & echo $! > {}; wait", pidfile.path().display()));
     let cancel = Cancel::default();
     let c = cancel.clone();
     let canceller = std::thread::spawn(move || {
@@ -311,16 +257,9 @@ fn cancel_stops_a_stalled_dump_and_kills_its_process_group() {
     .unwrap_err();
     canceller.join().unwrap();
     assert!(matches!(err, PipelineError::Cancelled), "{err}");
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "cancel took {:?}",
-        t0.elapsed()
-    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "cancel took {:?}", t0.elapsed());
     let grandchild = std::fs::read_to_string(pidfile.path()).unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        !pid_alive(grandchild.trim()),
-        "the grandchild was killed with the group"
-    );
+    assert!(!pid_alive(grandchild.trim()), "the grandchild was killed with the group");
     assert!(files_in(dir.path()).is_empty());
 }

@@ -51,11 +51,7 @@ fn heartbeat() -> pb::Heartbeat {
 }
 
 fn port_binding() -> pb::PortBinding {
-    pb::PortBinding {
-        container_port: 5432,
-        host_port: 15432,
-        protocol: "tcp".into(),
-    }
+    pb::PortBinding { container_port: 5432, host_port: 15432, protocol: "tcp".into() }
 }
 
 fn discovered_container() -> pb::DiscoveredContainer {
@@ -72,9 +68,7 @@ fn discovered_container() -> pb::DiscoveredContainer {
 }
 
 fn discovery_report() -> pb::DiscoveryReport {
-    pb::DiscoveryReport {
-        containers: vec![discovered_container()],
-    }
+    pb::DiscoveryReport { containers: vec![discovered_container()] }
 }
 
 fn job_update() -> pb::JobUpdate {
@@ -135,11 +129,7 @@ fn restore_update() -> pb::RestoreUpdate {
 }
 
 fn ack() -> pb::Ack {
-    pb::Ack {
-        correlation_id: "corr-1".into(),
-        accepted: true,
-        reason: "queued".into(),
-    }
+    pb::Ack { correlation_id: "corr-1".into(), accepted: true, reason: "queued".into() }
 }
 
 fn connection_config() -> pb::ConnectionConfig {
@@ -164,10 +154,7 @@ fn target() -> pb::Target {
 }
 
 fn retry_policy() -> pb::RetryPolicy {
-    pb::RetryPolicy {
-        max_attempts: 3,
-        backoff_seconds: vec![60, 300, 1800],
-    }
+    pb::RetryPolicy { max_attempts: 3, backoff_seconds: vec![60, 300, 1800] }
 }
 
 fn backup_job_spec() -> pb::BackupJobSpec {
@@ -198,18 +185,11 @@ fn health_check_spec() -> pb::HealthCheckSpec {
 }
 
 fn maintenance_window() -> pb::MaintenanceWindow {
-    pb::MaintenanceWindow {
-        start_utc: "02:00".into(),
-        end_utc: "05:00".into(),
-    }
+    pb::MaintenanceWindow { start_utc: "02:00".into(), end_utc: "05:00".into() }
 }
 
 fn advanced_settings() -> pb::AdvancedSettings {
-    pb::AdvancedSettings {
-        max_parallel_jobs: 4,
-        log_level: "debug".into(),
-        auto_update_enabled: true,
-    }
+    pb::AdvancedSettings { max_parallel_jobs: 4, log_level: "debug".into(), auto_update_enabled: true }
 }
 
 fn agent_config() -> pb::AgentConfig {
@@ -233,9 +213,7 @@ fn register_ack() -> pb::RegisterAck {
 }
 
 fn config_update() -> pb::ConfigUpdate {
-    pb::ConfigUpdate {
-        config: Some(agent_config()),
-    }
+    pb::ConfigUpdate { config: Some(agent_config()) }
 }
 
 fn s3_multipart_target() -> pb::S3MultipartTarget {
@@ -281,15 +259,11 @@ fn run_backup() -> pb::RunBackup {
 }
 
 fn cancel_job() -> pb::CancelJob {
-    pb::CancelJob {
-        job_id: "job-1".into(),
-    }
+    pb::CancelJob { job_id: "job-1".into() }
 }
 
 fn run_health_check() -> pb::RunHealthCheck {
-    pb::RunHealthCheck {
-        check_id: "hc-1".into(),
-    }
+    pb::RunHealthCheck { check_id: "hc-1".into() }
 }
 
 fn self_update() -> pb::SelfUpdate {
@@ -303,9 +277,7 @@ fn self_update() -> pb::SelfUpdate {
 }
 
 fn ping() -> pb::Ping {
-    pb::Ping {
-        ts_ms: 1_700_000_000_002,
-    }
+    pb::Ping { ts_ms: 1_700_000_000_002 }
 }
 
 /// Every payload variant with its spec tag number. The `match` in
@@ -364,11 +336,7 @@ fn assert_round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(m: &M) 
 /// Asserts that `value` encodes to exactly `expected` and that `expected` decodes
 /// back to `value`.
 fn assert_wire(value: &pb::Envelope, expected: &[u8]) {
-    assert_eq!(
-        value.encode_to_vec(),
-        expected,
-        "encoding differs from the hand-computed bytes"
-    );
+    assert_eq!(value.encode_to_vec(), expected, "encoding differs from the hand-computed bytes");
     let decoded = pb::Envelope::decode(expected).expect("hand-computed bytes must decode");
     assert_eq!(&decoded, value);
 }
@@ -615,10 +583,7 @@ fn s3_upload_creds_with_multipart_matches_hand_encoded_bytes() {
     expected.extend_from_slice(MULTIPART_BYTES);
     let creds = small_upload_creds_with_multipart();
     assert_eq!(creds.encode_to_vec(), expected);
-    assert_eq!(
-        pb::S3UploadCreds::decode(expected.as_slice()).unwrap(),
-        creds
-    );
+    assert_eq!(pb::S3UploadCreds::decode(expected.as_slice()).unwrap(), creds);
 }
 
 #[test]
@@ -786,18 +751,11 @@ fn spec_agent_metrics() -> Oracle {
 }
 
 fn spec_heartbeat() -> Oracle {
-    Oracle::new()
-        .varint(1, 41)
-        .message(2, spec_agent_metrics())
-        .string(3, "job-1")
-        .string(3, "job-2")
+    Oracle::new().varint(1, 41).message(2, spec_agent_metrics()).string(3, "job-1").string(3, "job-2")
 }
 
 fn spec_port_binding() -> Oracle {
-    Oracle::new()
-        .varint(1, 5432)
-        .varint(2, 15432)
-        .string(3, "tcp")
+    Oracle::new().varint(1, 5432).varint(2, 15432).string(3, "tcp")
 }
 
 fn spec_discovered_container() -> Oracle {
@@ -869,10 +827,7 @@ fn spec_restore_update() -> Oracle {
 }
 
 fn spec_ack() -> Oracle {
-    Oracle::new()
-        .string(1, "corr-1")
-        .varint(2, 1)
-        .string(3, "queued")
+    Oracle::new().string(1, "corr-1").varint(2, 1).string(3, "queued")
 }
 
 fn spec_connection_config() -> Oracle {
@@ -1025,75 +980,31 @@ fn every_message_field_number_and_type_matches_spec_tables() {
     check("Register", &register(), spec_register());
     check("Heartbeat", &heartbeat(), spec_heartbeat());
     check("AgentMetrics", &agent_metrics(), spec_agent_metrics());
-    check(
-        "DiscoveryReport",
-        &discovery_report(),
-        spec_discovery_report(),
-    );
-    check(
-        "DiscoveredContainer",
-        &discovered_container(),
-        spec_discovered_container(),
-    );
+    check("DiscoveryReport", &discovery_report(), spec_discovery_report());
+    check("DiscoveredContainer", &discovered_container(), spec_discovered_container());
     check("PortBinding", &port_binding(), spec_port_binding());
     check("JobUpdate", &job_update(), spec_job_update());
-    check(
-        "BackupCompleted",
-        &backup_completed(),
-        spec_backup_completed(),
-    );
-    check(
-        "HealthCheckResult",
-        &health_check_result(),
-        spec_health_check_result(),
-    );
+    check("BackupCompleted", &backup_completed(), spec_backup_completed());
+    check("HealthCheckResult", &health_check_result(), spec_health_check_result());
     check("LogEvent", &log_event(), spec_log_event());
     check("RestoreUpdate", &restore_update(), spec_restore_update());
     check("Ack", &ack(), spec_ack());
     check("RegisterAck", &register_ack(), spec_register_ack());
     check("AgentConfig", &agent_config(), spec_agent_config());
     check("Target", &target(), spec_target());
-    check(
-        "ConnectionConfig",
-        &connection_config(),
-        spec_connection_config(),
-    );
+    check("ConnectionConfig", &connection_config(), spec_connection_config());
     check("BackupJobSpec", &backup_job_spec(), spec_backup_job_spec());
     check("RetryPolicy", &retry_policy(), spec_retry_policy());
-    check(
-        "HealthCheckSpec",
-        &health_check_spec(),
-        spec_health_check_spec(),
-    );
-    check(
-        "MaintenanceWindow",
-        &maintenance_window(),
-        spec_maintenance_window(),
-    );
-    check(
-        "AdvancedSettings",
-        &advanced_settings(),
-        spec_advanced_settings(),
-    );
+    check("HealthCheckSpec", &health_check_spec(), spec_health_check_spec());
+    check("MaintenanceWindow", &maintenance_window(), spec_maintenance_window());
+    check("AdvancedSettings", &advanced_settings(), spec_advanced_settings());
     check("ConfigUpdate", &config_update(), spec_config_update());
     check("RunBackup", &run_backup(), spec_run_backup());
     check("S3UploadCreds", &s3_upload_creds(), spec_s3_upload_creds());
-    check(
-        "S3MultipartTarget",
-        &s3_multipart_target(),
-        spec_s3_multipart_target(),
-    );
-    check(
-        "S3DownloadCreds",
-        &s3_download_creds(),
-        spec_s3_download_creds(),
-    );
+    check("S3MultipartTarget", &s3_multipart_target(), spec_s3_multipart_target());
+    check("S3DownloadCreds", &s3_download_creds(), spec_s3_download_creds());
     check("CancelJob", &cancel_job(), spec_cancel_job());
-    check(
-        "RunHealthCheck",
-        &run_health_check(),
-        spec_run_health_check(),
-    );
+    check("RunHealthCheck", &run_health_check(), spec_run_health_check());
     check("SelfUpdate", &self_update(), spec_self_update());
     check("Ping", &ping(), spec_ping());
 }
@@ -1125,23 +1036,14 @@ fn every_envelope_payload_uses_the_spec_tag() {
             correlation_id: "env-corr".into(),
             payload: Some(payload),
         };
-        let spec = Oracle::new()
-            .varint(1, 77)
-            .varint(2, 1_700_000_000_003)
-            .string(3, "env-corr")
-            .message(tag, body);
+        let spec =
+            Oracle::new().varint(1, 77).varint(2, 1_700_000_000_003).string(3, "env-corr").message(tag, body);
         check(&format!("Envelope payload tag {tag}"), &env, spec);
 
         // A set payload is written even when the inner message is empty.
-        let empty = pb::Envelope {
-            payload: Some(empty_like(env.payload.as_ref().unwrap())),
-            ..Default::default()
-        };
-        check(
-            &format!("Envelope empty payload tag {tag}"),
-            &empty,
-            Oracle::new().bytes(tag, &[]),
-        );
+        let empty =
+            pb::Envelope { payload: Some(empty_like(env.payload.as_ref().unwrap())), ..Default::default() };
+        check(&format!("Envelope empty payload tag {tag}"), &empty, Oracle::new().bytes(tag, &[]));
     }
 }
 
@@ -1203,11 +1105,8 @@ fn enum_values_and_names_match_spec() {
         assert_eq!((v as i32, v.as_str_name()), (n, name));
         assert_eq!(ConnectionStrategy::try_from(n), Ok(v));
     }
-    let check_type: [(CheckType, i32, &str); 3] = [
-        (CheckType::Http, 0, "HTTP"),
-        (CheckType::Https, 1, "HTTPS"),
-        (CheckType::TcpCheck, 2, "TCP_CHECK"),
-    ];
+    let check_type: [(CheckType, i32, &str); 3] =
+        [(CheckType::Http, 0, "HTTP"), (CheckType::Https, 1, "HTTPS"), (CheckType::TcpCheck, 2, "TCP_CHECK")];
     for (v, n, name) in check_type {
         assert_eq!((v as i32, v.as_str_name()), (n, name));
         assert_eq!(CheckType::try_from(n), Ok(v));
@@ -1244,17 +1143,11 @@ fn decoding_garbage_bytes_returns_error_not_panic() {
         ("seq sent as fixed32", &[0x0D, 0x00, 0x00, 0x00, 0x00]),
         ("ping payload truncated", &[0xCA, 0x03, 0x05, 0x08]),
         ("ping payload sent as varint", &[0xC8, 0x03, 0x01]),
-        (
-            "job_update status sent length-delimited",
-            &[0x6A, 0x03, 0x12, 0x01, 0x00],
-        ),
+        ("job_update status sent length-delimited", &[0x6A, 0x03, 0x12, 0x01, 0x00]),
         ("unterminated group in unknown field", &[0xA3, 0x06]),
     ];
     for (what, bytes) in cases {
-        assert!(
-            pb::Envelope::decode(*bytes).is_err(),
-            "{what}: {bytes:02X?} should not decode"
-        );
+        assert!(pb::Envelope::decode(*bytes).is_err(), "{what}: {bytes:02X?} should not decode");
     }
 }
 
@@ -1354,11 +1247,5 @@ fn last_payload_on_the_wire_wins() {
         0x92, 0x01, 0x02, 0x10, 0x01, // ack { accepted: true }
     ];
     let env = pb::Envelope::decode(bytes).unwrap();
-    assert_eq!(
-        env.payload,
-        Some(Payload::Ack(pb::Ack {
-            accepted: true,
-            ..Default::default()
-        }))
-    );
+    assert_eq!(env.payload, Some(Payload::Ack(pb::Ack { accepted: true, ..Default::default() })));
 }

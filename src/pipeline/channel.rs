@@ -39,12 +39,17 @@ pub fn is_peer_stopped(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|i| i.is::<PeerStopped>() || i.is::<Cancelled>())
 }
 
-/// Receives the next message; a disconnect without `End` is the upstream's failure.
-pub fn recv(rx: &Receiver<Msg>, cancel: &Cancel) -> io::Result<Msg> {
+/// Receives the next buffer, or `None` at `End`; a disconnect without `End` is the
+/// upstream's failure.
+pub fn recv(rx: &Receiver<Msg>, cancel: &Cancel) -> io::Result<Option<Vec<u8>>> {
     if cancel.is_cancelled() {
         return Err(io::Error::other(Cancelled));
     }
-    rx.recv().map_err(|_| peer_stopped())
+    match rx.recv() {
+        Ok(Msg::Data(d)) => Ok(Some(d)),
+        Ok(Msg::End) => Ok(None),
+        Err(_) => Err(peer_stopped()),
+    }
 }
 
 /// Collects writes into `buffer_size` buffers and sends each downstream when full.

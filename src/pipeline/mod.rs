@@ -318,11 +318,8 @@ fn transform_stage<W: Write>(
     mut w: W,
     finish: impl FnOnce(W) -> io::Result<ChannelWriter>,
 ) -> io::Result<StageValue> {
-    loop {
-        match recv(rx, cancel)? {
-            Msg::Data(d) => w.write_all(&d)?,
-            Msg::End => break,
-        }
+    while let Some(d) = recv(rx, cancel)? {
+        w.write_all(&d)?;
     }
     finish(w)?.finish()?;
     Ok(StageValue::Done)
@@ -331,15 +328,10 @@ fn transform_stage<W: Write>(
 fn hash_stage(rx: &Receiver<Msg>, tx: Sender<Msg>, cancel: &Cancel) -> io::Result<StageValue> {
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
-    loop {
-        match recv(rx, cancel)? {
-            Msg::Data(d) => {
-                hasher.update(&d);
-                bytes += d.len() as u64;
-                tx.send(Msg::Data(d)).map_err(|_| channel::peer_stopped())?;
-            }
-            Msg::End => break,
-        }
+    while let Some(d) = recv(rx, cancel)? {
+        hasher.update(&d);
+        bytes += d.len() as u64;
+        tx.send(Msg::Data(d)).map_err(|_| channel::peer_stopped())?;
     }
     tx.send(Msg::End).map_err(|_| channel::peer_stopped())?;
     Ok(StageValue::Hashed { bytes, sha256: hex::encode(hasher.finalize()) })
@@ -352,15 +344,10 @@ fn store_stage(
     progress: Arc<Progress>,
 ) -> io::Result<StageValue> {
     let mut total = 0u64;
-    loop {
-        match recv(rx, cancel)? {
-            Msg::Data(d) => {
-                sink.write_all(&d)?;
-                total += d.len() as u64;
-                progress.stored_bytes.store(total, Ordering::Relaxed);
-            }
-            Msg::End => break,
-        }
+    while let Some(d) = recv(rx, cancel)? {
+        sink.write_all(&d)?;
+        total += d.len() as u64;
+        progress.stored_bytes.store(total, Ordering::Relaxed);
     }
     Ok(StageValue::Stored(sink.commit()?))
 }

@@ -108,12 +108,12 @@ impl ObjectWriter for DirObjectWriter {
             let _ = fs::remove_file(&self.temp_path);
             return Err(e);
         }
-        if let Some(dir) = self.final_path.parent() {
-            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-                // The rename may not survive a crash: do not report a durable object.
-                let _ = fs::remove_file(&self.final_path);
-                return Err(ctx("cannot fsync directory", dir, e));
-            }
+        if let Some(dir) = self.final_path.parent()
+            && let Err(e) = File::open(dir).and_then(|d| d.sync_all())
+        {
+            // The rename may not survive a crash: do not report a durable object.
+            let _ = fs::remove_file(&self.final_path);
+            return Err(ctx("cannot fsync directory", dir, e));
         }
         Ok(StoredObject { key: self.key.clone(), size: self.size })
     }

@@ -6,8 +6,7 @@ use std::process::{Command, Output};
 
 pub fn agent() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_backupy-agent"));
-    c.env_remove("BACKUPY_STATE_DIR")
-        .env("BACKUPY_LOG_LEVEL", "info");
+    c.env_remove("BACKUPY_STATE_DIR").env("BACKUPY_LOG_LEVEL", "info");
     c
 }
 

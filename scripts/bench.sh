@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Benchmarks (not tests): throughput, CPU and peak RSS of the agent, side by side with
+# the plain tools on the same bytes, in one run. Figures go to docs/performance.md.
+#
+#   scripts/bench.sh              # 1 GiB per pipeline run, RSS at 1 and 4 GiB
+#   BENCH_SIZE=256MiB scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size=${BENCH_SIZE:-1GiB}
+big=${BENCH_BIG_SIZE:-4GiB}
+scripts/install-deps.sh bench >/dev/null
+
+echo "building (release)..." >&2
+cargo build --quiet --locked --release --example pipeline_bench
+B=target/release/examples/pipeline_bench
+
+echo "# machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
+echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ), input: generated SQL-dump-like text"
+echo
+echo "## pipeline: generated dump → compress → encrypt → SHA-256 → discard ($size)"
+for c in zstd gzip none; do
+    for e in v2 v1; do
+        "$B" --size "$size" --compression "$c" --encryption "$e"
+    done
+done
+
+echo
+echo "## peak RSS as the dump grows (zstd, v2)"
+"$B" --size "$size" --compression zstd --encryption v2
+"$B" --size "$big" --compression zstd --encryption v2
+
+echo
+echo "## plain tools on the same bytes (generator | tool > /dev/null; GNU time)"
+plain() {
+    local label=$1
+    shift
+    local t0 t1
+    t0=$(date +%s.%N)
+    /usr/bin/time -f "%U %S %M" -o /tmp/bench.time bash -c "$*"
+    t1=$(date +%s.%N)
+    read -r u s rss </tmp/bench.time
+    awk -v l="$label" -v t0="$t0" -v t1="$t1" -v u="$u" -v s="$s" -v rss="$rss" -v size="$size" 'BEGIN {
+        mib = size; sub(/GiB$/, "", mib); sub(/MiB$/, "", mib); if (size ~ /GiB$/) mib *= 1024;
+        secs = t1 - t0;
+        printf "tool=\"%s\" input_mib=%d seconds=%.2f mib_per_s=%.0f cpu_s=%.2f peak_rss_mib(largest process)=%.1f\n", l, mib, secs, mib / secs, u + s, rss / 1024 }'
+}
+plain "generator only" "$B --size $size --emit > /dev/null"
+plain "zstd -3" "$B --size $size --emit | zstd -3 -T1 -q -c > /dev/null"
+plain "zstd -3 | openssl aes-256-ctr" "$B --size $size --emit | zstd -3 -T1 -q -c | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench > /dev/null"
+plain "gzip -6" "$B --size $size --emit | gzip -6 > /dev/null"
+plain "openssl aes-256-ctr (no compression)" "$B --size $size --emit | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench > /dev/null"
