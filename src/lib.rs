@@ -13,5 +13,6 @@ pub mod crypto;
 pub mod drivers;
 pub mod pipeline;
 pub mod runner;
+pub mod secrets;
 pub mod storage;
 pub mod wire;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use chrono::Utc;
 
 use crate::config::{Config, Job};
-use crate::drivers::{self, Engine};
+use crate::drivers;
 use crate::pipeline::{self, Cancel, Progress};
 use crate::storage::{self, DirStorage, Manifest};
 
@@ -52,16 +52,13 @@ pub fn run_job(
         .map_err(|e| fail(format!("cannot prepare encryption: {e}")))?;
     let storage = DirStorage::open(&cfg.storage_dir).map_err(|e| fail(e.to_string()))?;
 
-    let (source, engine_version) = match target.engine {
-        Engine::Sqlite => (
-            drivers::sqlite::snapshot(&target.id, &target.path, &cfg.state_dir.join("tmp"))
-                .map_err(|e| fail(e.to_string()))?,
-            drivers::sqlite::engine_version(),
-        ),
-        other => {
-            return Err(fail(format!("engine {other} is not supported by this build")));
-        }
+    let mut spec = drivers::TargetSpec::new(&target.id, target.engine);
+    spec.database = target.path.display().to_string();
+    let ctx = drivers::DumpContext {
+        temp_dir: cfg.state_dir.join("tmp"),
+        pipeline_compresses: job.compression != pipeline::Compression::None,
     };
+    let drivers::Dump { source, engine_version } = drivers::dump(&spec, &ctx).map_err(|e| fail(e.to_string()))?;
 
     let mut ext = vec![target.engine.dump_extension()];
     ext.extend(job.compression.extension());

@@ -5,9 +5,15 @@
 //! server's engine version as "<Engine> <version>". Drivers run on the worker thread
 //! that starts a run; the bytes then flow on the pipeline's dump thread.
 
+pub mod exec;
 pub mod sqlite;
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
+
+use crate::pipeline::Source;
+use crate::secrets::Secret;
 
 /// The engines the agent knows, named as in the standalone TOML and `DbType`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,5 +114,76 @@ pub struct DriverError {
 impl DriverError {
     pub fn new(target: &str, message: impl Into<String>) -> Self {
         Self { target: target.to_string(), message: message.into() }
+    }
+}
+
+/// How the agent reaches a target's server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Strategy {
+    Tcp,
+    /// `host` holds the socket's directory (PostgreSQL) or path (MySQL, Redis).
+    UnixSocket,
+    /// Run the engine's own tools inside its container (issue 8).
+    DockerExec { container: String },
+}
+
+/// Everything a driver needs to reach one target, whatever it was configured by (the
+/// standalone TOML or a control plane's `Target`). Passwords are already resolved.
+#[derive(Debug, Clone)]
+pub struct TargetSpec {
+    pub id: String,
+    pub engine: Engine,
+    pub strategy: Strategy,
+    pub host: String,
+    /// 0 = the engine's default port.
+    pub port: u16,
+    /// The database (PostgreSQL, MySQL: empty = all databases, MongoDB: empty = all,
+    /// Redis: ignored) or, for SQLite, the database file's path.
+    pub database: String,
+    pub username: String,
+    pub password: Option<Secret>,
+    /// Engine-specific settings from the URL query or TOML (e.g. `sslmode`, `tls`).
+    pub options: BTreeMap<String, String>,
+}
+
+impl TargetSpec {
+    /// A target with only the fields every engine has.
+    pub fn new(id: impl Into<String>, engine: Engine) -> Self {
+        Self {
+            id: id.into(),
+            engine,
+            strategy: Strategy::Tcp,
+            host: String::new(),
+            port: 0,
+            database: String::new(),
+            username: String::new(),
+            password: None,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+/// A started dump: the byte stream and the server's version ("PostgreSQL 15.19").
+pub struct Dump {
+    pub source: Source,
+    pub engine_version: String,
+}
+
+/// Per-run settings a driver needs besides the target.
+pub struct DumpContext {
+    /// Where snapshot and secret files go (inside the state directory).
+    pub temp_dir: PathBuf,
+    /// The pipeline compresses: the tool must not compress too.
+    pub pipeline_compresses: bool,
+}
+
+/// Starts a dump of `spec`.
+pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
+    match spec.engine {
+        Engine::Sqlite => Ok(Dump {
+            source: sqlite::snapshot(&spec.id, std::path::Path::new(&spec.database), &ctx.temp_dir)?,
+            engine_version: sqlite::engine_version(),
+        }),
+        other => Err(DriverError::new(&spec.id, format!("engine {other} is not supported by this build yet"))),
     }
 }
