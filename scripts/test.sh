@@ -17,7 +17,7 @@ fi
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "installing what is missing"
-scripts/install-deps.sh core
+scripts/install-deps.sh core s3
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 # shellcheck source=scripts/services.sh
@@ -25,6 +25,7 @@ source scripts/services.sh
 services_init
 # Services the tests talk to; each export its connection settings as BACKUPY_TEST_*.
 # (The SQLite tests need none: rusqlite is bundled and the sqlite3 CLI judges restores.)
+services_start_s3
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

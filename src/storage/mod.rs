@@ -6,6 +6,7 @@
 //! incomplete backup. Runs on the pipeline's store thread and the caller's thread.
 
 pub mod dir;
+pub mod s3;
 
 use std::io::{self, Write};
 

@@ -1,6 +1,8 @@
 //! Helpers shared by the process-level tests: the real binaries, temp dirs, tools.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
