@@ -58,7 +58,8 @@ pub fn run_job(
         temp_dir: cfg.state_dir.join("tmp"),
         pipeline_compresses: job.compression != pipeline::Compression::None,
     };
-    let drivers::Dump { source, engine_version } = drivers::dump(&spec, &ctx).map_err(|e| fail(e.to_string()))?;
+    let drivers::Dump { source, engine_version } =
+        drivers::dump(&spec, &ctx).map_err(|e| fail(e.to_string()))?;
 
     let mut ext = vec![target.engine.dump_extension()];
     ext.extend(job.compression.extension());

@@ -76,10 +76,8 @@ pub fn resolve_in(reference: &str, secrets_dir: &Path) -> Result<Secret, SecretE
     if is_name {
         let candidate = secrets_dir.join(reference);
         if candidate.is_file() {
-            return read_trimmed(&candidate).map_err(|error| SecretError::File {
-                path: candidate.display().to_string(),
-                error,
-            });
+            return read_trimmed(&candidate)
+                .map_err(|error| SecretError::File { path: candidate.display().to_string(), error });
         }
     }
     Ok(Secret::new(reference))
@@ -115,7 +113,10 @@ mod tests {
         assert_eq!(r("db-pass"), "from-dir");
         assert_eq!(r("plain password"), "plain password");
         assert_eq!(r("../db-pass"), "../db-pass", "no path traversal out of the secrets dir");
-        assert!(matches!(resolve_in("env:BACKUPY_NOPE_NOT_SET", dir.path()), Err(SecretError::MissingEnv(_))));
+        assert!(matches!(
+            resolve_in("env:BACKUPY_NOPE_NOT_SET", dir.path()),
+            Err(SecretError::MissingEnv(_))
+        ));
         assert!(resolve_in("file:/nonexistent/x", dir.path()).is_err());
     }
 
