@@ -14,7 +14,9 @@ use toml::Spanned;
 use crate::crypto::{self, DataKey, Encryption, Recipient};
 use crate::drivers::Engine;
 use crate::pipeline::Compression;
+use crate::secrets;
 use crate::storage::check_key_segment;
+use crate::storage::s3::S3Target;
 
 /// A refused configuration: `file:line: reason`.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,24 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawStorage {
     dir: Option<Spanned<String>>,
+    s3: Option<Spanned<RawS3>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3 {
+    endpoint: Spanned<String>,
+    region: Option<String>,
+    bucket: Spanned<String>,
+    prefix: Option<String>,
+    access_key_id: Spanned<String>,
+    secret_access_key: Spanned<String>,
+    session_token: Option<Spanned<String>>,
+    path_style: Option<bool>,
+    max_parts: Option<Spanned<u32>>,
+    upload_concurrency: Option<Spanned<u32>>,
+    part_size_mib: Option<Spanned<u64>>,
+    ca_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -78,10 +98,16 @@ struct RawJob {
 pub struct Config {
     pub file: PathBuf,
     pub state_dir: PathBuf,
-    pub storage_dir: PathBuf,
+    pub storage: StorageConfig,
     pub encryption: EncryptionConfig,
     pub targets: BTreeMap<String, Target>,
     pub jobs: Vec<Job>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StorageConfig {
+    Dir(PathBuf),
+    S3(S3Target),
 }
 
 #[derive(Debug, Default)]
@@ -153,10 +179,20 @@ impl Config {
             .storage
             .as_ref()
             .ok_or_else(|| fail(None, "missing [storage] section (e.g. dir = \"./backups\")".into()))?;
-        let storage_dir = match &storage.get_ref().dir {
-            Some(d) if !d.get_ref().is_empty() => resolve(d.get_ref()),
+        let storage = match (&storage.get_ref().dir, &storage.get_ref().s3) {
+            (Some(d), None) if !d.get_ref().is_empty() => StorageConfig::Dir(resolve(d.get_ref())),
+            (None, Some(s3)) => StorageConfig::S3(parse_s3(s3, &resolve, &fail)?),
+            (Some(_), Some(_)) => {
+                return Err(fail(
+                    Some(storage.span()),
+                    "[storage] takes dir or [storage.s3], not both".into(),
+                ));
+            }
             _ => {
-                return Err(fail(Some(storage.span()), "[storage] needs dir = \"PATH\"".into()));
+                return Err(fail(
+                    Some(storage.span()),
+                    "[storage] needs dir = \"PATH\" or a [storage.s3] section".into(),
+                ));
             }
         };
 
@@ -293,7 +329,18 @@ impl Config {
                 format,
             });
         }
-        Ok(Config { file: path.to_path_buf(), state_dir, storage_dir, encryption, targets, jobs })
+        Ok(Config { file: path.to_path_buf(), state_dir, storage, encryption, targets, jobs })
+    }
+
+    /// Opens the configured storage (creating a storage directory if needed).
+    pub fn open_storage(&self) -> Result<crate::storage::Storage, String> {
+        use crate::storage::{DirStorage, S3Storage, Storage};
+        match &self.storage {
+            StorageConfig::Dir(d) => DirStorage::open(d).map(Storage::Dir).map_err(|e| e.to_string()),
+            StorageConfig::S3(t) => {
+                S3Storage::new(t.clone(), Some(&self.state_dir)).map(Storage::S3).map_err(|e| e.to_string())
+            }
+        }
     }
 
     pub fn job(&self, id: &str) -> Option<&Job> {
@@ -320,6 +367,73 @@ impl Config {
             FormatChoice::V2 => Encryption::V2Raw { key, chunk_size },
         })
     }
+}
+
+type Fail<'a> = dyn Fn(Option<std::ops::Range<usize>>, String) -> ConfigError + 'a;
+
+fn parse_s3(
+    s3: &Spanned<RawS3>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    fail: &Fail,
+) -> Result<S3Target, ConfigError> {
+    let r = s3.get_ref();
+    let endpoint: url::Url = r.endpoint.get_ref().parse().map_err(|e| {
+        fail(Some(r.endpoint.span()), format!("invalid S3 endpoint {:?}: {e}", r.endpoint.get_ref()))
+    })?;
+    match endpoint.scheme() {
+        "https" => {}
+        "http" => log::warn!(
+            "S3 endpoint {endpoint} is plain http: credentials are signed but data travels unencrypted"
+        ),
+        other => {
+            return Err(fail(
+                Some(r.endpoint.span()),
+                format!("S3 endpoint scheme {other:?} must be https or http"),
+            ));
+        }
+    }
+    let secret = |v: &Spanned<String>, what: &str| {
+        secrets::resolve(v.get_ref()).map_err(|e| fail(Some(v.span()), format!("[storage.s3] {what}: {e}")))
+    };
+    let mut t = S3Target::new(
+        endpoint,
+        r.region.as_deref().unwrap_or("us-east-1"),
+        r.bucket.get_ref(),
+        secret(&r.access_key_id, "access_key_id")?,
+        secret(&r.secret_access_key, "secret_access_key")?,
+    );
+    if r.bucket.get_ref().len() < 3 {
+        return Err(fail(Some(r.bucket.span()), "an S3 bucket name has at least 3 characters".into()));
+    }
+    t.prefix = r.prefix.clone().unwrap_or_default();
+    t.session_token = match &r.session_token {
+        Some(tok) if !tok.get_ref().is_empty() => Some(secret(tok, "session_token")?),
+        _ => None,
+    };
+    t.path_style = r.path_style.unwrap_or(true);
+    if let Some(m) = &r.max_parts {
+        if !(1..=10_000).contains(m.get_ref()) {
+            return Err(fail(Some(m.span()), "max_parts must be between 1 and 10000".into()));
+        }
+        t.max_parts = *m.get_ref();
+    }
+    if let Some(c) = &r.upload_concurrency {
+        if !(1..=64).contains(c.get_ref()) {
+            return Err(fail(Some(c.span()), "upload_concurrency must be between 1 and 64".into()));
+        }
+        t.upload_concurrency = *c.get_ref() as usize;
+    }
+    if let Some(p) = &r.part_size_mib {
+        if !(5..=5120).contains(p.get_ref()) {
+            return Err(fail(
+                Some(p.span()),
+                "part_size_mib must be between 5 and 5120 (S3's part limits)".into(),
+            ));
+        }
+        t.part_size = p.get_ref() << 20;
+    }
+    t.ca_file = r.ca_file.as_deref().map(resolve);
+    Ok(t)
 }
 
 fn parse_format(f: &Spanned<String>) -> Result<FormatChoice, String> {

@@ -15,4 +15,5 @@ pub mod pipeline;
 pub mod runner;
 pub mod secrets;
 pub mod storage;
+pub mod verify;
 pub mod wire;

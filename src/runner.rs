@@ -12,7 +12,7 @@ use chrono::Utc;
 use crate::config::{Config, Job};
 use crate::drivers;
 use crate::pipeline::{self, Cancel, Progress};
-use crate::storage::{self, DirStorage, Manifest};
+use crate::storage::{self, Manifest};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -26,7 +26,8 @@ pub struct RunError {
 
 pub struct RunResult {
     pub manifest: Manifest,
-    pub storage_path: std::path::PathBuf,
+    /// Where the object is, for people: a path or an s3:// URL.
+    pub location: String,
     pub elapsed: std::time::Duration,
 }
 
@@ -50,7 +51,7 @@ pub fn run_job(
     let prepared = encryption
         .prepare(job.compression.header_code())
         .map_err(|e| fail(format!("cannot prepare encryption: {e}")))?;
-    let storage = DirStorage::open(&cfg.storage_dir).map_err(|e| fail(e.to_string()))?;
+    let storage = cfg.open_storage().map_err(fail)?;
 
     let mut spec = drivers::TargetSpec::new(&target.id, target.engine);
     spec.database = target.path.display().to_string();
@@ -71,13 +72,12 @@ pub fn run_job(
         job.id,
         target.id,
         engine_version,
-        storage.path_of(&key).display()
+        storage.describe(&key)
     );
 
     let key_id = prepared.key_id.clone();
     let opts = pipeline::Options::new(job.compression, prepared);
-    let out =
-        pipeline::run(source, opts, Box::new(writer), cancel, progress).map_err(|e| fail(e.to_string()))?;
+    let out = pipeline::run(source, opts, writer, cancel, progress).map_err(|e| fail(e.to_string()))?;
 
     let manifest = Manifest {
         manifest_version: 1,
@@ -112,5 +112,5 @@ pub fn run_job(
         manifest.dump_bytes,
         manifest.sha256
     );
-    Ok(RunResult { storage_path: storage.path_of(&key), manifest, elapsed: t0.elapsed() })
+    Ok(RunResult { location: storage.describe(&key), manifest, elapsed: t0.elapsed() })
 }

@@ -13,9 +13,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::crypto::Identity;
+use crate::crypto::{Identity, KeySource};
 use crate::pipeline::{Cancel, Progress};
 use crate::runner::{self, AGENT_VERSION};
+use crate::storage::Manifest;
 
 #[derive(Parser)]
 #[command(name = "backupy-agent", version = AGENT_VERSION, about = "Database backup agent: dump, compress, encrypt and store in constant memory")]
@@ -44,6 +45,36 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = "./backupy.key")]
         out: PathBuf,
     },
+    /// List the backups in storage, from their manifests (works on a fresh host).
+    #[command(after_help = "Example:\n  backupy-agent list --config backupy.toml --job app-nightly --json")]
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this job's backups.
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+        /// Print the manifests as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a backup, check its size and SHA-256 against its manifest, decrypt it
+    /// and check the dump's magic. Exit 1 on any mismatch.
+    #[command(
+        after_help = "Example:\n  backupy-agent verify --config backupy.toml --backup latest --job app-nightly"
+    )]
+    Verify {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// A backup ID (the run id from `list`), or `latest`.
+        #[arg(long, value_name = "ID|latest")]
+        backup: String,
+        /// With `latest`: the newest backup of this job.
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+        /// The private key (default: [encryption] identity, else backupy.key beside the config).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+    },
     /// Print the version.
     #[command(after_help = "Example:\n  backupy-agent version --json")]
     Version {
@@ -65,6 +96,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),
+        Command::List { config, job, json } => list(&config, job.as_deref(), json),
+        Command::Verify { config, backup, job, identity } => {
+            verify(&config, &backup, job.as_deref(), identity.as_deref())
+        }
         Command::Version { json } => {
             if json {
                 println!(
@@ -121,7 +156,7 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
             Ok(r) => println!(
                 "{}\tok\t{}\t{} bytes\t{:.1}s\tsha256:{}",
                 job.id,
-                r.storage_path.display(),
+                r.location,
                 r.manifest.size_bytes,
                 r.elapsed.as_secs_f64(),
                 r.manifest.sha256
@@ -152,4 +187,104 @@ fn keygen(out: &Path) -> Result<()> {
     println!("{recipient}");
     log::info!("private key written to {}; keep it safe, it is the only way to restore", out.display());
     Ok(())
+}
+
+fn list(config: &Path, job: Option<&str>, json: bool) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
+    let mut manifests = storage.manifests("").context("cannot list the storage")?;
+    if let Some(j) = job {
+        manifests.retain(|m| m.job == j);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&manifests)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Objects without a manifest are incomplete backups (a crash between the two writes).
+    let with_manifest: std::collections::HashSet<&str> =
+        manifests.iter().map(|m| m.object_key.as_str()).collect();
+    let incomplete: Vec<(String, u64)> = storage
+        .list("")?
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with(".json") && !with_manifest.contains(k.as_str()))
+        .filter(|(k, _)| job.is_none_or(|j| k.split('/').nth(1) == Some(j)))
+        .collect();
+    println!(
+        "{:<36}  {:<16}  {:<12}  {:<20}  {:>12}  {:<10}",
+        "ID", "JOB", "TARGET", "STARTED (UTC)", "SIZE", "ENCRYPTION"
+    );
+    for m in &manifests {
+        println!(
+            "{:<36}  {:<16}  {:<12}  {:<20}  {:>12}  {:<10}",
+            m.id, m.job, m.target, m.started_at, m.size_bytes, m.encryption
+        );
+    }
+    for (key, size) in &incomplete {
+        println!("{:<36}  {key} ({size} bytes): incomplete, no manifest", "-");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Finds a backup by id, or the newest of `job` (or of all jobs) for `latest`.
+fn find_backup(manifests: Vec<Manifest>, id: &str, job: Option<&str>) -> Result<Manifest> {
+    if id == "latest" {
+        return manifests
+            .into_iter()
+            .filter(|m| job.is_none_or(|j| m.job == j))
+            .max_by(|a, b| a.started_at.cmp(&b.started_at).then(a.finished_at.cmp(&b.finished_at)))
+            .with_context(|| match job {
+                Some(j) => format!("no backup of job {j:?} in storage"),
+                None => "no backup in storage".to_string(),
+            });
+    }
+    manifests
+        .into_iter()
+        .find(|m| m.id == id)
+        .with_context(|| format!("no backup with ID {id:?} (see `list`)"))
+}
+
+/// The key for restore/verify: --identity, [encryption] identity, backupy.key beside the
+/// config, or the configured raw key file.
+fn restore_key(cfg: &Config, identity: Option<&Path>, m: &Manifest) -> Result<Option<KeySource>> {
+    if m.encryption == "none" {
+        return Ok(None);
+    }
+    if let Some(p) = identity {
+        return Ok(Some(KeySource::Identity(Identity::from_file(p)?)));
+    }
+    if m.key_id.is_empty() {
+        if let Some(k) = &cfg.encryption.key_file {
+            return Ok(Some(KeySource::Raw(crate::crypto::keys::read_raw_key_file(k)?)));
+        }
+    }
+    if let Some(p) = &cfg.encryption.identity {
+        return Ok(Some(KeySource::Identity(Identity::from_file(p)?)));
+    }
+    let beside = cfg.file.parent().unwrap_or(Path::new(".")).join("backupy.key");
+    if beside.exists() {
+        return Ok(Some(KeySource::Identity(Identity::from_file(&beside)?)));
+    }
+    bail!(
+        "backup {} is encrypted and no private key was found: pass --identity FILE, set [encryption] identity, \
+         or put backupy.key beside {}",
+        m.id,
+        cfg.file.display()
+    )
+}
+
+fn verify(config: &Path, id: &str, job: Option<&str>, identity: Option<&Path>) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
+    let m = find_backup(storage.manifests("").context("cannot list the storage")?, id, job)?;
+    let key = restore_key(&cfg, identity, &m)?;
+    match crate::verify::verify(&storage, &m, key.as_ref()) {
+        Ok(v) => {
+            println!(
+                "{}\tok\t{}\t{} bytes stored\t{} bytes of {} dump\tsha256:{}",
+                m.id, m.object_key, v.size, v.dump_bytes, m.engine, v.sha256
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => bail!("backup {} ({}): {e}", m.id, m.object_key),
+    }
 }

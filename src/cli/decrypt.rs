@@ -4,19 +4,17 @@
 //! O(chunk) memory. A file output is written under a temporary name and renamed only
 //! after the object authenticated completely and its SHA-256 matched.
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::rc::Rc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{ArgGroup, Parser};
-use sha2::{Digest, Sha256};
 
 use crate::crypto::{self, Format, Identity, KeySource, token};
 use crate::pipeline::compress::decompress_by_magic;
+use crate::verify::{self, HashingReader};
 
 #[derive(Parser)]
 #[command(
@@ -75,28 +73,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// SHA-256 and byte count of everything read from the input.
-#[derive(Default)]
-struct InputDigest {
-    hasher: Sha256,
-    bytes: u64,
-}
-
-struct HashingReader<R> {
-    inner: R,
-    digest: Rc<RefCell<InputDigest>>,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let mut d = self.digest.borrow_mut();
-        d.hasher.update(&buf[..n]);
-        d.bytes += n as u64;
-        Ok(n)
-    }
-}
-
 fn run(cli: Cli) -> Result<()> {
     let (key, token_sha) = key_source(&cli)?;
     let expected = match (&cli.sha256, cli.no_verify_sha256) {
@@ -124,9 +100,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(b) => Box::new(b.wrap_read(input)),
         None => input,
     };
-    let digest = Rc::new(RefCell::new(InputDigest::default()));
-    let hashing =
-        HashingReader { inner: io::BufReader::with_capacity(1 << 20, input), digest: digest.clone() };
+    let (hashing, digest) = HashingReader::new(io::BufReader::with_capacity(1 << 20, input));
 
     let (format, plain) = crypto::open(hashing, &key).map_err(describe_io)?;
     let mut reader: Box<dyn Read> =
@@ -138,8 +112,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     copied.map_err(describe_io)?;
 
-    let d = digest.borrow();
-    let actual = hex::encode(d.hasher.clone().finalize());
+    let actual = digest.lock().map_err(|_| anyhow!("internal error: digest lock poisoned"))?.hex();
     match &expected {
         Some(exp) if *exp != actual => {
             out.discard();
@@ -181,10 +154,7 @@ fn key_source(cli: &Cli) -> Result<(KeySource, Option<String>)> {
 
 /// Turns a stream error into the message of its failure class.
 fn describe_io(e: io::Error) -> anyhow::Error {
-    match crypto::find_error(&e) {
-        Some(c) => anyhow!("{c}"),
-        None => anyhow!("{e}"),
-    }
+    anyhow!(verify::describe(e))
 }
 
 enum Output {

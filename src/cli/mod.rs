@@ -15,6 +15,11 @@ pub fn init_logging(default_level: &str) {
     let level = std::env::var("BACKUPY_LOG_LEVEL").unwrap_or_else(|_| default_level.to_string());
     let _ = env_logger::Builder::new()
         .parse_filters(&level)
+        // ureq logs request URIs, which for presigned S3 requests carry the signature
+        // and credential scope: never below warn, whatever the agent's level.
+        .filter_module("ureq", log::LevelFilter::Warn)
+        .filter_module("ureq_proto", log::LevelFilter::Warn)
+        .filter_module("rustls", log::LevelFilter::Warn)
         .format_timestamp_millis()
         .target(env_logger::Target::Stderr)
         .try_init();

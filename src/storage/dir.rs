@@ -47,6 +47,41 @@ impl DirStorage {
         Box::new(w).commit().map(|_| ())
     }
 
+    /// Every committed file under `prefix` (a key prefix): (key, size). Temporary
+    /// `.partial` files are not objects and are skipped.
+    pub fn list(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(io::Error::new(e.kind(), format!("cannot list {}: {e}", dir.display())));
+                }
+            };
+            for entry in entries {
+                let entry = entry?;
+                let path = entry.path();
+                let meta = entry.metadata()?;
+                if meta.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let Ok(rel) = path.strip_prefix(&self.root) else { continue };
+                let key = rel.to_string_lossy().into_owned();
+                if key.starts_with(prefix) {
+                    out.push((key, meta.len()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn delete(&self, key: &str) -> io::Result<()> {
         match fs::remove_file(self.path_of(key)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

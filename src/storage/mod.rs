@@ -8,12 +8,95 @@
 pub mod dir;
 pub mod s3;
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub use dir::DirStorage;
+pub use s3::S3Storage;
+
+/// The storage of a standalone configuration: a local directory or an S3 bucket.
+#[derive(Clone)]
+pub enum Storage {
+    Dir(DirStorage),
+    S3(S3Storage),
+}
+
+impl Storage {
+    /// Where an object lives, for messages ("backups/app/…" or "s3://bucket/prefix/app/…").
+    pub fn describe(&self, key: &str) -> String {
+        match self {
+            Storage::Dir(d) => d.path_of(key).display().to_string(),
+            Storage::S3(s) => format!("s3://{}/{}", s.target().bucket, s.full_key(key)),
+        }
+    }
+
+    pub fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>> {
+        Ok(match self {
+            Storage::Dir(d) => Box::new(d.create(key)?),
+            Storage::S3(s) => Box::new(s.create(key)),
+        })
+    }
+
+    pub fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Storage::Dir(d) => d.put(key, bytes),
+            Storage::S3(s) => Ok(s.put(key, bytes)?),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> io::Result<Box<dyn Read + Send>> {
+        match self {
+            Storage::Dir(d) => {
+                let p = d.path_of(key);
+                let f = std::fs::File::open(&p)
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", p.display())))?;
+                Ok(Box::new(f))
+            }
+            Storage::S3(s) => Ok(s.get(key)?),
+        }
+    }
+
+    pub fn delete(&self, key: &str) -> io::Result<()> {
+        match self {
+            Storage::Dir(d) => d.delete(key),
+            Storage::S3(s) => Ok(s.delete(key)?),
+        }
+    }
+
+    /// Every object under `prefix`: (key, size), sorted by key.
+    pub fn list(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
+        let mut out = match self {
+            Storage::Dir(d) => d.list(prefix)?,
+            Storage::S3(s) => s.list(prefix)?,
+        };
+        out.sort();
+        Ok(out)
+    }
+
+    /// Reads every manifest under `prefix`; unreadable ones are reported, not fatal.
+    pub fn manifests(&self, prefix: &str) -> io::Result<Vec<Manifest>> {
+        let mut out = Vec::new();
+        for (key, _) in self.list(prefix)? {
+            if !key.ends_with(".json") {
+                continue;
+            }
+            let mut text = Vec::new();
+            let parsed = self
+                .get(&key)
+                .and_then(|mut r| r.read_to_end(&mut text))
+                .map_err(|e| e.to_string())
+                .and_then(|_| serde_json::from_slice::<Manifest>(&text).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(m) => out.push(m),
+                Err(e) => log::warn!("skipping manifest {key}: {e}"),
+            }
+        }
+        out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+}
 
 /// A writer for one object. Dropping it without `commit` discards the object.
 pub trait ObjectWriter: Write + Send {

@@ -1,0 +1,105 @@
+//! Verification of a stored backup from storage alone: download it, compare its size and
+//! SHA-256 with the manifest, decrypt it (authenticating every chunk), decompress it and
+//! check the dump's magic. Runs on the caller's thread, streaming, in O(chunk) memory.
+
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::crypto::{self, KeySource};
+use crate::drivers::{Engine, MAGIC_LEN, check_magic};
+use crate::pipeline::compress::decompress_by_magic;
+use crate::storage::{Manifest, Storage};
+
+/// SHA-256 and size of everything read through a [`HashingReader`].
+#[derive(Default)]
+pub struct Digested {
+    hasher: Sha256,
+    pub bytes: u64,
+}
+
+impl Digested {
+    pub fn hex(&self) -> String {
+        hex::encode(self.hasher.clone().finalize())
+    }
+}
+
+/// Hashes the bytes that pass through it; the digest stays readable by whoever holds
+/// the other end of the `Arc` after the reader was moved into a decoder chain.
+pub struct HashingReader<R> {
+    inner: R,
+    digest: Arc<Mutex<Digested>>,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> (Self, Arc<Mutex<Digested>>) {
+        let digest = Arc::new(Mutex::new(Digested::default()));
+        (Self { inner, digest: digest.clone() }, digest)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut d = self.digest.lock().unwrap_or_else(|p| p.into_inner());
+        d.hasher.update(&buf[..n]);
+        d.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+#[derive(Debug)]
+pub struct Verified {
+    pub size: u64,
+    pub sha256: String,
+    pub dump_bytes: u64,
+}
+
+/// Verifies the backup `m`. `key` may be `None` only for unencrypted backups.
+pub fn verify(storage: &Storage, m: &Manifest, key: Option<&KeySource>) -> Result<Verified, String> {
+    let engine =
+        Engine::parse(&m.engine).ok_or_else(|| format!("manifest names unknown engine {:?}", m.engine))?;
+    let input = storage.get(&m.object_key).map_err(|e| format!("cannot download {}: {e}", m.object_key))?;
+    let (hashing, digest) = HashingReader::new(input);
+    let plain: Box<dyn Read> = match (m.encryption.as_str(), key) {
+        ("none", _) => Box::new(hashing),
+        (_, Some(k)) => crypto::open(hashing, k).map_err(describe)?.1,
+        (_, None) => {
+            return Err(format!(
+                "backup {} is encrypted ({}): pass --identity FILE (or set [encryption] identity) to verify it",
+                m.id, m.encryption
+            ));
+        }
+    };
+    let (_, mut dump) = decompress_by_magic(plain).map_err(describe)?;
+    let mut head = vec![0u8; MAGIC_LEN];
+    let n = crypto::read_up_to(&mut dump, &mut head).map_err(describe)?;
+    head.truncate(n);
+    check_magic(engine, &head)
+        .map_err(|why| format!("the restored dump is not a valid {engine} dump: {why}"))?;
+    let rest = io::copy(&mut dump, &mut io::sink()).map_err(describe)?;
+    let d = digest.lock().unwrap_or_else(|p| p.into_inner());
+    let (size, sha256) = (d.bytes, d.hex());
+    if size != m.size_bytes {
+        return Err(format!(
+            "size mismatch: stored object has {size} bytes, the manifest says {}",
+            m.size_bytes
+        ));
+    }
+    if sha256 != m.sha256 {
+        return Err(format!(
+            "SHA-256 mismatch: stored object hashes to {sha256}, the manifest says {}",
+            m.sha256
+        ));
+    }
+    Ok(Verified { size, sha256, dump_bytes: n as u64 + rest })
+}
+
+/// The message of a stream error: the format error's own words when there is one.
+pub fn describe(e: io::Error) -> String {
+    match crypto::find_error(&e) {
+        Some(c) => c.to_string(),
+        None => e.to_string(),
+    }
+}
