@@ -6,6 +6,8 @@
 //! that starts a run; the bytes then flow on the pipeline's dump thread.
 
 pub mod exec;
+pub mod mysql;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -184,6 +186,8 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
             source: sqlite::snapshot(&spec.id, std::path::Path::new(&spec.database), &ctx.temp_dir)?,
             engine_version: sqlite::engine_version(),
         }),
+        Engine::PostgreSql => postgres::dump(spec, ctx),
+        Engine::MySql | Engine::MariaDb => mysql::dump(spec, ctx),
         other => Err(DriverError::new(&spec.id, format!("engine {other} is not supported by this build yet"))),
     }
 }

@@ -1,0 +1,396 @@
+//! MySQL and MariaDB: `mariadb-dump` or `mysqldump` (whichever exists) as a child process,
+//! over TCP or a UNIX socket, and restore by feeding the dump to the `mariadb`/`mysql`
+//! client.
+//!
+//! Before the dump starts, the driver connects with the `mysql` crate: a wrong password,
+//! an unreachable server or a missing database fails there with a clear error, and the
+//! same connection reads `SELECT VERSION()` ("MariaDB 10.11.19", "MySQL 8.0.36") and the
+//! data size from `information_schema` (the progress estimate).
+//!
+//! The dump runs `--single-transaction --routines --triggers --events --hex-blob` (plus
+//! `--no-tablespaces`, which MySQL ≥ 8.0.21 would otherwise need the PROCESS privilege
+//! for). One database is dumped without `CREATE DATABASE`/`USE`, so it can be restored
+//! into a database of any name; an empty database name dumps `--all-databases`.
+//!
+//! The user name and password reach the tools only through a 0600
+//! `--defaults-extra-file` (always the first argument) in a private 0700 directory under
+//! the run's temp dir, removed when the pipeline's `Source` is dropped. The child's HOME
+//! is that directory too, so no `~/.my.cnf` of the agent's user overrides it.
+//!
+//! Tools are looked up in `BACKUPY_TOOL_PATH` (a `PATH`-style list of directories) when
+//! that variable is set, and only there; otherwise on `PATH`.
+//!
+//! The version query has no TLS in this build (the `mysql` crate without a TLS backend);
+//! the dump tools use TLS as the server and their own configuration decide.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+
+use super::exec::{self, PrivateDir};
+use super::postgres::{TOOL_PATH_VAR, find_in};
+use super::{DriverError, Dump, DumpContext, Engine, MAGIC_LEN, Strategy, TargetSpec, check_magic};
+use crate::pipeline::Source;
+use crate::secrets::Secret;
+
+/// Port used when the target gives none.
+pub const DEFAULT_PORT: u16 = 3306;
+/// Socket used when a UNIX_SOCKET target gives no path.
+pub const DEFAULT_SOCKET: &str = "/run/mysqld/mysqld.sock";
+/// How long a connection attempt (the pre-check and the tools') may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The flags every dump runs with (spec: "Drivers").
+pub const DUMP_FLAGS: &[&str] =
+    &["--single-transaction", "--routines", "--triggers", "--events", "--hex-blob", "--no-tablespaces"];
+
+/// How a dump is restored.
+#[derive(Debug, Clone, Default)]
+pub struct MySqlRestoreOptions {
+    /// `CREATE DATABASE IF NOT EXISTS … CHARACTER SET utf8mb4` the target's database
+    /// first (a one-database dump carries no `CREATE DATABASE`). The character set
+    /// matters for routines: their parameters without one take the database's.
+    pub create_database: bool,
+    /// Where the private defaults-file directory goes; the system temp dir when `None`.
+    pub temp_dir: Option<PathBuf>,
+}
+
+/// Starts `mariadb-dump`/`mysqldump` for `spec`; the returned source carries the banner
+/// magic check, the data size as its progress estimate, and the defaults-file
+/// directory as its guard.
+pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
+    let err = |m: String| DriverError::new(&spec.id, m);
+    check_strategy(spec)?;
+    let names = dump_tools(spec.engine);
+    let tool = find_mysql_tool(&names).ok_or_else(|| err(missing_tool(&names)))?;
+    let (version, size) = {
+        let mut conn = connect(spec, &spec.database)?;
+        let version: String = conn
+            .query_first("SELECT VERSION()")
+            .map_err(|e| err(format!("cannot read the server version: {}", error_text(&e))))?
+            .unwrap_or_default();
+        (engine_version(&version), data_size(&mut conn, &spec.database))
+    };
+
+    let dir = PrivateDir::new(&ctx.temp_dir)
+        .map_err(|e| err(format!("cannot create a private directory in {}: {e}", ctx.temp_dir.display())))?;
+    let mut cmd = client_command(&tool, spec, &dir)?;
+    cmd.args(DUMP_FLAGS).arg("--default-character-set=utf8mb4");
+    if spec.database.is_empty() {
+        cmd.arg("--all-databases");
+    } else {
+        cmd.arg("--").arg(&spec.database);
+    }
+    let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let source = Source::spawn(name, cmd).map_err(|e| err(format!("{e} ({})", tool.display())))?;
+    let engine = spec.engine;
+    Ok(Dump {
+        source: source
+            .with_magic(MAGIC_LEN, Box::new(move |head| check_banner(engine, head)))
+            .with_size_hint(size)
+            .with_guard(dir),
+        engine_version: version,
+    })
+}
+
+/// Feeds an SQL dump read from `input` to the `mariadb`/`mysql` client, into the target's
+/// database (or, when it has none, as it is: an all-databases dump names its databases).
+pub fn restore(
+    spec: &TargetSpec,
+    input: &mut dyn Read,
+    opts: &MySqlRestoreOptions,
+) -> Result<(), DriverError> {
+    let err = |m: String| DriverError::new(&spec.id, m);
+    check_strategy(spec)?;
+    let names = client_tools(spec.engine);
+    let tool = find_mysql_tool(&names).ok_or_else(|| err(missing_tool(&names)))?;
+    if opts.create_database && !spec.database.is_empty() {
+        let mut conn = connect(spec, "")?;
+        let sql =
+            format!("CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4", quote_ident(&spec.database));
+        conn.query_drop(sql)
+            .map_err(|e| err(format!("cannot create database {:?}: {}", spec.database, error_text(&e))))?;
+    }
+    let dir = opts.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = PrivateDir::new(&dir)
+        .map_err(|e| err(format!("cannot create a private directory in {}: {e}", dir.display())))?;
+    let mut cmd = client_command(&tool, spec, &dir)?;
+    cmd.arg("--default-character-set=utf8mb4").arg("--batch");
+    // The dump tools have no such option; the clients do.
+    cmd.arg(format!("--connect-timeout={}", CONNECT_TIMEOUT.as_secs()));
+    if !spec.database.is_empty() {
+        cmd.arg(format!("--database={}", spec.database));
+    }
+    let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // `dir` (the defaults file) lives until the client has exited.
+    exec::feed(&name, cmd, input).map_err(err)
+}
+
+/// The sandbox line MariaDB ≥ 10.5.25 writes before the banner.
+const SANDBOX_LINE: &[u8] = b"/*M!999999\\- enable the sandbox mode */";
+
+/// [`check_magic`], also accepting the sandbox line followed by a space and a newline,
+/// which is how `mariadb-dump` 10.11 writes it (`check_magic` expects the newline right
+/// after the comment).
+pub fn check_banner(engine: Engine, head: &[u8]) -> Result<(), String> {
+    check_magic(engine, head).or_else(|why| match head.strip_prefix(SANDBOX_LINE) {
+        Some(rest) => check_magic(engine, rest.trim_ascii_start()),
+        None => Err(why),
+    })
+}
+
+/// `mariadb-dump 10.11.19` or `mysqldump 8.0.36` when a dump tool that runs is found
+/// here, for the agent's capabilities; `None` otherwise.
+pub fn capability(engine: Engine) -> Option<String> {
+    let tool = find_mysql_tool(&dump_tools(engine))?;
+    let out = exec::tool_command(&tool).arg("--version").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let version = tool_version(&String::from_utf8_lossy(&out.stdout))?;
+    Some(format!("{} {version}", tool.file_name()?.to_string_lossy()))
+}
+
+/// The version in a `--version` line: "… Distrib 10.11.19-MariaDB, …" → "10.11.19",
+/// "mysqldump  Ver 8.0.36 for Linux …" → "8.0.36".
+fn tool_version(text: &str) -> Option<String> {
+    let mut words = text.split_whitespace();
+    let after = |words: &mut std::str::SplitWhitespace, key: &str| {
+        words.clone().skip_while(|w| *w != key).nth(1).map(str::to_string)
+    };
+    let v = after(&mut words, "Distrib").or_else(|| after(&mut words, "Ver"))?;
+    let v: String = v.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    (!v.is_empty()).then_some(v)
+}
+
+/// "MariaDB 10.11.19" / "MySQL 8.0.36" from `SELECT VERSION()` ("10.11.19-MariaDB-0+deb12u1",
+/// "8.0.36-log"): the server says which it is, whatever the target was configured as.
+pub fn engine_version(version: &str) -> String {
+    let flavour = if version.to_ascii_lowercase().contains("mariadb") { "MariaDB" } else { "MySQL" };
+    // Old MariaDB servers may still prefix the replication-compatibility "5.5.5-".
+    let v = version.strip_prefix("5.5.5-").unwrap_or(version);
+    let number = v.split(['-', ' ']).next().unwrap_or(v);
+    format!("{flavour} {number}")
+}
+
+fn dump_tools(engine: Engine) -> Vec<&'static str> {
+    match engine {
+        Engine::MySql => vec!["mysqldump", "mariadb-dump"],
+        _ => vec!["mariadb-dump", "mysqldump"],
+    }
+}
+
+fn client_tools(engine: Engine) -> Vec<&'static str> {
+    match engine {
+        Engine::MySql => vec!["mysql", "mariadb"],
+        _ => vec!["mariadb", "mysql"],
+    }
+}
+
+fn find_mysql_tool(names: &[&str]) -> Option<PathBuf> {
+    match std::env::var_os(TOOL_PATH_VAR) {
+        Some(path) => find_in(&path, names),
+        None => exec::find_tool(names),
+    }
+}
+
+fn missing_tool(names: &[&str]) -> String {
+    let place = match std::env::var_os(TOOL_PATH_VAR) {
+        Some(p) => format!("in {TOOL_PATH_VAR}={}", p.to_string_lossy()),
+        None => "on PATH".to_string(),
+    };
+    format!(
+        "neither {} was found {place}; install the client tools (Debian/Ubuntu: apt-get install \
+         mariadb-client, or mysql-client for MySQL; Alpine: apk add mariadb-client; RHEL: dnf install mariadb)",
+        names.join(" nor ")
+    )
+}
+
+fn check_strategy(spec: &TargetSpec) -> Result<(), DriverError> {
+    match &spec.strategy {
+        Strategy::Tcp | Strategy::UnixSocket => Ok(()),
+        Strategy::DockerExec { .. } => {
+            Err(DriverError::new(&spec.id, "the DOCKER_EXEC strategy is not supported by this build yet"))
+        }
+    }
+}
+
+fn host(spec: &TargetSpec) -> &str {
+    if spec.host.is_empty() { "localhost" } else { &spec.host }
+}
+
+fn port(spec: &TargetSpec) -> u16 {
+    if spec.port == 0 { DEFAULT_PORT } else { spec.port }
+}
+
+fn socket(spec: &TargetSpec) -> &str {
+    if spec.host.is_empty() { DEFAULT_SOCKET } else { &spec.host }
+}
+
+fn user(spec: &TargetSpec) -> &str {
+    if spec.username.is_empty() { "root" } else { &spec.username }
+}
+
+fn describe_server(spec: &TargetSpec) -> String {
+    match spec.strategy {
+        Strategy::UnixSocket => format!("the socket {}", socket(spec)),
+        _ => format!("{}:{}", host(spec), port(spec)),
+    }
+}
+
+/// A connection for the pre-check (`database` empty: none selected).
+fn connect(spec: &TargetSpec, database: &str) -> Result<mysql::Conn, DriverError> {
+    let mut opts = mysql::OptsBuilder::new()
+        .user(Some(user(spec)))
+        .pass(spec.password.as_ref().map(|p| p.expose()))
+        .db_name((!database.is_empty()).then_some(database))
+        .tcp_connect_timeout(Some(CONNECT_TIMEOUT))
+        .read_timeout(Some(Duration::from_secs(60)))
+        .write_timeout(Some(Duration::from_secs(60)))
+        .prefer_socket(false);
+    opts = match spec.strategy {
+        Strategy::UnixSocket => opts.socket(Some(socket(spec))),
+        _ => opts.ip_or_hostname(Some(host(spec))).tcp_port(port(spec)),
+    };
+    mysql::Conn::new(opts).map_err(|e| DriverError::new(&spec.id, connect_error(spec, database, &e)))
+}
+
+fn connect_error(spec: &TargetSpec, database: &str, e: &mysql::Error) -> String {
+    let server = describe_server(spec);
+    let flavour = if spec.engine == Engine::MySql { "MySQL" } else { "MariaDB" };
+    match e {
+        mysql::Error::MySqlError(m) if m.code == 1045 || m.code == 1698 => {
+            format!("{flavour} at {server} refused user {:?}: {}", user(spec), m.message)
+        }
+        mysql::Error::MySqlError(m) if m.code == 1049 => {
+            format!("database {database:?} does not exist on {flavour} at {server}")
+        }
+        mysql::Error::MySqlError(m) if m.code == 1044 => {
+            format!(
+                "user {:?} may not use database {database:?} on {flavour} at {server}: {}",
+                user(spec),
+                m.message
+            )
+        }
+        other => format!("cannot connect to {flavour} at {server}: {}", error_text(other)),
+    }
+}
+
+fn error_text(e: &mysql::Error) -> String {
+    match e {
+        mysql::Error::MySqlError(m) => m.message.clone(),
+        mysql::Error::IoError(io) => io.to_string(),
+        mysql::Error::DriverError(d) => d.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Bytes of table data and indexes: of `database`, or of every user database.
+fn data_size(conn: &mut mysql::Conn, database: &str) -> Option<u64> {
+    let base = "SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS UNSIGNED) \
+                FROM information_schema.tables WHERE";
+    let r: mysql::Result<Option<u64>> = if database.is_empty() {
+        conn.query_first(format!(
+            "{base} table_schema NOT IN ('information_schema', 'performance_schema', 'sys')"
+        ))
+    } else {
+        conn.exec_first(format!("{base} table_schema = ?"), (database,))
+    };
+    r.ok().flatten().filter(|n| *n > 0)
+}
+
+/// `` `name` `` with backticks doubled.
+fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// A client-tool command: the defaults file first, then user and connection options.
+fn client_command(
+    tool: &std::path::Path,
+    spec: &TargetSpec,
+    dir: &PrivateDir,
+) -> Result<Command, DriverError> {
+    let err = |m: String| DriverError::new(&spec.id, m);
+    let mut text = String::from("[client]\n");
+    text.push_str(&format!("user={}\n", option_value(user(spec))));
+    if let Some(pw) = &spec.password {
+        text.push_str(&format!("password={}\n", option_value(pw.expose())));
+    }
+    let file = dir
+        .write_secret("my.cnf", &Secret::new(text))
+        .map_err(|e| err(format!("cannot write the defaults file: {e}")))?;
+    let mut cmd = exec::tool_command(tool);
+    // The defaults file must be the first argument; HOME keeps ~/.my.cnf out.
+    cmd.arg(format!("--defaults-extra-file={}", file.display())).env("HOME", dir.path());
+    match spec.strategy {
+        Strategy::UnixSocket => cmd.arg("--protocol=SOCKET").arg(format!("--socket={}", socket(spec))),
+        _ => cmd
+            .arg("--protocol=TCP")
+            .arg(format!("--host={}", host(spec)))
+            .arg(format!("--port={}", port(spec))),
+    };
+    Ok(cmd)
+}
+
+/// An option-file value in double quotes, with `\`, `"` and control characters escaped
+/// (so `#` and surrounding spaces stay part of the value).
+fn option_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_version_drops_suffixes() {
+        assert_eq!(engine_version("10.11.19-MariaDB-0+deb12u1"), "MariaDB 10.11.19");
+        assert_eq!(engine_version("5.5.5-10.6.12-MariaDB-log"), "MariaDB 10.6.12");
+        assert_eq!(engine_version("8.0.36-log"), "MySQL 8.0.36");
+        assert_eq!(engine_version("8.0.36"), "MySQL 8.0.36");
+    }
+
+    #[test]
+    fn tool_versions_are_read_from_both_flavours() {
+        let maria = "mariadb-dump  Ver 10.19 Distrib 10.11.19-MariaDB, for debian-linux-gnu (x86_64)";
+        assert_eq!(tool_version(maria).as_deref(), Some("10.11.19"));
+        let mysql = "mysqldump  Ver 8.0.36 for Linux on x86_64 (MySQL Community Server - GPL)";
+        assert_eq!(tool_version(mysql).as_deref(), Some("8.0.36"));
+        assert_eq!(tool_version("nonsense"), None);
+    }
+
+    #[test]
+    fn the_banner_may_follow_the_sandbox_line_with_a_trailing_space() {
+        let head =
+            b"/*M!999999\\- enable the sandbox mode */ \n-- MariaDB dump 10.19  Distrib 10.11.19-MariaDB";
+        assert_eq!(check_banner(Engine::MariaDb, head), Ok(()));
+        assert_eq!(check_banner(Engine::MySql, b"-- MySQL dump 10.13  Distrib 8.0.36"), Ok(()));
+        assert!(
+            check_banner(Engine::MariaDb, b"/*M!999999\\- enable the sandbox mode */ \nnot a dump").is_err()
+        );
+        assert!(check_banner(Engine::MariaDb, b"ERROR 1045").is_err());
+    }
+
+    #[test]
+    fn option_values_are_quoted() {
+        assert_eq!(option_value(r#"p"w#1\ x"#), r#""p\"w#1\\ x""#);
+        assert_eq!(quote_ident("a`b"), "`a``b`");
+    }
+}
