@@ -6,6 +6,7 @@
 //! that starts a run; the bytes then flow on the pipeline's dump thread.
 
 pub mod exec;
+pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
@@ -188,6 +189,7 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
         }),
         Engine::PostgreSql => postgres::dump(spec, ctx),
         Engine::MySql | Engine::MariaDb => mysql::dump(spec, ctx),
+        Engine::MongoDb => mongodb::dump(spec, ctx),
         other => Err(DriverError::new(&spec.id, format!("engine {other} is not supported by this build yet"))),
     }
 }
