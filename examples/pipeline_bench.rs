@@ -4,6 +4,7 @@
 //!
 //!   pipeline_bench --size 1GiB --compression zstd --encryption v2
 //!   pipeline_bench --size 1GiB --emit | zstd -3 > /dev/null     (the same bytes, for the plain tools)
+//!   pipeline_bench --size 1GiB --s3 BUCKET                       (store to S3: BACKUPY_TEST_S3_* env)
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -11,7 +12,9 @@ use std::time::Instant;
 
 use backupy_agent::crypto::{DataKey, Encryption, Identity};
 use backupy_agent::pipeline::{self, Cancel, Compression, Progress, Source};
-use backupy_agent::storage::Discard;
+use backupy_agent::secrets::Secret;
+use backupy_agent::storage::s3::{S3Storage, S3Target};
+use backupy_agent::storage::{Discard, ObjectWriter};
 
 /// Generates SQL-dump-like rows: a pool of 8 MiB is built once, then served from random
 /// offsets, so content never repeats within zstd's window yet costs only a memcpy.
@@ -139,18 +142,37 @@ fn main() {
         other => panic!("unknown encryption {other}"),
     };
     let prepared = encryption.prepare(compression.header_code()).unwrap();
+    let s3_bucket = args.iter().position(|a| a == "--s3").and_then(|i| args.get(i + 1)).cloned();
+    let sink: Box<dyn ObjectWriter> = match &s3_bucket {
+        None => Box::new(Discard::default()),
+        Some(bucket) => {
+            let env = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set"));
+            let mut target = S3Target::new(
+                env("BACKUPY_TEST_S3_ENDPOINT").parse().unwrap(),
+                &env("BACKUPY_TEST_S3_REGION"),
+                bucket,
+                Secret::new(env("BACKUPY_TEST_S3_ACCESS_KEY")),
+                Secret::new(env("BACKUPY_TEST_S3_SECRET_KEY")),
+            );
+            if let Some(c) = args.iter().position(|a| a == "--concurrency").and_then(|i| args.get(i + 1)) {
+                target.upload_concurrency = c.parse().unwrap();
+            }
+            Box::new(S3Storage::new(target, None).unwrap().create("bench/object"))
+        }
+    };
     let t0 = Instant::now();
     let out = pipeline::run(
         Source::from_reader("generated dump", source),
         pipeline::Options::new(compression, prepared),
-        Box::new(Discard::default()),
+        sink,
         &Cancel::default(),
         Arc::new(Progress::default()),
     )
     .unwrap();
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "compression={} encryption={} input_mib={} stored_mib={:.1} ratio={:.2} seconds={:.2} mib_per_s={:.0} cpu_s={:.2} peak_rss_mib={:.1}",
+        "sink={} compression={} encryption={} input_mib={} stored_mib={:.1} ratio={:.2} seconds={:.2} mib_per_s={:.0} cpu_s={:.2} peak_rss_mib={:.1}",
+        if s3_bucket.is_some() { "s3" } else { "discard" },
         compression.name(),
         encryption.label(),
         size >> 20,

@@ -50,3 +50,21 @@ plain "zstd -3" "$B --size $size --emit | zstd -3 -T1 -q -c > /dev/null"
 plain "zstd -3 | openssl aes-256-ctr" "$B --size $size --emit | zstd -3 -T1 -q -c | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench > /dev/null"
 plain "gzip -6" "$B --size $size --emit | gzip -6 > /dev/null"
 plain "openssl aes-256-ctr (no compression)" "$B --size $size --emit | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench > /dev/null"
+
+echo
+echo "## S3 upload to the local S3 server (s3s-fs on loopback), side by side with rclone rcat ($size)"
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+services_init
+services_start_s3 >/dev/null
+mkdir -p "$BACKUPY_TEST_S3_DIR/bench"
+"$B" --size "$size" --compression none --encryption none --s3 bench
+rm -rf "${BACKUPY_TEST_S3_DIR:?}/bench/bench"
+"$B" --size "$size" --compression zstd --encryption v2 --s3 bench
+rm -rf "${BACKUPY_TEST_S3_DIR:?}/bench/bench"
+export RCLONE_CONFIG_BENCH_TYPE=s3 RCLONE_CONFIG_BENCH_PROVIDER=Other \
+    RCLONE_CONFIG_BENCH_ACCESS_KEY_ID="$BACKUPY_TEST_S3_ACCESS_KEY" \
+    RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY="$BACKUPY_TEST_S3_SECRET_KEY" \
+    RCLONE_CONFIG_BENCH_ENDPOINT="$BACKUPY_TEST_S3_ENDPOINT" RCLONE_CONFIG_BENCH_REGION="$BACKUPY_TEST_S3_REGION"
+plain "rclone rcat (16 MiB chunks, 4 streams)" "$B --size $size --emit | rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/rclone-object"
+plain "zstd -3 | rclone rcat" "$B --size $size --emit | zstd -3 -T1 -q -c | rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/rclone-object2"

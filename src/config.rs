@@ -107,7 +107,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub enum StorageConfig {
     Dir(PathBuf),
-    S3(S3Target),
+    S3(Box<S3Target>),
 }
 
 #[derive(Debug, Default)]
@@ -181,7 +181,7 @@ impl Config {
             .ok_or_else(|| fail(None, "missing [storage] section (e.g. dir = \"./backups\")".into()))?;
         let storage = match (&storage.get_ref().dir, &storage.get_ref().s3) {
             (Some(d), None) if !d.get_ref().is_empty() => StorageConfig::Dir(resolve(d.get_ref())),
-            (None, Some(s3)) => StorageConfig::S3(parse_s3(s3, &resolve, &fail)?),
+            (None, Some(s3)) => StorageConfig::S3(Box::new(parse_s3(s3, &resolve, &fail)?)),
             (Some(_), Some(_)) => {
                 return Err(fail(
                     Some(storage.span()),
@@ -338,7 +338,7 @@ impl Config {
         match &self.storage {
             StorageConfig::Dir(d) => DirStorage::open(d).map(Storage::Dir).map_err(|e| e.to_string()),
             StorageConfig::S3(t) => {
-                S3Storage::new(t.clone(), Some(&self.state_dir)).map(Storage::S3).map_err(|e| e.to_string())
+                S3Storage::new((**t).clone(), Some(&self.state_dir)).map(Storage::S3).map_err(|e| e.to_string())
             }
         }
     }

@@ -252,10 +252,8 @@ fn restore_key(cfg: &Config, identity: Option<&Path>, m: &Manifest) -> Result<Op
     if let Some(p) = identity {
         return Ok(Some(KeySource::Identity(Identity::from_file(p)?)));
     }
-    if m.key_id.is_empty() {
-        if let Some(k) = &cfg.encryption.key_file {
-            return Ok(Some(KeySource::Raw(crate::crypto::keys::read_raw_key_file(k)?)));
-        }
+    if let (true, Some(k)) = (m.key_id.is_empty(), &cfg.encryption.key_file) {
+        return Ok(Some(KeySource::Raw(crate::crypto::keys::read_raw_key_file(k)?)));
     }
     if let Some(p) = &cfg.encryption.identity {
         return Ok(Some(KeySource::Identity(Identity::from_file(p)?)));

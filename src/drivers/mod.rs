@@ -82,8 +82,12 @@ pub fn check_magic(engine: Engine, head: &[u8]) -> Result<(), String> {
         Engine::Redis => (head, &[b"REDIS"]),
         Engine::MongoDb => (head, &[&[0x6D, 0xE2, 0x99, 0x81]]),
         Engine::MySql | Engine::MariaDb => {
+            // mariadb-dump 10.11 writes the sandbox line with a space before its newline.
             let rest = match head.strip_prefix(MARIADB_SANDBOX_PREFIX) {
-                Some(r) => r.strip_prefix(b"\n").unwrap_or(r),
+                Some(r) => {
+                    let r = &r[r.iter().take_while(|b| matches!(b, b' ' | b'\t' | b'\r')).count()..];
+                    r.strip_prefix(b"\n").unwrap_or(r)
+                }
                 None => head,
             };
             (rest, &[b"-- MySQL dump", b"-- MariaDB dump"])
@@ -127,7 +131,9 @@ pub enum Strategy {
     /// `host` holds the socket's directory (PostgreSQL) or path (MySQL, Redis).
     UnixSocket,
     /// Run the engine's own tools inside its container (issue 8).
-    DockerExec { container: String },
+    DockerExec {
+        container: String,
+    },
 }
 
 /// Everything a driver needs to reach one target, whatever it was configured by (the
@@ -190,6 +196,24 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
         Engine::PostgreSql => postgres::dump(spec, ctx),
         Engine::MySql | Engine::MariaDb => mysql::dump(spec, ctx),
         Engine::MongoDb => mongodb::dump(spec, ctx),
-        other => Err(DriverError::new(&spec.id, format!("engine {other} is not supported by this build yet"))),
+        other => {
+            Err(DriverError::new(&spec.id, format!("engine {other} is not supported by this build yet")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mariadb_banner_after_the_sandbox_line_is_accepted() {
+        // As mariadb-dump 10.11.19 writes it: a space before the newline.
+        let head = b"/*M!999999\\- enable the sandbox mode */ \n-- MariaDB dump 10.19  Distrib 10.11.19";
+        assert_eq!(check_magic(Engine::MariaDb, head), Ok(()));
+        assert_eq!(check_magic(Engine::MySql, b"-- MySQL dump 10.13  Distrib 8.0.36"), Ok(()));
+        assert!(check_magic(Engine::MariaDb, b"/*M!999999\\- enable the sandbox mode */\nSELECT 1").is_err());
+        assert!(check_magic(Engine::PostgreSql, b"PGDM").is_err());
+        assert_eq!(check_magic(Engine::Redis, b"REDIS0011"), Ok(()));
     }
 }

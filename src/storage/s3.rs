@@ -91,6 +91,37 @@ impl S3Target {
     }
 }
 
+impl S3Target {
+    /// The target of the control plane's `S3MultipartTarget` extension. Everything in
+    /// it is untrusted: a plain-http endpoint needs `allow_insecure`
+    /// (`BACKUPY_DEV_ALLOW_INSECURE=true`).
+    pub fn from_wire(m: &crate::wire::pb::S3MultipartTarget, allow_insecure: bool) -> Result<Self, S3Error> {
+        let invalid = |message: String| S3Error::Invalid { op: "setup".into(), key: m.key.clone(), message };
+        let endpoint: url::Url =
+            m.endpoint.parse().map_err(|e| invalid(format!("invalid endpoint {:?}: {e}", m.endpoint)))?;
+        match endpoint.scheme() {
+            "https" => {}
+            "http" if allow_insecure => {}
+            "http" => return Err(invalid("plain-http S3 endpoint refused (set BACKUPY_DEV_ALLOW_INSECURE=true)".into())),
+            other => return Err(invalid(format!("unsupported endpoint scheme {other:?}"))),
+        }
+        if m.bucket.len() < 3 || m.key.is_empty() || m.access_key_id.is_empty() || m.secret_access_key.is_empty() {
+            return Err(invalid("bucket, key and credentials are required".into()));
+        }
+        let region = if m.region.is_empty() { "us-east-1" } else { &m.region };
+        let mut t = Self::new(
+            endpoint,
+            region,
+            &m.bucket,
+            Secret::new(m.access_key_id.clone()),
+            Secret::new(m.secret_access_key.clone()),
+        );
+        t.session_token = (!m.session_token.is_empty()).then(|| Secret::new(m.session_token.clone()));
+        t.path_style = m.path_style;
+        Ok(t)
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
     pub attempts: u32,
@@ -1000,6 +1031,29 @@ mod tests {
         let s = PartSizer::new(MIN_PART_SIZE, 3);
         assert_eq!(s.step, 1);
         assert_eq!((s.size_of(1), s.size_of(2), s.size_of(3)), (5 * MIB, 10 * MIB, 20 * MIB));
+    }
+
+    #[test]
+    fn wire_target_refuses_plain_http_unless_allowed() {
+        let m = crate::wire::pb::S3MultipartTarget {
+            endpoint: "http://127.0.0.1:9000".into(),
+            region: String::new(),
+            bucket: "backups".into(),
+            key: "a/b.bkpy".into(),
+            access_key_id: "AK".into(),
+            secret_access_key: "SK".into(),
+            session_token: "tok".into(),
+            expires_at_ms: 0,
+            path_style: true,
+        };
+        let err = S3Target::from_wire(&m, false).unwrap_err().to_string();
+        assert!(err.contains("BACKUPY_DEV_ALLOW_INSECURE") && !err.contains("SK"), "{err}");
+        let t = S3Target::from_wire(&m, true).unwrap();
+        assert_eq!((t.region.as_str(), t.path_style), ("us-east-1", true));
+        assert_eq!(t.session_token.as_ref().map(Secret::expose), Some("tok"));
+        let mut bad = m.clone();
+        bad.bucket = "b".into();
+        assert!(S3Target::from_wire(&bad, true).is_err());
     }
 
     #[test]
