@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::crypto::{self, DataKey, Encryption, Recipient};
-use crate::drivers::Engine;
+use crate::drivers::{Engine, Strategy, TargetSpec};
 use crate::pipeline::Compression;
 use crate::secrets;
 use crate::storage::check_key_segment;
@@ -78,7 +78,20 @@ struct RawTarget {
     id: Spanned<String>,
     #[serde(rename = "type")]
     kind: Spanned<String>,
+    /// SQLite: the database file.
     path: Option<Spanned<String>>,
+    /// `postgres://user@host:5432/db?sslmode=require` and the like.
+    url: Option<Spanned<String>>,
+    host: Option<String>,
+    port: Option<Spanned<u16>>,
+    database: Option<String>,
+    username: Option<String>,
+    password: Option<Spanned<String>>,
+    /// A UNIX socket: PostgreSQL's socket directory, MySQL's and Redis's socket path.
+    socket: Option<String>,
+    /// Engine options (e.g. `sslmode`, `tls`, `authSource`), merged over the URL query.
+    #[serde(default)]
+    options: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -100,7 +113,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub storage: StorageConfig,
     pub encryption: EncryptionConfig,
-    pub targets: BTreeMap<String, Target>,
+    pub targets: BTreeMap<String, TargetSpec>,
     pub jobs: Vec<Job>,
 }
 
@@ -123,13 +136,6 @@ pub enum FormatChoice {
     V1,
     #[default]
     V2,
-}
-
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub id: String,
-    pub engine: Engine,
-    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -245,21 +251,8 @@ impl Config {
                     ),
                 )
             })?;
-            if engine != Engine::Sqlite {
-                return Err(fail(
-                    Some(rt.kind.span()),
-                    format!(
-                        "target type {engine} is not supported by this build yet; only sqlite targets are"
-                    ),
-                ));
-            }
-            let path = match &rt.path {
-                Some(p) if !p.get_ref().is_empty() => resolve(p.get_ref()),
-                _ => {
-                    return Err(fail(Some(t.span()), format!("sqlite target {id:?} needs path = \"FILE\"")));
-                }
-            };
-            if targets.insert(id.clone(), Target { id: id.clone(), engine, path }).is_some() {
+            let spec = parse_target(&id, engine, rt, t.span(), &resolve, &fail)?;
+            if targets.insert(id.clone(), spec).is_some() {
                 return Err(fail(Some(rt.id.span()), format!("target id {id:?} is defined twice")));
             }
         }
@@ -337,9 +330,9 @@ impl Config {
         use crate::storage::{DirStorage, S3Storage, Storage};
         match &self.storage {
             StorageConfig::Dir(d) => DirStorage::open(d).map(Storage::Dir).map_err(|e| e.to_string()),
-            StorageConfig::S3(t) => {
-                S3Storage::new((**t).clone(), Some(&self.state_dir)).map(Storage::S3).map_err(|e| e.to_string())
-            }
+            StorageConfig::S3(t) => S3Storage::new((**t).clone(), Some(&self.state_dir))
+                .map(Storage::S3)
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -434,6 +427,131 @@ fn parse_s3(
     }
     t.ca_file = r.ca_file.as_deref().map(resolve);
     Ok(t)
+}
+
+/// A target from its URL form, its field form, or both (fields override the URL).
+fn parse_target(
+    id: &str,
+    engine: Engine,
+    rt: &RawTarget,
+    span: std::ops::Range<usize>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    fail: &Fail,
+) -> Result<TargetSpec, ConfigError> {
+    let mut spec = TargetSpec::new(id, engine);
+    if engine == Engine::Sqlite {
+        let path = match &rt.path {
+            Some(p) if !p.get_ref().is_empty() => resolve(p.get_ref()),
+            _ => return Err(fail(Some(span), format!("sqlite target {id:?} needs path = \"FILE\""))),
+        };
+        if rt.url.is_some() || rt.host.is_some() || rt.socket.is_some() {
+            return Err(fail(Some(span), format!("sqlite target {id:?} takes only path")));
+        }
+        spec.database = path.display().to_string();
+        return Ok(spec);
+    }
+    if rt.path.is_some() {
+        return Err(fail(
+            Some(span),
+            format!("target {id:?}: path is for sqlite targets; use url or host/socket"),
+        ));
+    }
+    if let Some(u) = &rt.url {
+        apply_url(&mut spec, u, fail)?;
+    }
+    if let Some(h) = &rt.host {
+        spec.host = h.clone();
+    }
+    if let Some(p) = &rt.port {
+        spec.port = *p.get_ref();
+    }
+    if let Some(d) = &rt.database {
+        spec.database = d.clone();
+    }
+    if let Some(u) = &rt.username {
+        spec.username = u.clone();
+    }
+    if let Some(p) = &rt.password {
+        spec.password = Some(
+            secrets::resolve(p.get_ref())
+                .map_err(|e| fail(Some(p.span()), format!("target {id:?} password: {e}")))?,
+        );
+    }
+    if let Some(sock) = &rt.socket {
+        spec.strategy = Strategy::UnixSocket;
+        spec.host = resolve(sock).display().to_string();
+    }
+    spec.options.extend(rt.options.clone());
+    if spec.host.is_empty() && engine != Engine::MongoDb {
+        return Err(fail(Some(span), format!("target {id:?} needs url, host or socket")));
+    }
+    if spec.host.is_empty() && !spec.options.contains_key("uri") {
+        return Err(fail(Some(span), format!("target {id:?} needs url or host")));
+    }
+    Ok(spec)
+}
+
+fn apply_url(spec: &mut TargetSpec, u: &Spanned<String>, fail: &Fail) -> Result<(), ConfigError> {
+    apply_url_str(spec, u.get_ref()).map_err(|m| fail(Some(u.span()), format!("target {:?}: {m}", spec.id)))
+}
+
+/// A target for `restore --to URL`; the password comes from the URL or, better, from
+/// `BACKUPY_RESTORE_PASSWORD` (a secret reference like every password).
+pub fn target_from_url(id: &str, engine: Engine, url: &str) -> Result<TargetSpec, String> {
+    let mut spec = TargetSpec::new(id, engine);
+    apply_url_str(&mut spec, url)?;
+    if let Ok(reference) = std::env::var("BACKUPY_RESTORE_PASSWORD") {
+        spec.password =
+            Some(secrets::resolve(&reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?);
+    }
+    Ok(spec)
+}
+
+fn apply_url_str(spec: &mut TargetSpec, raw: &str) -> Result<(), String> {
+    let id = spec.id.clone();
+    let url: url::Url = raw.parse().map_err(|e| format!("invalid url: {e}"))?;
+    let allowed: &[&str] = match spec.engine {
+        Engine::PostgreSql => &["postgres", "postgresql"],
+        Engine::MySql | Engine::MariaDb => &["mysql", "mariadb"],
+        Engine::MongoDb => &["mongodb", "mongodb+srv"],
+        Engine::Redis => &["redis", "rediss"],
+        Engine::Sqlite => &[],
+    };
+    if !allowed.contains(&url.scheme()) {
+        return Err(format!("a {} url starts with {}://", spec.engine, allowed.join("://, ")));
+    }
+    if !url.password().unwrap_or("").is_empty() {
+        log::warn!("target {id}: the url holds a password; prefer password = \"env:NAME\" (or file:)");
+        spec.password = Some(crate::secrets::Secret::new(percent_decode(url.password().unwrap_or(""))));
+    }
+    spec.username = percent_decode(url.username());
+    spec.host = url.host_str().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_string();
+    spec.port = url.port().unwrap_or(0);
+    spec.database = percent_decode(url.path().trim_start_matches('/'));
+    for (k, v) in url.query_pairs() {
+        spec.options.insert(k.into_owned(), v.into_owned());
+    }
+    match spec.engine {
+        Engine::Redis if url.scheme() == "rediss" => {
+            spec.options.insert("tls".into(), "true".into());
+        }
+        // mongodb+srv and replica-set URIs carry more than host/port: the driver takes
+        // the URI as written (without its password, which travels separately).
+        Engine::MongoDb => {
+            let mut clean = url.clone();
+            let _ = clean.set_password(None);
+            spec.options.insert("uri".into(), clean.to_string());
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
 }
 
 fn parse_format(f: &Spanned<String>) -> Result<FormatChoice, String> {

@@ -53,14 +53,12 @@ pub fn run_job(
         .map_err(|e| fail(format!("cannot prepare encryption: {e}")))?;
     let storage = cfg.open_storage().map_err(fail)?;
 
-    let mut spec = drivers::TargetSpec::new(&target.id, target.engine);
-    spec.database = target.path.display().to_string();
     let ctx = drivers::DumpContext {
         temp_dir: cfg.state_dir.join("tmp"),
         pipeline_compresses: job.compression != pipeline::Compression::None,
     };
     let drivers::Dump { source, engine_version } =
-        drivers::dump(&spec, &ctx).map_err(|e| fail(e.to_string()))?;
+        drivers::dump(target, &ctx).map_err(|e| fail(e.to_string()))?;
 
     let mut ext = vec![target.engine.dump_extension()];
     ext.extend(job.compression.extension());
