@@ -14,6 +14,7 @@ pub mod drivers;
 pub mod pipeline;
 pub mod runner;
 pub mod secrets;
+pub mod state;
 pub mod storage;
 pub mod verify;
 pub mod wire;

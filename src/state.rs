@@ -1,0 +1,255 @@
+//! The state database (SQLite in `state_dir`, WAL, synchronous=FULL): one record per run,
+//! used by `list`-style reporting, retention and missed-run detection; and the lock that
+//! keeps a second agent off the same state directory.
+//!
+//! Shared by the scheduler thread and the worker threads through one mutex-guarded
+//! connection (the database is the one piece of state made for sharing); every write is
+//! a short transaction.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "another backupy-agent is using the state directory {dir} (it holds the lock {lock}); stop it or use another state_dir"
+    )]
+    Locked { dir: String, lock: String },
+    #[error("state database {path}: {message}")]
+    Db { path: String, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Success,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Success => "success",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "running" => RunStatus::Running,
+            "success" => RunStatus::Success,
+            "cancelled" => RunStatus::Cancelled,
+            _ => RunStatus::Failed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub job_id: String,
+    pub status: RunStatus,
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub size_bytes: u64,
+    pub object_key: String,
+    pub error: String,
+}
+
+pub struct StateDb {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl StateDb {
+    /// Opens (creating) the state database and takes the directory lock. A run that was
+    /// still `running` belongs to an agent that died: it is marked failed.
+    pub fn open(state_dir: &Path) -> Result<Self, StateError> {
+        let db_err = |path: &Path, e: &dyn std::fmt::Display| StateError::Db {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(state_dir).map_err(|e| db_err(state_dir, &e))?;
+        let lock_path = state_dir.join("agent.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| db_err(&lock_path, &e))?;
+        // SAFETY: flock(2) on a descriptor we own; released when the file is closed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StateError::Locked {
+                dir: state_dir.display().to_string(),
+                lock: lock_path.display().to_string(),
+            });
+        }
+        let path = state_dir.join("state.db");
+        let conn = Connection::open(&path).map_err(|e| db_err(&path, &e))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS runs(
+                 run_id TEXT PRIMARY KEY,
+                 job_id TEXT NOT NULL,
+                 status TEXT NOT NULL,
+                 attempt INTEGER NOT NULL DEFAULT 1,
+                 started_at TEXT NOT NULL,
+                 finished_at TEXT,
+                 size_bytes INTEGER NOT NULL DEFAULT 0,
+                 object_key TEXT NOT NULL DEFAULT '',
+                 error TEXT NOT NULL DEFAULT ''
+             );
+             CREATE INDEX IF NOT EXISTS runs_by_job ON runs(job_id, started_at);",
+        )
+        .map_err(|e| db_err(&path, &e))?;
+        conn.execute(
+            "UPDATE runs SET status = 'failed', error = 'agent restarted while the run was in flight',
+             finished_at = ?1 WHERE status = 'running'",
+            params![Utc::now().to_rfc3339()],
+        )
+        .map_err(|e| db_err(&path, &e))?;
+        Ok(Self { conn: Mutex::new(conn), path, _lock: lock })
+    }
+
+    fn err(&self, e: rusqlite::Error) -> StateError {
+        StateError::Db { path: self.path.display().to_string(), message: e.to_string() }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record_start(&self, run_id: &str, job_id: &str, attempt: u32, at: DateTime<Utc>) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO runs(run_id, job_id, status, attempt, started_at) VALUES (?1, ?2, 'running', ?3, ?4)",
+                params![run_id, job_id, attempt, at.to_rfc3339()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn record_finish(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        size_bytes: u64,
+        object_key: &str,
+        error: &str,
+    ) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "UPDATE runs SET status = ?2, finished_at = ?3, size_bytes = ?4, object_key = ?5, error = ?6 WHERE run_id = ?1",
+                params![run_id, status.as_str(), Utc::now().to_rfc3339(), size_bytes as i64, object_key, error],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// When each job last succeeded (for missed-run catch-up).
+    pub fn last_successes(&self) -> Result<std::collections::HashMap<String, DateTime<Utc>>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT job_id, max(started_at) FROM runs WHERE status = 'success' GROUP BY job_id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (job, at) = row.map_err(|e| self.err(e))?;
+            if let Ok(t) = DateTime::parse_from_rfc3339(&at) {
+                out.insert(job, t.with_timezone(&Utc));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT run_id, job_id, status, attempt, started_at, finished_at, size_bytes, object_key, error
+                 FROM runs WHERE run_id = ?1",
+                params![run_id],
+                row_to_record,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The newest runs first.
+    pub fn recent_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT run_id, job_id, status, attempt, started_at, finished_at, size_bytes, object_key, error
+                 FROM runs ORDER BY started_at DESC, rowid DESC LIMIT ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(params![limit as i64], row_to_record).map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+}
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    let parse = |s: String| DateTime::parse_from_rfc3339(&s).map(|t| t.with_timezone(&Utc)).ok();
+    Ok(RunRecord {
+        run_id: r.get(0)?,
+        job_id: r.get(1)?,
+        status: RunStatus::parse(&r.get::<_, String>(2)?),
+        attempt: r.get(3)?,
+        started_at: parse(r.get(4)?).unwrap_or_default(),
+        finished_at: r.get::<_, Option<String>>(5)?.and_then(parse),
+        size_bytes: r.get::<_, i64>(6)? as u64,
+        object_key: r.get(7)?,
+        error: r.get(8)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_agent_on_the_same_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = StateDb::open(dir.path()).unwrap();
+        let err = StateDb::open(dir.path()).err().expect("second open refused");
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("agent.lock"));
+        drop(first);
+        StateDb::open(dir.path()).expect("free again once the first agent is gone");
+    }
+
+    #[test]
+    fn runs_are_recorded_and_interrupted_ones_marked_failed_on_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Utc::now();
+        {
+            let db = StateDb::open(dir.path()).unwrap();
+            db.record_start("r1", "j", 1, t0).unwrap();
+            db.record_finish("r1", RunStatus::Success, 42, "k", "").unwrap();
+            db.record_start("r2", "j", 1, t0 + chrono::Duration::seconds(5)).unwrap();
+            assert_eq!(db.last_successes().unwrap().get("j").map(|t| t.timestamp()), Some(t0.timestamp()));
+        }
+        let db = StateDb::open(dir.path()).unwrap();
+        let r2 = db.run("r2").unwrap().unwrap();
+        assert_eq!(r2.status, RunStatus::Failed);
+        assert!(r2.error.starts_with("agent restarted"));
+        let recent = db.recent_runs(10).unwrap();
+        assert_eq!(recent.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), ["r2", "r1"]);
+        assert_eq!(recent[1].size_bytes, 42);
+    }
+}
