@@ -131,7 +131,13 @@ impl StateDb {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn record_start(&self, run_id: &str, job_id: &str, attempt: u32, at: DateTime<Utc>) -> Result<(), StateError> {
+    pub fn record_start(
+        &self,
+        run_id: &str,
+        job_id: &str,
+        attempt: u32,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError> {
         self.conn()
             .execute(
                 "INSERT OR REPLACE INTO runs(run_id, job_id, status, attempt, started_at) VALUES (?1, ?2, 'running', ?3, ?4)",
