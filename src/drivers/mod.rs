@@ -9,6 +9,7 @@ pub mod exec;
 pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
+pub mod redis;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -195,10 +196,8 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
         }),
         Engine::PostgreSql => postgres::dump(spec, ctx),
         Engine::MySql | Engine::MariaDb => mysql::dump(spec, ctx),
+        Engine::Redis => redis::dump(spec, ctx),
         Engine::MongoDb => mongodb::dump(spec, ctx),
-        other => {
-            Err(DriverError::new(&spec.id, format!("engine {other} is not supported by this build yet")))
-        }
     }
 }
 
