@@ -17,7 +17,7 @@ fi
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "installing what is missing"
-scripts/install-deps.sh core s3
+scripts/install-deps.sh core s3 mongo
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 # shellcheck source=scripts/services.sh
@@ -26,6 +26,10 @@ services_init
 # Services the tests talk to; each export its connection settings as BACKUPY_TEST_*.
 # (The SQLite tests need none: rusqlite is bundled and the sqlite3 CLI judges restores.)
 services_start_s3
+services_start_postgres
+services_start_mariadb
+services_start_redis
+services_start_mongo
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -12,6 +12,7 @@ pub mod config;
 pub mod crypto;
 pub mod drivers;
 pub mod pipeline;
+pub mod restore;
 pub mod retention;
 pub mod runner;
 pub mod secrets;

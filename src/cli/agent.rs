@@ -75,6 +75,32 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
     },
+    /// Restore a backup: SQLite to a file, Redis to a data directory or a server, the
+    /// other engines into a server (password from the URL or BACKUPY_RESTORE_PASSWORD,
+    /// which takes env:/file: references).
+    #[command(
+        after_help = "Examples:\n  backupy-agent restore --config backupy.toml --backup latest --job app-nightly --to ./restored.db\n  \
+        BACKUPY_RESTORE_PASSWORD=env:PGPASS backupy-agent restore --config backupy.toml --backup 3f2c… --to postgres://postgres@127.0.0.1/app_restored"
+    )]
+    Restore {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// A backup ID (the run id from `list`), or `latest`.
+        #[arg(long, value_name = "ID|latest")]
+        backup: String,
+        /// With `latest`: the newest backup of this job.
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+        /// Destination: a file path (SQLite), a directory (Redis RDB) or a server URL.
+        #[arg(long, value_name = "URL|PATH")]
+        to: String,
+        /// The private key (default: [encryption] identity, else backupy.key beside the config).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// Replace an existing file, or existing tables/collections/keys on the server.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the version.
     #[command(after_help = "Example:\n  backupy-agent version --json")]
     Version {
@@ -97,6 +123,9 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),
         Command::List { config, job, json } => list(&config, job.as_deref(), json),
+        Command::Restore { config, backup, job, to, identity, force } => {
+            restore(&config, &backup, job.as_deref(), &to, identity.as_deref(), force)
+        }
         Command::Verify { config, backup, job, identity } => {
             verify(&config, &backup, job.as_deref(), identity.as_deref())
         }
@@ -284,5 +313,28 @@ fn verify(config: &Path, id: &str, job: Option<&str>, identity: Option<&Path>) -
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => bail!("backup {} ({}): {e}", m.id, m.object_key),
+    }
+}
+
+fn restore(
+    config: &Path,
+    id: &str,
+    job: Option<&str>,
+    to: &str,
+    identity: Option<&Path>,
+    force: bool,
+) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
+    let m = find_backup(storage.manifests("").context("cannot list the storage")?, id, job)?;
+    let key = restore_key(&cfg, identity, &m)?;
+    let opts =
+        crate::restore::RestoreOptions { to: to.to_string(), force, temp_dir: cfg.state_dir.join("tmp") };
+    match crate::restore::restore(&storage, &m, key.as_ref(), &opts) {
+        Ok(msg) => {
+            println!("{msg}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => bail!("restore of backup {} ({}): {e}", m.id, m.object_key),
     }
 }

@@ -1,0 +1,181 @@
+//! Restore of a stored backup from storage alone: download, verify the SHA-256 against
+//! the manifest, decrypt, decompress, and hand the dump to its engine's restore — a file
+//! for SQLite (and a Redis data directory), the engine's own tool or protocol for servers.
+//! Runs on the caller's thread; the dump streams through in O(chunk) memory.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::config;
+use crate::crypto::{self, KeySource};
+use crate::drivers::{self, Engine};
+use crate::pipeline::compress::decompress_by_magic;
+use crate::storage::{Manifest, Storage};
+use crate::verify::{Digested, HashingReader, describe};
+
+pub struct RestoreOptions {
+    /// A file (SQLite), a data directory (Redis), or a server URL.
+    pub to: String,
+    /// Replace what is there: an existing SQLite file, existing tables/collections/keys.
+    pub force: bool,
+    /// Where temporary files go.
+    pub temp_dir: PathBuf,
+}
+
+/// Restores `m`; returns a one-line description of what was restored where.
+pub fn restore(
+    storage: &Storage,
+    m: &Manifest,
+    key: Option<&KeySource>,
+    opts: &RestoreOptions,
+) -> Result<String, String> {
+    let engine =
+        Engine::parse(&m.engine).ok_or_else(|| format!("manifest names unknown engine {:?}", m.engine))?;
+    let input = storage.get(&m.object_key).map_err(|e| format!("cannot download {}: {e}", m.object_key))?;
+    let (hashing, digest) = HashingReader::new(input);
+    let plain: Box<dyn Read> = match (m.encryption.as_str(), key) {
+        ("none", _) => Box::new(hashing),
+        (_, Some(k)) => crypto::open(hashing, k).map_err(describe)?.1,
+        (_, None) => return Err(format!("backup {} is encrypted: a private key is needed", m.id)),
+    };
+    let (_, mut dump) = decompress_by_magic(plain).map_err(describe)?;
+    let is_url = opts.to.contains("://");
+    match (engine, is_url) {
+        (Engine::Sqlite, false) => restore_file(&mut dump, Path::new(&opts.to), opts.force, &digest, m),
+        (Engine::Redis, false) => {
+            let dir = Path::new(&opts.to);
+            let n = drivers::redis::restore_to_dir(&mut dump, dir, "dump.rdb").map_err(|e| e.to_string())?;
+            check_digest(&digest, m)?;
+            Ok(format!(
+                "wrote {n} bytes to {}: start redis-server with --dir {} --dbfilename dump.rdb (with the server stopped)",
+                dir.join("dump.rdb").display(),
+                dir.display()
+            ))
+        }
+        (Engine::Sqlite, true) => Err("a SQLite backup restores to a file path, not a URL".into()),
+        (_, false) => {
+            Err(format!("a {engine} backup restores to a server URL, e.g. {}", example_url(engine)))
+        }
+        (_, true) => {
+            let spec = config::target_from_url("restore", engine, &opts.to)?;
+            restore_to_server(engine, &spec, &mut dump, opts)?;
+            check_digest(&digest, m)?;
+            Ok(format!("restored {} into {}", m.id, redact(&opts.to)))
+        }
+    }
+}
+
+fn restore_to_server(
+    engine: Engine,
+    spec: &drivers::TargetSpec,
+    dump: &mut dyn Read,
+    opts: &RestoreOptions,
+) -> Result<(), String> {
+    let temp = Some(opts.temp_dir.clone());
+    match engine {
+        Engine::PostgreSql => drivers::postgres::restore(
+            spec,
+            dump,
+            &drivers::postgres::PgRestoreOptions {
+                clean: opts.force,
+                no_owner: true,
+                temp_dir: temp,
+                ..Default::default()
+            },
+        ),
+        Engine::MySql | Engine::MariaDb => drivers::mysql::restore(
+            spec,
+            dump,
+            &drivers::mysql::MySqlRestoreOptions { create_database: true, temp_dir: temp },
+        ),
+        Engine::MongoDb => drivers::mongodb::restore(
+            spec,
+            dump,
+            &drivers::mongodb::RestoreOptions {
+                drop: opts.force,
+                target_db: (!spec.database.is_empty()).then(|| spec.database.clone()),
+                temp_dir: opts.temp_dir.clone(),
+                native: false,
+            },
+        )
+        .map(|_| ()),
+        Engine::Redis => drivers::redis::restore_replay(
+            spec,
+            dump,
+            &drivers::redis::ReplayOptions { replace: opts.force, redis_server: None, temp_dir: temp },
+        )
+        .map(|_| ()),
+        Engine::Sqlite => unreachable!("SQLite restores to a file"),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// Writes a SQLite database next to its destination, checks it, then renames it into place.
+fn restore_file(
+    dump: &mut dyn Read,
+    to: &Path,
+    force: bool,
+    digest: &Arc<Mutex<Digested>>,
+    m: &Manifest,
+) -> Result<String, String> {
+    if to.exists() && !force {
+        return Err(format!("{} already exists; pass --force to replace it", to.display()));
+    }
+    let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".restore-")
+        .tempfile_in(dir)
+        .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))?;
+    let n = std::io::copy(dump, tmp.as_file_mut()).map_err(describe)?;
+    check_digest(digest, m)?;
+    tmp.as_file().sync_all().map_err(|e| e.to_string())?;
+    let conn =
+        rusqlite::Connection::open(tmp.path()).map_err(|e| format!("restored file does not open: {e}"))?;
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(|e| format!("restored database fails its integrity check: {e}"))?;
+    drop(conn);
+    if check != "ok" {
+        return Err(format!("restored database fails its integrity check: {check}"));
+    }
+    tmp.persist(to).map_err(|e| format!("cannot rename into {}: {}", to.display(), e.error))?;
+    Ok(format!("restored {} ({n} bytes, integrity ok) to {}", m.id, to.display()))
+}
+
+fn check_digest(digest: &Arc<Mutex<Digested>>, m: &Manifest) -> Result<(), String> {
+    let d = digest.lock().unwrap_or_else(|p| p.into_inner());
+    if d.bytes != m.size_bytes || d.hex() != m.sha256 {
+        return Err(format!(
+            "the stored object ({} bytes, sha256 {}) does not match its manifest ({} bytes, sha256 {})",
+            d.bytes,
+            d.hex(),
+            m.size_bytes,
+            m.sha256
+        ));
+    }
+    Ok(())
+}
+
+fn example_url(engine: Engine) -> &'static str {
+    match engine {
+        Engine::PostgreSql => "postgres://user@127.0.0.1:5432/newdb",
+        Engine::MySql | Engine::MariaDb => "mysql://root@127.0.0.1:3306/newdb",
+        Engine::MongoDb => "mongodb://user@127.0.0.1:27017/newdb",
+        Engine::Redis => "redis://127.0.0.1:6379 (or a data directory)",
+        Engine::Sqlite => "/path/to/restored.db",
+    }
+}
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<url>".into(),
+    }
+}
