@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod restore;
 pub mod retention;
 pub mod runner;
+pub mod scheduler;
 pub mod secrets;
 pub mod state;
 pub mod storage;

@@ -1,0 +1,594 @@
+//! The standalone scheduler against agent.md ("Backup run — the pipeline": maintenance
+//! window, retries; "Standalone configuration": cron in UTC, 5 or 6 fields) and issue 4
+//! (overlap, catch-up, max_parallel_jobs, timeout, shutdown). Time is a ManualClock: each
+//! test moves it by hand and reads what the scheduler did from its events, so nothing
+//! sleeps through real minutes. Expected weekdays come from `date -u -d`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use backupy_agent::pipeline::Cancel;
+use backupy_agent::scheduler::{
+    Clock, CronSchedule, JobSchedule, MaintenanceWindow, ManualClock, PlannedJob, RetryPolicy, RunOutcome,
+    RunRequest, Scheduler, SchedulerCommand, SchedulerEvent, SchedulerHandle, SchedulerOptions, SkipReason,
+    Sleeper, Summary, SystemClock, plan,
+};
+use chrono::{DateTime, Utc};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+/// Real time allowed for the scheduler to react to one step of a test.
+const WAIT: Duration = Duration::from_secs(10);
+
+fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn cron(expr: &str) -> CronSchedule {
+    CronSchedule::parse(expr).unwrap_or_else(|e| panic!("{expr}: {e}"))
+}
+
+fn times(list: &[&str]) -> Vec<DateTime<Utc>> {
+    list.iter().map(|s| t(s)).collect()
+}
+
+// ---------------------------------------------------------------- fire times
+
+#[test]
+fn every_five_minutes_crosses_the_hour_and_the_day() {
+    let s = cron("*/5 * * * *");
+    assert_eq!(
+        s.upcoming(t("2028-01-03T10:52:30Z"), 4),
+        times(&[
+            "2028-01-03T10:55:00Z",
+            "2028-01-03T11:00:00Z",
+            "2028-01-03T11:05:00Z",
+            "2028-01-03T11:10:00Z"
+        ])
+    );
+    // Strictly after: a fire time itself is not its own next fire.
+    assert_eq!(s.next_after(t("2028-01-03T10:55:00Z")), Some(t("2028-01-03T11:00:00Z")));
+    assert_eq!(s.next_after(t("2028-01-03T23:57:00Z")), Some(t("2028-01-04T00:00:00Z")));
+}
+
+#[test]
+fn first_of_the_month_follows_every_month_end() {
+    let s = cron("0 0 1 * *");
+    assert_eq!(s.next_after(t("2027-01-31T12:00:00Z")), Some(t("2027-02-01T00:00:00Z")));
+    // 2028 is a leap year: February has a 29th, and March 1st still follows it.
+    assert_eq!(s.next_after(t("2028-02-28T23:59:00Z")), Some(t("2028-03-01T00:00:00Z")));
+    assert_eq!(s.next_after(t("2028-02-29T00:00:00Z")), Some(t("2028-03-01T00:00:00Z")));
+    assert_eq!(s.next_after(t("2027-12-31T23:00:00Z")), Some(t("2028-01-01T00:00:00Z")));
+    // The 29th of February waits for the next leap year.
+    assert_eq!(cron("0 0 29 2 *").next_after(t("2027-03-01T00:00:00Z")), Some(t("2028-02-29T00:00:00Z")));
+}
+
+#[test]
+fn last_minute_of_the_year_crosses_the_year_end() {
+    let s = cron("59 23 31 12 *");
+    assert_eq!(
+        s.upcoming(t("2027-06-01T00:00:00Z"), 2),
+        times(&["2027-12-31T23:59:00Z", "2028-12-31T23:59:00Z"])
+    );
+}
+
+#[test]
+fn six_fields_start_with_seconds() {
+    let s = cron("*/10 * * * * *");
+    assert_eq!(s.next_after(t("2028-01-03T12:00:05Z")), Some(t("2028-01-03T12:00:10Z")));
+    assert_eq!(
+        s.upcoming(t("2028-01-03T12:00:45Z"), 3),
+        times(&["2028-01-03T12:00:50Z", "2028-01-03T12:01:00Z", "2028-01-03T12:01:10Z"])
+    );
+    // Five fields fire on the minute.
+    assert_eq!(cron("* * * * *").next_after(t("2028-01-03T12:00:05Z")), Some(t("2028-01-03T12:01:00Z")));
+}
+
+#[test]
+fn day_of_week_zero_and_seven_are_sunday() {
+    // 2028-01-01 is a Saturday; Sundays follow on the 2nd, 9th and 16th.
+    let sundays = times(&["2028-01-02T03:00:00Z", "2028-01-09T03:00:00Z", "2028-01-16T03:00:00Z"]);
+    for expr in ["0 3 * * 0", "0 3 * * 7", "0 3 * * SUN", "0 3 * * sun"] {
+        assert_eq!(cron(expr).upcoming(t("2028-01-01T00:00:00Z"), 3), sundays, "{expr}");
+    }
+}
+
+#[test]
+fn one_to_five_and_mon_fri_are_the_weekdays() {
+    // Monday 2028-01-03 … Friday 2028-01-07, then Monday 2028-01-10.
+    let weekdays = times(&[
+        "2028-01-03T03:00:00Z",
+        "2028-01-04T03:00:00Z",
+        "2028-01-05T03:00:00Z",
+        "2028-01-06T03:00:00Z",
+        "2028-01-07T03:00:00Z",
+        "2028-01-10T03:00:00Z",
+    ]);
+    for expr in ["0 3 * * 1-5", "0 3 * * MON-FRI", "0 3 * * mon,tue,wed,thu,fri"] {
+        assert_eq!(cron(expr).upcoming(t("2028-01-01T00:00:00Z"), 6), weekdays, "{expr}");
+    }
+    // A range through Sunday: Friday, Saturday, Sunday.
+    assert_eq!(
+        cron("0 3 * * 5-7").upcoming(t("2028-01-03T00:00:00Z"), 3),
+        times(&["2028-01-07T03:00:00Z", "2028-01-08T03:00:00Z", "2028-01-09T03:00:00Z"])
+    );
+}
+
+#[test]
+fn invalid_expressions_are_refused_with_a_reason() {
+    let refused =
+        |expr: &str| CronSchedule::parse(expr).err().unwrap_or_else(|| panic!("{expr:?} was accepted"));
+    let e = refused("* * * *");
+    assert!(e.contains("expected 5 fields") && e.contains("found 4"), "{e}");
+    assert_eq!(refused("61 * * * *"), "minute field \"61\": 61 is out of range 0-59");
+    let e = refused("* * * * MONX");
+    assert!(e.starts_with("day-of-week field \"MONX\": unknown name \"MONX\""), "{e}");
+    let e = refused("");
+    assert!(e.starts_with("empty cron expression"), "{e}");
+    let e = refused("   ");
+    assert!(e.starts_with("empty cron expression"), "{e}");
+    // The crate's 7th (year) field is not part of the spec's format.
+    assert!(refused("0 0 0 * * * 2028").contains("found 7"));
+    assert!(refused("0 24 * * *").starts_with("hour field"));
+    assert!(refused("0 0 * 13 *").starts_with("month field"));
+    assert!(refused("0 0 * * 8").starts_with("day-of-week field"));
+    assert!(refused("0 0 30 2 *").starts_with("never fires"));
+}
+
+#[test]
+fn check_config_plan_lists_the_next_three_fire_times() {
+    let jobs = vec![
+        JobSchedule::new("nightly", cron("0 3 * * *")),
+        JobSchedule::new("often", cron("*/10 * * * * *")),
+    ];
+    assert_eq!(
+        plan(&jobs, t("2028-01-03T10:00:00Z"), 3),
+        vec![
+            PlannedJob {
+                job_id: "nightly".into(),
+                next: times(&["2028-01-04T03:00:00Z", "2028-01-05T03:00:00Z", "2028-01-06T03:00:00Z"]),
+            },
+            PlannedJob {
+                job_id: "often".into(),
+                next: times(&["2028-01-03T10:00:10Z", "2028-01-03T10:00:20Z", "2028-01-03T10:00:30Z"]),
+            },
+        ]
+    );
+}
+
+// ---------------------------------------------------------------- the scheduler thread
+
+/// A scheduler on a ManualClock, with its events.
+struct Harness {
+    clock: Arc<ManualClock>,
+    events: Receiver<SchedulerEvent>,
+    handle: SchedulerHandle,
+}
+
+impl Harness {
+    fn start<F>(clock: Arc<ManualClock>, mut options: SchedulerOptions, run: F) -> Harness
+    where
+        F: Fn(RunRequest, Cancel) -> RunOutcome + Send + Sync + 'static,
+    {
+        let (tx, events) = crossbeam_channel::unbounded();
+        options.clock = clock.clone();
+        options.events = Some(tx);
+        let handle = Scheduler::start(options, run).expect("scheduler starts");
+        Harness { clock, events, handle }
+    }
+
+    fn set(&self, now: &str) {
+        self.clock.set(t(now));
+    }
+
+    fn send(&self, command: SchedulerCommand) {
+        self.handle.send(command).expect("scheduler is running");
+    }
+
+    fn event(&self) -> SchedulerEvent {
+        match self.events.recv_timeout(WAIT) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) => panic!("no scheduler event within {WAIT:?}"),
+            Err(RecvTimeoutError::Disconnected) => panic!("the scheduler stopped"),
+        }
+    }
+
+    fn started(&self) -> RunRequest {
+        match self.event() {
+            SchedulerEvent::RunStarted(request) => request,
+            other => panic!("expected RunStarted, got {other:?}"),
+        }
+    }
+
+    fn finished(&self) -> (RunRequest, RunOutcome) {
+        match self.event() {
+            SchedulerEvent::RunFinished { request, outcome } => (request, outcome),
+            other => panic!("expected RunFinished, got {other:?}"),
+        }
+    }
+
+    fn skipped(&self) -> (String, DateTime<Utc>, SkipReason) {
+        match self.event() {
+            SchedulerEvent::RunSkipped { job_id, scheduled_for, reason, .. } => {
+                (job_id, scheduled_for, reason)
+            }
+            other => panic!("expected RunSkipped, got {other:?}"),
+        }
+    }
+
+    /// The scheduler is asleep until `until` and has nothing more to report.
+    fn asleep_until(&self, until: &str) {
+        assert_eq!(self.clock.wait_for_sleeper(WAIT), Some(Sleeper::Until(t(until))));
+        let extra: Vec<SchedulerEvent> = self.events.try_iter().collect();
+        assert!(extra.is_empty(), "unexpected events: {extra:?}");
+    }
+
+    fn shutdown(self, grace: Duration) -> Summary {
+        self.handle.shutdown(grace)
+    }
+}
+
+/// Run functions that wait until the test releases them (or they are cancelled), and
+/// that record what they saw.
+struct Runs {
+    release: HashMap<String, Sender<RunOutcome>>,
+    /// Which job started, and the clock's time when it did.
+    seen: Receiver<(String, DateTime<Utc>)>,
+    peak: Arc<AtomicUsize>,
+}
+
+impl Runs {
+    fn new(
+        jobs: &[&str],
+        clock: Arc<ManualClock>,
+    ) -> (Runs, impl Fn(RunRequest, Cancel) -> RunOutcome + Send + Sync + 'static) {
+        let mut release = HashMap::new();
+        let mut gates = HashMap::new();
+        for job in jobs {
+            let (tx, rx) = crossbeam_channel::unbounded::<RunOutcome>();
+            release.insert(job.to_string(), tx);
+            gates.insert(job.to_string(), rx);
+        }
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (active, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let peak_seen = peak.clone();
+        let run = move |request: RunRequest, cancel: Cancel| {
+            let now_running = active.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now_running, Ordering::SeqCst);
+            let _ = seen_tx.send((request.job_id.clone(), clock.now()));
+            let gate = &gates[&request.job_id];
+            let outcome = loop {
+                if cancel.is_cancelled() {
+                    break RunOutcome::Cancelled;
+                }
+                match gate.recv_timeout(Duration::from_millis(2)) {
+                    Ok(outcome) => break outcome,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break RunOutcome::Failed("test ended".into()),
+                }
+            };
+            active.fetch_sub(1, Ordering::SeqCst);
+            outcome
+        };
+        (Runs { release, seen, peak: peak_seen }, run)
+    }
+
+    fn release(&self, job: &str, outcome: RunOutcome) {
+        self.release[job].send(outcome).unwrap();
+    }
+
+    fn seen(&self) -> (String, DateTime<Utc>) {
+        self.seen.recv_timeout(WAIT).expect("a run function was called")
+    }
+}
+
+fn options(jobs: Vec<JobSchedule>, last_success: &[(&str, &str)]) -> SchedulerOptions {
+    let mut options = SchedulerOptions::new(jobs);
+    options.last_success = last_success.iter().map(|(job, at)| (job.to_string(), t(at))).collect();
+    options
+}
+
+#[test]
+fn a_fire_while_the_job_runs_is_skipped_and_reported() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T10:01:00Z")));
+    let (runs, run) = Runs::new(&["a"], clock.clone());
+    let jobs = vec![JobSchedule::new("a", cron("*/5 * * * *"))];
+    let h = Harness::start(clock, options(jobs, &[("a", "2028-01-03T10:00:00Z")]), run);
+
+    h.asleep_until("2028-01-03T10:05:00Z");
+    h.set("2028-01-03T10:05:00Z");
+    let first = h.started();
+    assert_eq!(
+        (first.job_id.as_str(), first.scheduled_for, first.attempt, first.manual),
+        ("a", t("2028-01-03T10:05:00Z"), 1, false)
+    );
+
+    // Still running at the next fire: skipped, not queued behind it.
+    h.set("2028-01-03T10:10:00Z");
+    assert_eq!(h.skipped(), ("a".to_string(), t("2028-01-03T10:10:00Z"), SkipReason::AlreadyRunning));
+    h.asleep_until("2028-01-03T10:15:00Z");
+
+    runs.release("a", RunOutcome::Success);
+    assert_eq!(h.finished(), (first, RunOutcome::Success));
+    h.set("2028-01-03T10:15:00Z");
+    let second = h.started();
+    assert_eq!(second.scheduled_for, t("2028-01-03T10:15:00Z"));
+    runs.release("a", RunOutcome::Success);
+    h.finished();
+
+    let summary = h.shutdown(Duration::ZERO);
+    assert_eq!((summary.started, summary.succeeded, summary.skipped_already_running), (2, 2, 1));
+}
+
+#[test]
+fn maintenance_window_spanning_midnight_skips_scheduled_runs_but_not_manual_ones() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T21:30:00Z")));
+    let jobs = vec![JobSchedule::new("hourly", cron("0 * * * *"))];
+    let mut opts = options(jobs, &[("hourly", "2028-01-03T21:00:00Z")]);
+    opts.maintenance_window = Some(MaintenanceWindow::parse("22:00", "02:00").unwrap());
+    let h = Harness::start(clock, opts, |_, _| RunOutcome::Success);
+
+    for inside in ["2028-01-03T22:00:00Z", "2028-01-03T23:00:00Z"] {
+        h.set(inside);
+        assert_eq!(h.skipped(), ("hourly".to_string(), t(inside), SkipReason::MaintenanceWindow));
+    }
+    h.set("2028-01-03T23:30:00Z");
+    h.send(SchedulerCommand::RunNow { job_id: "hourly".into() });
+    let manual = h.started();
+    assert!(manual.manual);
+    assert_eq!(manual.scheduled_for, t("2028-01-03T23:30:00Z"));
+    assert_eq!(h.finished().1, RunOutcome::Success);
+    for inside in ["2028-01-04T00:00:00Z", "2028-01-04T01:00:00Z"] {
+        h.set(inside);
+        assert_eq!(h.skipped(), ("hourly".to_string(), t(inside), SkipReason::MaintenanceWindow));
+    }
+    // The window's end is outside it.
+    h.set("2028-01-04T02:00:00Z");
+    let after = h.started();
+    assert_eq!((after.scheduled_for, after.manual), (t("2028-01-04T02:00:00Z"), false));
+    h.finished();
+
+    let summary = h.shutdown(Duration::ZERO);
+    assert_eq!((summary.started, summary.skipped_maintenance_window), (2, 4));
+}
+
+#[test]
+fn a_retry_due_inside_the_maintenance_window_waits_for_its_end() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T20:59:00Z")));
+    let (runs, run) = Runs::new(&["db"], clock.clone());
+    let mut job = JobSchedule::new("db", cron("0 21 * * *"));
+    job.retry = RetryPolicy { max_attempts: 2, backoff_seconds: vec![3600] };
+    let mut opts = options(vec![job], &[("db", "2028-01-02T21:00:00Z")]);
+    opts.maintenance_window = Some(MaintenanceWindow::parse("22:00", "02:00").unwrap());
+    let h = Harness::start(clock, opts, run);
+
+    h.set("2028-01-03T21:00:00Z");
+    h.started();
+    runs.release("db", RunOutcome::Failed("disk full".into()));
+    h.finished();
+    let retry =
+        SchedulerEvent::RetryScheduled { job_id: "db".into(), attempt: 2, at: t("2028-01-03T22:00:00Z") };
+    assert_eq!(h.event(), retry);
+    h.asleep_until("2028-01-03T22:00:00Z");
+    h.set("2028-01-03T22:00:00Z");
+    let deferred =
+        SchedulerEvent::RunDeferred { job_id: "db".into(), attempt: 2, until: t("2028-01-04T02:00:00Z") };
+    assert_eq!(h.event(), deferred);
+    h.asleep_until("2028-01-04T02:00:00Z");
+    h.set("2028-01-04T02:00:00Z");
+    let retry = h.started();
+    assert_eq!((retry.attempt, retry.scheduled_for), (2, t("2028-01-04T02:00:00Z")));
+    runs.release("db", RunOutcome::Success);
+    h.finished();
+    assert_eq!(h.shutdown(Duration::ZERO).started, 2);
+}
+
+#[test]
+fn a_catch_up_run_due_inside_the_maintenance_window_waits_for_its_end() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T23:00:00Z")));
+    let mut opts = options(vec![JobSchedule::new("db", cron("0 12 * * *"))], &[]);
+    opts.maintenance_window = Some(MaintenanceWindow::parse("22:00", "02:00").unwrap());
+    let h = Harness::start(clock, opts, |_, _| RunOutcome::Success);
+
+    let deferred =
+        SchedulerEvent::RunDeferred { job_id: "db".into(), attempt: 1, until: t("2028-01-04T02:00:00Z") };
+    assert_eq!(h.event(), deferred);
+    h.asleep_until("2028-01-04T02:00:00Z");
+    h.set("2028-01-04T02:00:00Z");
+    assert_eq!(h.started().attempt, 1);
+    h.finished();
+    h.asleep_until("2028-01-04T12:00:00Z");
+    assert_eq!(h.shutdown(Duration::ZERO).started, 1);
+}
+
+#[test]
+fn failed_runs_are_retried_after_each_backoff_until_max_attempts() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T02:59:00Z")));
+    let (runs, run) = Runs::new(&["db"], clock.clone());
+    let mut job = JobSchedule::new("db", cron("0 3 * * *"));
+    job.retry = RetryPolicy { max_attempts: 3, backoff_seconds: vec![30, 120] };
+    let h = Harness::start(clock, options(vec![job], &[("db", "2028-01-02T03:00:00Z")]), run);
+
+    h.set("2028-01-03T03:00:00Z");
+    let first = h.started();
+    runs.release("db", RunOutcome::Failed("connection refused".into()));
+    assert_eq!(h.finished(), (first.clone(), RunOutcome::Failed("connection refused".into())));
+    let retry =
+        SchedulerEvent::RetryScheduled { job_id: "db".into(), attempt: 2, at: t("2028-01-03T03:00:30Z") };
+    assert_eq!(h.event(), retry);
+    h.asleep_until("2028-01-03T03:00:30Z");
+    h.set("2028-01-03T03:00:29Z");
+    h.asleep_until("2028-01-03T03:00:30Z");
+
+    h.set("2028-01-03T03:00:30Z");
+    let second = h.started();
+    assert_eq!((second.attempt, second.scheduled_for, second.manual), (2, t("2028-01-03T03:00:30Z"), false));
+    assert_ne!(second.run_id, first.run_id);
+    runs.release("db", RunOutcome::Failed("connection refused".into()));
+    h.finished();
+    let retry =
+        SchedulerEvent::RetryScheduled { job_id: "db".into(), attempt: 3, at: t("2028-01-03T03:02:30Z") };
+    assert_eq!(h.event(), retry);
+    h.asleep_until("2028-01-03T03:02:30Z");
+
+    h.set("2028-01-03T03:02:30Z");
+    assert_eq!(h.started().attempt, 3);
+    runs.release("db", RunOutcome::Failed("connection refused".into()));
+    h.finished();
+    // Attempt 3 of 3: no more retries, the next run is tomorrow's.
+    h.asleep_until("2028-01-04T03:00:00Z");
+
+    let started_at: Vec<DateTime<Utc>> = (0..3).map(|_| runs.seen().1).collect();
+    assert_eq!(started_at, times(&["2028-01-03T03:00:00Z", "2028-01-03T03:00:30Z", "2028-01-03T03:02:30Z"]));
+    let summary = h.shutdown(Duration::ZERO);
+    assert_eq!((summary.started, summary.failed, summary.retries_scheduled), (3, 3, 2));
+}
+
+#[test]
+fn a_run_missed_while_down_runs_once_at_start() {
+    // Last success two periods ago: 01-02 03:00 and 01-03 03:00 were both missed.
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
+    let jobs = vec![JobSchedule::new("nightly", cron("0 3 * * *"))];
+    let h = Harness::start(clock, options(jobs, &[("nightly", "2028-01-01T03:00:00Z")]), |_, _| {
+        RunOutcome::Success
+    });
+
+    let run = h.started();
+    assert_eq!((run.scheduled_for, run.attempt, run.manual), (t("2028-01-03T04:00:00Z"), 1, false));
+    assert_eq!(h.finished().1, RunOutcome::Success);
+    h.asleep_until("2028-01-04T03:00:00Z");
+    assert_eq!(h.shutdown(Duration::ZERO).started, 1);
+}
+
+#[test]
+fn a_recent_success_means_no_catch_up() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
+    let jobs = vec![JobSchedule::new("nightly", cron("0 3 * * *"))];
+    let h = Harness::start(clock, options(jobs, &[("nightly", "2028-01-03T03:00:05Z")]), |_, _| {
+        RunOutcome::Success
+    });
+
+    h.asleep_until("2028-01-04T03:00:00Z");
+    assert_eq!(h.shutdown(Duration::ZERO).started, 0);
+}
+
+#[test]
+fn a_job_with_no_recorded_success_runs_once_at_start() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
+    let jobs = vec![JobSchedule::new("new", cron("0 3 * * *"))];
+    let h = Harness::start(clock, options(jobs, &[]), |_, _| RunOutcome::Success);
+
+    assert_eq!(h.started().scheduled_for, t("2028-01-03T04:00:00Z"));
+    h.finished();
+    h.asleep_until("2028-01-04T03:00:00Z");
+    assert_eq!(h.shutdown(Duration::ZERO).started, 1);
+}
+
+#[test]
+fn at_most_max_parallel_jobs_run_at_once() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
+    let (runs, run) = Runs::new(&["a", "b", "c"], clock.clone());
+    let jobs = ["a", "b", "c"].iter().map(|id| JobSchedule::new(*id, cron("0 3 * * *"))).collect();
+    let mut opts = options(jobs, &[]);
+    opts.max_parallel_jobs = 2;
+    let h = Harness::start(clock, opts, run);
+
+    // All three are due at start; two start, the third waits for a worker.
+    assert_eq!(h.started().job_id, "a");
+    assert_eq!(h.started().job_id, "b");
+    h.asleep_until("2028-01-04T03:00:00Z");
+
+    runs.release("b", RunOutcome::Success);
+    assert_eq!(h.finished().0.job_id, "b");
+    assert_eq!(h.started().job_id, "c");
+    runs.release("a", RunOutcome::Success);
+    runs.release("c", RunOutcome::Success);
+    h.finished();
+    h.finished();
+
+    assert_eq!(runs.peak.load(Ordering::SeqCst), 2);
+    let summary = h.shutdown(Duration::ZERO);
+    assert_eq!((summary.started, summary.succeeded, summary.skipped_already_running), (3, 3, 0));
+}
+
+#[test]
+fn a_run_past_its_timeout_is_cancelled_and_fails() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T10:04:00Z")));
+    let (_runs, run) = Runs::new(&["slow"], clock.clone());
+    let mut job = JobSchedule::new("slow", cron("*/5 * * * *"));
+    job.timeout = Some(Duration::from_secs(30));
+    let h = Harness::start(clock, options(vec![job], &[("slow", "2028-01-03T10:00:00Z")]), run);
+
+    h.set("2028-01-03T10:05:00Z");
+    let request = h.started();
+    h.asleep_until("2028-01-03T10:05:30Z");
+    h.set("2028-01-03T10:05:29Z");
+    h.asleep_until("2028-01-03T10:05:30Z");
+
+    h.set("2028-01-03T10:05:30Z");
+    assert_eq!(h.event(), SchedulerEvent::RunTimedOut { job_id: "slow".into(), run_id: request.run_id });
+    assert_eq!(h.finished(), (request, RunOutcome::Failed("timed out after 30s".into())));
+
+    let summary = h.shutdown(Duration::ZERO);
+    assert_eq!((summary.timed_out, summary.failed, summary.cancelled), (1, 1, 0));
+}
+
+#[test]
+fn shutdown_lets_a_short_run_finish_and_cancels_a_long_one_after_the_grace() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
+    let (runs, run) = Runs::new(&["short", "long"], clock.clone());
+    let jobs =
+        vec![JobSchedule::new("short", cron("0 3 * * *")), JobSchedule::new("long", cron("0 3 * * *"))];
+    let h = Harness::start(clock, options(jobs, &[]), run);
+    h.started();
+    h.started();
+
+    h.send(SchedulerCommand::Shutdown { grace: Duration::from_secs(60) });
+    assert_eq!(h.event(), SchedulerEvent::ShutdownStarted { running: 2 });
+    h.send(SchedulerCommand::RunNow { job_id: "short".into() });
+    assert_eq!(h.skipped().2, SkipReason::ShuttingDown);
+
+    runs.release("short", RunOutcome::Success);
+    let (request, outcome) = h.finished();
+    assert_eq!((request.job_id.as_str(), outcome), ("short", RunOutcome::Success));
+    // The long one gets the rest of the grace period, measured on the scheduler's clock.
+    h.asleep_until("2028-01-03T04:01:00Z");
+
+    h.set("2028-01-03T04:01:00Z");
+    let (request, outcome) = h.finished();
+    assert_eq!((request.job_id.as_str(), outcome), ("long", RunOutcome::Cancelled));
+    let summary = h.handle.join();
+    assert_eq!((summary.succeeded, summary.cancelled, summary.skipped_shutting_down), (1, 1, 1));
+}
+
+#[test]
+fn run_now_for_an_unknown_job_is_refused() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
+    let jobs = vec![JobSchedule::new("a", cron("0 3 * * *"))];
+    let h =
+        Harness::start(clock, options(jobs, &[("a", "2028-01-03T03:00:00Z")]), |_, _| RunOutcome::Success);
+    h.send(SchedulerCommand::RunNow { job_id: "nope".into() });
+    assert_eq!(h.skipped(), ("nope".to_string(), t("2028-01-03T04:00:00Z"), SkipReason::UnknownJob));
+    assert_eq!(h.shutdown(Duration::ZERO).skipped_unknown_job, 1);
+}
+
+#[test]
+fn the_system_clock_fires_a_seconds_schedule() {
+    let (tx, events) = crossbeam_channel::unbounded();
+    let now = SystemClock.now();
+    let mut opts = options(vec![JobSchedule::new("tick", cron("* * * * * *"))], &[]);
+    opts.last_success.insert("tick".into(), now);
+    opts.events = Some(tx);
+    let handle = Scheduler::start(opts, |_, _| RunOutcome::Success).unwrap();
+    match events.recv_timeout(Duration::from_secs(3)) {
+        Ok(SchedulerEvent::RunStarted(request)) => {
+            assert!(
+                request.scheduled_for > now && request.scheduled_for <= now + chrono::TimeDelta::seconds(2)
+            );
+        }
+        other => panic!("expected a run within 3 s, got {other:?}"),
+    }
+    let summary = handle.shutdown(Duration::from_secs(5));
+    assert!(summary.started >= 1);
+}
