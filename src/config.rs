@@ -37,6 +37,40 @@ struct RawConfig {
     targets: Vec<Spanned<RawTarget>>,
     #[serde(default)]
     jobs: Vec<Spanned<RawJob>>,
+    max_parallel_jobs: Option<Spanned<u32>>,
+    maintenance: Option<Spanned<RawMaintenance>>,
+    #[serde(default)]
+    health_checks: Vec<Spanned<RawHealthCheck>>,
+    /// Seconds a graceful shutdown waits for running backups before cancelling them.
+    shutdown_grace_sec: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMaintenance {
+    start_utc: Spanned<String>,
+    end_utc: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    id: Spanned<String>,
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    target: Spanned<String>,
+    interval_sec: Option<u32>,
+    timeout_sec: Option<u32>,
+    expected_status: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    backoff_seconds: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +137,11 @@ struct RawJob {
     compression: Option<Spanned<String>>,
     encryption: Option<Spanned<String>>,
     format: Option<Spanned<String>>,
+    retention_days: Option<u32>,
+    keep_last: Option<u32>,
+    /// The whole run's limit; 0 or absent = none.
+    timeout_sec: Option<u64>,
+    retry: Option<RawRetry>,
 }
 
 /// A validated standalone configuration. Paths are absolute or relative to the
@@ -115,6 +154,11 @@ pub struct Config {
     pub encryption: EncryptionConfig,
     pub targets: BTreeMap<String, TargetSpec>,
     pub jobs: Vec<Job>,
+    pub max_parallel_jobs: usize,
+    /// ("HH:MM", "HH:MM") UTC; scheduled runs do not start inside it.
+    pub maintenance: Option<(String, String)>,
+    pub health_checks: Vec<HealthCheck>,
+    pub shutdown_grace: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +191,36 @@ pub struct Job {
     /// `encryption = "none"`: the only way to store plaintext.
     pub plaintext: bool,
     pub format: Option<FormatChoice>,
+    pub retention: crate::retention::Rules,
+    pub timeout: Option<std::time::Duration>,
+    pub retry: RetryConfig,
+}
+
+/// Retries of failed scheduled runs: `max_attempts` in all (1 = no retry), waiting
+/// `backoff_seconds[k]` before attempt k+2 (the last value repeats).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub backoff_seconds: Vec<u32>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { max_attempts: 1, backoff_seconds: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub id: String,
+    pub name: String,
+    /// "http", "https" or "tcp".
+    pub kind: String,
+    pub target: String,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    /// 0 = any 2xx.
+    pub expected_status: u32,
 }
 
 impl Config {
@@ -313,6 +387,18 @@ impl Config {
                     ));
                 }
             }
+            if let Some(c) = &rj.cron {
+                crate::scheduler::CronSchedule::parse(c.get_ref()).map_err(|why| {
+                    fail(Some(c.span()), format!("job {id:?}: invalid cron {:?}: {why}", c.get_ref()))
+                })?;
+            }
+            let retry = match &rj.retry {
+                Some(r) => RetryConfig {
+                    max_attempts: r.max_attempts.unwrap_or(1).max(1),
+                    backoff_seconds: r.backoff_seconds.clone(),
+                },
+                None => RetryConfig::default(),
+            };
             jobs.push(Job {
                 id,
                 target,
@@ -320,9 +406,52 @@ impl Config {
                 compression,
                 plaintext,
                 format,
+                retention: crate::retention::Rules {
+                    retention_days: rj.retention_days,
+                    keep_last: rj.keep_last,
+                },
+                timeout: rj.timeout_sec.filter(|s| *s > 0).map(std::time::Duration::from_secs),
+                retry,
             });
         }
-        Ok(Config { file: path.to_path_buf(), state_dir, storage, encryption, targets, jobs })
+        let max_parallel_jobs = match &raw.max_parallel_jobs {
+            Some(n) if !(1..=64).contains(n.get_ref()) => {
+                return Err(fail(Some(n.span()), "max_parallel_jobs must be between 1 and 64".into()));
+            }
+            Some(n) => *n.get_ref() as usize,
+            None => 2,
+        };
+        let maintenance = match &raw.maintenance {
+            Some(m) => {
+                let r = m.get_ref();
+                for t in [&r.start_utc, &r.end_utc] {
+                    if chrono::NaiveTime::parse_from_str(t.get_ref(), "%H:%M").is_err() {
+                        return Err(fail(
+                            Some(t.span()),
+                            format!("{:?} is not a UTC time HH:MM", t.get_ref()),
+                        ));
+                    }
+                }
+                Some((r.start_utc.get_ref().clone(), r.end_utc.get_ref().clone()))
+            }
+            None => None,
+        };
+        let mut health_checks = Vec::new();
+        for h in &raw.health_checks {
+            health_checks.push(parse_health_check(h.get_ref(), &fail)?);
+        }
+        Ok(Config {
+            file: path.to_path_buf(),
+            state_dir,
+            storage,
+            encryption,
+            targets,
+            jobs,
+            max_parallel_jobs,
+            maintenance,
+            health_checks,
+            shutdown_grace: std::time::Duration::from_secs(raw.shutdown_grace_sec.unwrap_or(60)),
+        })
     }
 
     /// Opens the configured storage (creating a storage directory if needed).
@@ -552,6 +681,63 @@ fn percent_decode(s: &str) -> String {
         .next()
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default()
+}
+
+fn parse_health_check(h: &RawHealthCheck, fail: &Fail) -> Result<HealthCheck, ConfigError> {
+    let id = h.id.get_ref().clone();
+    check_key_segment("health check id", &id).map_err(|m| fail(Some(h.id.span()), m))?;
+    let kind = h.kind.get_ref().to_ascii_lowercase();
+    let target = h.target.get_ref().clone();
+    match kind.as_str() {
+        "http" | "https" => {
+            let url: url::Url = target
+                .parse()
+                .map_err(|e| fail(Some(h.target.span()), format!("health check {id:?}: invalid URL: {e}")))?;
+            if url.scheme() != kind {
+                return Err(fail(
+                    Some(h.target.span()),
+                    format!("health check {id:?}: a {kind} check needs a {kind}:// URL"),
+                ));
+            }
+        }
+        "tcp" => {
+            let ok = target
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(fail(
+                    Some(h.target.span()),
+                    format!("health check {id:?}: a tcp check needs host:port"),
+                ));
+            }
+        }
+        other => {
+            return Err(fail(
+                Some(h.kind.span()),
+                format!("health check {id:?}: unknown type {other:?} (http, https or tcp)"),
+            ));
+        }
+    }
+    if let Some(s) = &h.expected_status
+        && !(100..=599).contains(s.get_ref())
+    {
+        return Err(fail(
+            Some(s.span()),
+            format!("health check {id:?}: expected_status must be an HTTP status"),
+        ));
+    }
+    let secs = |v: Option<u32>, default: u64| {
+        std::time::Duration::from_secs(v.filter(|v| *v > 0).map_or(default, u64::from))
+    };
+    Ok(HealthCheck {
+        id,
+        name: h.name.clone().unwrap_or_default(),
+        kind,
+        target,
+        interval: secs(h.interval_sec, 60),
+        timeout: secs(h.timeout_sec, 10),
+        expected_status: h.expected_status.as_ref().map_or(0, |s| *s.get_ref()),
+    })
 }
 
 fn parse_format(f: &Spanned<String>) -> Result<FormatChoice, String> {

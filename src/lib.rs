@@ -17,6 +17,7 @@ pub mod retention;
 pub mod runner;
 pub mod scheduler;
 pub mod secrets;
+pub mod standalone;
 pub mod state;
 pub mod storage;
 pub mod verify;

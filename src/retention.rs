@@ -36,10 +36,10 @@ pub fn plan(rules: Rules, manifests: &[Manifest], incomplete: &[String], now: Da
     }
     let newest = sorted.first().and_then(|m| parse_time(&m.started_at));
     for key in incomplete {
-        if let (Some(t), Some(newest)) = (key_time(key), newest) {
-            if t < newest {
-                delete.push(key.clone());
-            }
+        if let (Some(t), Some(newest)) = (key_time(key), newest)
+            && t < newest
+        {
+            delete.push(key.clone());
         }
     }
     delete

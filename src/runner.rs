@@ -38,10 +38,22 @@ pub fn run_job(
     cancel: &Cancel,
     progress: Arc<Progress>,
 ) -> Result<RunResult, RunError> {
+    run_job_as(cfg, job, &uuid::Uuid::new_v4().to_string(), cancel, progress)
+}
+
+/// Runs `job` once as run `run_id` (the scheduler chooses the id, so the state database
+/// and the stored object name the same run).
+pub fn run_job_as(
+    cfg: &Config,
+    job: &Job,
+    run_id: &str,
+    cancel: &Cancel,
+    progress: Arc<Progress>,
+) -> Result<RunResult, RunError> {
     let fail = |message: String| RunError { job: job.id.clone(), message };
     let t0 = Instant::now();
     let started = Utc::now();
-    let run_id = uuid::Uuid::new_v4().to_string();
+    let run_id = run_id.to_string();
     let target = cfg
         .targets
         .get(&job.target)
@@ -64,7 +76,7 @@ pub fn run_job(
     ext.extend(job.compression.extension());
     ext.extend(encryption.extension());
     let key = storage::object_key(&target.id, &job.id, started, &run_id, &ext.join("."));
-    let writer = storage.create(&key).map_err(|e| fail(e.to_string()))?;
+    let writer = storage.create(&key, cancel).map_err(|e| fail(e.to_string()))?;
     log::info!(
         "job {}: backing up target {} ({}) to {}",
         job.id,

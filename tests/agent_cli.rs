@@ -205,3 +205,63 @@ fn version_json_is_machine_readable() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
 }
+
+/// `check-config` on `body` (storage and a sqlite target/job around it): (exit code, stdout, stderr).
+fn check(body: &str) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), body);
+    let mut c = agent();
+    c.arg("check-config").arg(&cfg);
+    let out = run(c);
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+const JOB_HEAD: &str = "[storage]\ndir = \"./b\"\n[[targets]]\nid = \"app\"\ntype = \"sqlite\"\npath = \"app.db\"\n[[jobs]]\nid = \"j\"\ntarget = \"app\"\nencryption = \"none\"\n";
+
+#[test]
+fn check_config_prints_the_next_three_fire_times_in_utc() {
+    let (code, out, err) = check(&format!("{JOB_HEAD}cron = \"30 2 * * *\"\n"));
+    assert_eq!(code, Some(0), "{err}");
+    let line = out.lines().find(|l| l.contains("cron 30 2 * * *")).unwrap_or_else(|| panic!("{out}"));
+    let times: Vec<&str> = line.split("next ").nth(1).unwrap().split(", ").collect();
+    assert_eq!(times.len(), 3);
+    for t in &times {
+        assert!(t.ends_with("T02:30:00Z"), "{line}");
+    }
+    assert!(out.contains("job j: target app (sqlite)"), "{out}");
+}
+
+#[test]
+fn invalid_cron_is_refused_with_file_line_and_reason() {
+    let (code, _, err) = check(&format!("{JOB_HEAD}cron = \"61 * * * *\"\n"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains(":11:") && err.contains("invalid cron") && err.contains("minute"), "{err}");
+}
+
+#[test]
+fn impossible_values_are_refused_with_their_line() {
+    let (code, _, err) = check(&format!("max_parallel_jobs = 0\n{JOB_HEAD}"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains(":1:") && err.contains("max_parallel_jobs"), "{err}");
+    let (code, _, err) =
+        check(&format!("{JOB_HEAD}[maintenance]\nstart_utc = \"25:00\"\nend_utc = \"02:00\"\n"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains(":12:") && err.contains("25:00"), "{err}");
+    let (code, _, err) =
+        check(&format!("{JOB_HEAD}[[health_checks]]\nid = \"h\"\ntype = \"ftp\"\ntarget = \"x\"\n"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains(":13:") && err.contains("unknown type"), "{err}");
+    let (code, _, err) =
+        check(&format!("{JOB_HEAD}[[health_checks]]\nid = \"h\"\ntype = \"tcp\"\ntarget = \"nohost\"\n"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains(":14:") && err.contains("host:port"), "{err}");
+}
+
+#[test]
+fn target_url_of_the_wrong_scheme_is_refused() {
+    let (code, _, err) = check(
+        "[storage]\ndir = \"b\"\n[[targets]]\nid = \"pg\"\ntype = \"postgresql\"\nurl = \"mysql://x@127.0.0.1/db\"\n",
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains(":6:") && err.contains("postgres://"), "{err}");
+}

@@ -27,6 +27,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Standalone mode: run the jobs on their cron schedules until SIGTERM/SIGINT
+    /// (running backups get `shutdown_grace_sec` to finish, then are cancelled).
+    #[command(after_help = "Example:\n  backupy-agent run --config /etc/backupy/backupy.toml")]
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and print each job's target, storage and next three fire
+    /// times (UTC). Exit 0 when valid, 1 when refused.
+    #[command(after_help = "Example:\n  backupy-agent check-config /etc/backupy/backupy.toml")]
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Run a job now (or every job in turn) from a standalone config.
     #[command(after_help = "Example:\n  backupy-agent backup --config backupy.toml --job app-nightly")]
     Backup {
@@ -120,6 +134,8 @@ pub fn main() -> ExitCode {
 
 fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
+        Command::Run { config } => crate::standalone::run(&config).map(|_| ExitCode::SUCCESS),
+        Command::CheckConfig { config } => check_config(&config),
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),
         Command::List { config, job, json } => list(&config, job.as_deref(), json),
@@ -337,4 +353,29 @@ fn restore(
         }
         Err(e) => bail!("restore of backup {} ({}): {e}", m.id, m.object_key),
     }
+}
+
+fn check_config(config: &Path) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let storage = match &cfg.storage {
+        crate::config::StorageConfig::Dir(d) => d.display().to_string(),
+        crate::config::StorageConfig::S3(t) => format!("s3://{}/{} at {}", t.bucket, t.prefix, t.endpoint),
+    };
+    println!("{}: valid", config.display());
+    println!("storage: {storage}");
+    println!("state_dir: {}", cfg.state_dir.display());
+    let schedules = crate::standalone::schedules(&cfg)?;
+    let plan = crate::scheduler::plan(&schedules, chrono::Utc::now(), 3);
+    for job in &cfg.jobs {
+        let target = &cfg.targets[&job.target];
+        println!("job {}: target {} ({})", job.id, target.id, target.engine);
+        match plan.iter().find(|p| p.job_id == job.id) {
+            Some(p) => {
+                let times: Vec<String> = p.next.iter().map(|t| crate::storage::rfc3339(*t)).collect();
+                println!("  cron {}: next {}", job.cron.as_deref().unwrap_or(""), times.join(", "));
+            }
+            None => println!("  no cron: runs only with `backup --job {}`", job.id),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -29,6 +29,7 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use serde::{Deserialize, Serialize};
 
 use super::{ObjectWriter, StoredObject};
+use crate::pipeline::Cancel;
 use crate::secrets::Secret;
 
 pub const MIB: u64 = 1 << 20;
@@ -102,10 +103,18 @@ impl S3Target {
         match endpoint.scheme() {
             "https" => {}
             "http" if allow_insecure => {}
-            "http" => return Err(invalid("plain-http S3 endpoint refused (set BACKUPY_DEV_ALLOW_INSECURE=true)".into())),
+            "http" => {
+                return Err(invalid(
+                    "plain-http S3 endpoint refused (set BACKUPY_DEV_ALLOW_INSECURE=true)".into(),
+                ));
+            }
             other => return Err(invalid(format!("unsupported endpoint scheme {other:?}"))),
         }
-        if m.bucket.len() < 3 || m.key.is_empty() || m.access_key_id.is_empty() || m.secret_access_key.is_empty() {
+        if m.bucket.len() < 3
+            || m.key.is_empty()
+            || m.access_key_id.is_empty()
+            || m.secret_access_key.is_empty()
+        {
             return Err(invalid("bucket, key and credentials are required".into()));
         }
         let region = if m.region.is_empty() { "us-east-1" } else { &m.region };
@@ -322,7 +331,13 @@ impl S3Storage {
 
     /// Starts a streaming upload of `key`; the object appears only on commit.
     pub fn create(&self, key: &str) -> S3ObjectWriter {
-        S3ObjectWriter::new(self.inner.clone(), self.full_key(key))
+        S3ObjectWriter::new(self.inner.clone(), self.full_key(key), Cancel::default())
+    }
+
+    /// Like [`create`](Self::create), but a writer blocked on busy uploader threads
+    /// gives up as soon as `cancel` is set, and its abort does not wait for them.
+    pub fn create_cancellable(&self, key: &str, cancel: Cancel) -> S3ObjectWriter {
+        S3ObjectWriter::new(self.inner.clone(), self.full_key(key), cancel)
     }
 
     /// Stores a small object (a manifest) with one PUT.
@@ -654,12 +669,23 @@ pub struct S3ObjectWriter {
     total: u64,
     upload: Option<Upload>,
     committed: bool,
+    cancel: Cancel,
 }
 
 impl S3ObjectWriter {
-    fn new(inner: Arc<Inner>, key: String) -> Self {
+    fn new(inner: Arc<Inner>, key: String, cancel: Cancel) -> Self {
         let sizer = PartSizer::new(inner.target.part_size, inner.target.max_parts);
-        Self { inner, key, sizer, buf: Vec::new(), next_part: 1, total: 0, upload: None, committed: false }
+        Self {
+            inner,
+            key,
+            sizer,
+            buf: Vec::new(),
+            next_part: 1,
+            total: 0,
+            upload: None,
+            committed: false,
+            cancel,
+        }
     }
 
     fn start_upload(&mut self) -> Result<(), S3Error> {
@@ -737,8 +763,32 @@ impl S3ObjectWriter {
         let number = self.next_part;
         self.next_part += 1;
         let up = self.upload.as_mut().expect("upload started above");
-        let sent = up.jobs.as_ref().map(|tx| tx.send(PartJob { number, data }));
-        if !matches!(sent, Some(Ok(()))) {
+        let Some(tx) = up.jobs.as_ref() else {
+            return Err(S3Error::Invalid {
+                op: "UploadPart".into(),
+                key: self.key.clone(),
+                message: "upload closed".into(),
+            });
+        };
+        // Wait for a free uploader, but give up at once when the run is cancelled.
+        let mut job = PartJob { number, data };
+        let sent = loop {
+            match tx.send_timeout(job, Duration::from_millis(100)) {
+                Ok(()) => break Ok(()),
+                Err(crossbeam_channel::SendTimeoutError::Timeout(j)) if !self.cancel.is_cancelled() => {
+                    job = j
+                }
+                Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => {
+                    return Err(S3Error::Invalid {
+                        op: "UploadPart".into(),
+                        key: self.key.clone(),
+                        message: "cancelled".into(),
+                    });
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => break Err(()),
+            }
+        };
+        if sent.is_err() {
             // Every worker stopped: one of them failed, and `collect` has its error.
             self.collect(true)?;
             return Err(S3Error::Invalid {
@@ -754,14 +804,35 @@ impl S3ObjectWriter {
         if !self.buf.is_empty() {
             self.send_part()?;
         }
+        let parts = self.next_part - 1;
         let up = self.upload.as_mut().expect("multipart upload in progress");
         drop(up.jobs.take());
+        // Wait for every part's result, but not past a cancel: a stuck request must not
+        // hold a cancelled run hostage.
+        while (0..parts as usize).any(|i| up.etags.get(i).is_none_or(Option::is_none)) {
+            if self.cancel.is_cancelled() {
+                return Err(S3Error::Invalid {
+                    op: "UploadPart".into(),
+                    key: self.key.clone(),
+                    message: "cancelled".into(),
+                });
+            }
+            match up.done.recv_timeout(Duration::from_millis(100)) {
+                Ok(done) => {
+                    let idx = done.number as usize - 1;
+                    if up.etags.len() <= idx {
+                        up.etags.resize(idx + 1, None);
+                    }
+                    up.etags[idx] = Some(done.result?);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
         for w in up.workers.drain(..) {
             let _ = w.join();
         }
-        self.collect(true)?;
         let up = self.upload.as_ref().expect("multipart upload in progress");
-        let parts = self.next_part - 1;
         let etags: Option<Vec<String>> =
             (0..parts as usize).map(|i| up.etags.get(i).cloned().flatten()).collect();
         let etags = etags.ok_or_else(|| S3Error::Invalid {
@@ -776,6 +847,11 @@ impl S3ObjectWriter {
         let Some(mut up) = self.upload.take() else { return };
         up.stop.store(true, Ordering::SeqCst);
         drop(up.jobs.take());
+        if self.cancel.is_cancelled() {
+            // A cancelled run must stop now: uploader threads still inside a request are
+            // left to finish on their own (the abort below makes their parts moot).
+            up.workers.clear();
+        }
         for w in up.workers.drain(..) {
             let _ = w.join();
         }

@@ -1,0 +1,173 @@
+//! Standalone mode (`backupy-agent run --config FILE`): the scheduler wired to real runs.
+//!
+//! Threads: the main thread waits for the scheduler to finish; a `signals` thread turns
+//! SIGTERM/SIGINT into `SchedulerCommand::Shutdown` (a second signal shortens the grace
+//! to zero); the `scheduler` thread and its worker pool (see `scheduler`) run the jobs.
+//! Each worker records its run in the state database, runs the pipeline, and prunes the
+//! job's old backups after a success. The only shared state is the state database and
+//! the read-only configuration.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+
+use crate::config::Config;
+use crate::pipeline::{Cancel, Progress};
+use crate::scheduler::{
+    CronSchedule, JobSchedule, MaintenanceWindow, RetryPolicy, RunOutcome, RunRequest, Scheduler,
+    SchedulerCommand, SchedulerOptions, Summary,
+};
+use crate::state::{RunStatus, StateDb};
+use crate::storage::Storage;
+use crate::{retention, runner};
+
+/// The scheduled jobs of a configuration (jobs without `cron` run only by hand).
+pub fn schedules(cfg: &Config) -> Result<Vec<JobSchedule>> {
+    let mut out = Vec::new();
+    for job in &cfg.jobs {
+        let Some(expr) = &job.cron else { continue };
+        let cron = CronSchedule::parse(expr)
+            .map_err(|why| anyhow::anyhow!("job {}: invalid cron {expr:?}: {why}", job.id))?;
+        let mut s = JobSchedule::new(job.id.clone(), cron);
+        s.retry = RetryPolicy {
+            max_attempts: job.retry.max_attempts,
+            backoff_seconds: job.retry.backoff_seconds.clone(),
+        };
+        s.timeout = job.timeout;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Runs the scheduler until SIGTERM/SIGINT, then shuts down gracefully.
+pub fn run(config: &Path) -> Result<Summary> {
+    let cfg = Arc::new(Config::load(config)?);
+    let state = Arc::new(StateDb::open(&cfg.state_dir)?);
+    let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
+    if let Storage::S3(s3) = &storage {
+        let n = s3.abort_recorded_uploads();
+        if n > 0 {
+            log::info!("aborted {n} unfinished upload(s) left by an earlier run");
+        }
+    }
+    let jobs = schedules(&cfg)?;
+    if jobs.is_empty() {
+        bail!(
+            "{}: no job has a cron schedule; `run` has nothing to do (use `backup` for one-off runs)",
+            config.display()
+        );
+    }
+    let mut options = SchedulerOptions::new(jobs);
+    options.max_parallel_jobs = cfg.max_parallel_jobs;
+    options.last_success = state.last_successes()?;
+    if let Some((start, end)) = &cfg.maintenance {
+        options.maintenance_window = Some(
+            MaintenanceWindow::parse(start, end).map_err(|e| anyhow::anyhow!("maintenance window: {e}"))?,
+        );
+    }
+
+    let worker = {
+        let (cfg, state) = (cfg.clone(), state.clone());
+        move |req: RunRequest, cancel: Cancel| run_once(&cfg, &state, &storage, req, &cancel)
+    };
+    let handle = Scheduler::start(options, worker).context("cannot start the scheduler")?;
+    log::info!(
+        "standalone agent running: {} scheduled job(s), state in {}, max {} in parallel",
+        cfg.jobs.iter().filter(|j| j.cron.is_some()).count(),
+        cfg.state_dir.display(),
+        cfg.max_parallel_jobs
+    );
+
+    let commands = handle.sender();
+    let grace = cfg.shutdown_grace;
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+            .context("cannot install signal handlers")?;
+    let signal_handle = signals.handle();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut first = true;
+        for sig in signals.forever() {
+            let grace = if first { grace } else { Duration::ZERO };
+            log::info!("signal {sig}: stopping new runs; running backups get {grace:?} to finish");
+            if commands.send(SchedulerCommand::Shutdown { grace }).is_err() {
+                break;
+            }
+            first = false;
+        }
+    })?;
+    let summary = handle.join();
+    signal_handle.close();
+    log::info!(
+        "stopped: {} run(s) started, {} succeeded, {} failed, {} cancelled",
+        summary.started,
+        summary.succeeded,
+        summary.failed,
+        summary.cancelled
+    );
+    Ok(summary)
+}
+
+/// One scheduled run on a worker thread: state record, pipeline, retention.
+fn run_once(
+    cfg: &Config,
+    state: &StateDb,
+    storage: &Storage,
+    req: RunRequest,
+    cancel: &Cancel,
+) -> RunOutcome {
+    let run_id = req.run_id.to_string();
+    let Some(job) = cfg.job(&req.job_id) else {
+        return RunOutcome::Failed(format!("unknown job {}", req.job_id));
+    };
+    if let Err(e) = state.record_start(&run_id, &job.id, req.attempt, Utc::now()) {
+        log::warn!("{e}");
+    }
+    log::info!("job {}: run {} (attempt {}) starting", job.id, run_id, req.attempt);
+    let result = runner::run_job_as(cfg, job, &run_id, cancel, Arc::new(Progress::default()));
+    let (status, outcome) = match &result {
+        Ok(r) => {
+            log::info!(
+                "job {}: run {} stored {} ({} bytes)",
+                job.id,
+                run_id,
+                r.location,
+                r.manifest.size_bytes
+            );
+            (RunStatus::Success, RunOutcome::Success)
+        }
+        Err(_) if cancel.is_cancelled() => {
+            log::warn!("job {}: run {} cancelled", job.id, run_id);
+            (RunStatus::Cancelled, RunOutcome::Cancelled)
+        }
+        Err(e) => {
+            log::error!("{e}");
+            (RunStatus::Failed, RunOutcome::Failed(e.to_string()))
+        }
+    };
+    let (size, key, error) = match &result {
+        Ok(r) => (r.manifest.size_bytes, r.manifest.object_key.clone(), String::new()),
+        Err(e) => (0, String::new(), e.to_string()),
+    };
+    if let Err(e) = state.record_finish(&run_id, status, size, &key, &error) {
+        log::warn!("{e}");
+    }
+    if status == RunStatus::Success {
+        // A failure to prune is reported, never fatal to the backup that just succeeded.
+        match retention::apply(storage, &job.target, &job.id, job.retention) {
+            Ok(deleted) if !deleted.is_empty() => {
+                log::info!(
+                    "job {}: retention deleted {} old backup(s): {}",
+                    job.id,
+                    deleted.len(),
+                    deleted.join(", ")
+                )
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("job {}: retention failed: {e}", job.id),
+        }
+    }
+    outcome
+}
