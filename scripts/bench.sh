@@ -12,8 +12,9 @@ big=${BENCH_BIG_SIZE:-4GiB}
 scripts/install-deps.sh bench >/dev/null
 
 echo "building (release)..." >&2
-cargo build --quiet --locked --release --example pipeline_bench
+cargo build --quiet --locked --release --example pipeline_bench --bins
 B=target/release/examples/pipeline_bench
+AGENT=$PWD/target/release/backupy-agent
 
 echo "# machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ), input: generated SQL-dump-like text"
@@ -68,3 +69,41 @@ export RCLONE_CONFIG_BENCH_TYPE=s3 RCLONE_CONFIG_BENCH_PROVIDER=Other \
     RCLONE_CONFIG_BENCH_ENDPOINT="$BACKUPY_TEST_S3_ENDPOINT" RCLONE_CONFIG_BENCH_REGION="$BACKUPY_TEST_S3_REGION"
 plain "rclone rcat (16 MiB chunks, 4 streams)" "$B --size $size --emit | rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/rclone-object"
 plain "zstd -3 | rclone rcat" "$B --size $size --emit | zstd -3 -T1 -q -c | rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/rclone-object2"
+
+echo
+scale=${BENCH_PGBENCH_SCALE:-50}
+echo "## PostgreSQL: pgbench scale $scale, through the agent to S3 vs the plain tools"
+services_start_postgres >/dev/null
+export PGHOST=$BACKUPY_TEST_PG_HOST PGPORT=$BACKUPY_TEST_PG_PORT PGUSER=$BACKUPY_TEST_PG_USER PGPASSWORD=$BACKUPY_TEST_PG_PASSWORD
+"$BACKUPY_TEST_PG_BIN/createdb" bench
+"$BACKUPY_TEST_PG_BIN/pgbench" -i -q -s "$scale" bench >/dev/null 2>&1
+# Throughput below is database size / wall time.
+size="$("$BACKUPY_TEST_PG_BIN/psql" -Atc "select pg_database_size('bench') / 1048576" bench)MiB"
+echo "# database size: $size"
+work=$(mktemp -d)
+"$AGENT" keygen --out "$work/backupy.key" >"$work/backupy.pub" 2>/dev/null
+cat >"$work/bench.toml" <<TOML
+state_dir = "$work/state"
+[storage.s3]
+endpoint = "$BACKUPY_TEST_S3_ENDPOINT"
+region = "$BACKUPY_TEST_S3_REGION"
+bucket = "bench"
+access_key_id = "env:BACKUPY_TEST_S3_ACCESS_KEY"
+secret_access_key = "env:BACKUPY_TEST_S3_SECRET_KEY"
+[encryption]
+recipient = "file:$work/backupy.pub"
+[[targets]]
+id = "pgbench"
+type = "postgresql"
+url = "postgres://$PGUSER@$PGHOST:$PGPORT/bench"
+password = "env:PGPASSWORD"
+[[jobs]]
+id = "bench"
+target = "pgbench"
+compression = "zstd"
+TOML
+PGD=$BACKUPY_TEST_PG_BIN/pg_dump
+plain "pg_dump -Fc > /dev/null" "$PGD -Fc bench > /dev/null"
+plain "agent: pg_dump -Fc -Z0 → zstd → v2 → S3 multipart" "BACKUPY_LOG_LEVEL=warn $AGENT backup --config $work/bench.toml > /dev/null"
+plain "pg_dump -Fc -Z0 | zstd -3 | openssl aes-256-ctr | rclone rcat" "$PGD -Fc -Z0 bench | zstd -3 -T1 -q -c | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench | rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/pg-rclone"
+rm -rf "$work"

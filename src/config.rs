@@ -1,9 +1,11 @@
 //! The standalone TOML configuration: parsed in one place into typed values, with every
 //! refusal naming the file, the line and the reason.
 //!
-//! This file implements the subset the pipeline needs today (state_dir, directory
-//! storage, encryption, sqlite targets, jobs); the rest of the spec's format is refused
-//! as an unknown key until it is implemented, never silently ignored.
+//! Covers the spec's standalone format (state_dir, storage dir or S3, encryption,
+//! targets of all six types in URL or field form, jobs with cron/retention/retry/timeout,
+//! max_parallel_jobs, maintenance window, health checks). Secret references are
+//! resolved at load time, so a missing variable refuses the configuration at start
+//! rather than failing a backup at 3 a.m. Unknown keys are refused, never ignored.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -1,11 +1,13 @@
 //! backupy-agent: a database backup agent that streams dump → compression → encryption
 //! → storage in constant memory.
 //!
-//! Module map (the layout is the data flow): `drivers` produce dump bytes, `pipeline`
-//! compresses, encrypts and hashes them on a chain of threads, `storage` keeps them,
-//! `crypto` defines the object format, `runner` ties one run together, `config` parses
-//! the standalone TOML, `wire` holds the control-plane protocol types, `cli` the two
-//! binaries' command lines.
+//! Module map (the layout is the data flow): `drivers` produce dump bytes (one file per
+//! engine), `pipeline` compresses, encrypts and hashes them on a chain of threads,
+//! `storage` keeps them (a directory or S3), `crypto` defines the object format. Around
+//! them: `runner` ties one run together, `scheduler` and `standalone` run jobs on their
+//! cron schedules, `state` records runs, `retention` prunes, `restore` and `verify` read
+//! backups back, `config` parses the standalone TOML, `secrets` resolves password
+//! references, `wire` holds the control-plane protocol types, `cli` the two binaries.
 
 pub mod cli;
 pub mod config;

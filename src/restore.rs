@@ -45,11 +45,24 @@ pub fn restore(
         (Engine::Sqlite, false) => restore_file(&mut dump, Path::new(&opts.to), opts.force, &digest, m),
         (Engine::Redis, false) => {
             let dir = Path::new(&opts.to);
-            let n = drivers::redis::restore_to_dir(&mut dump, dir, "dump.rdb").map_err(|e| e.to_string())?;
-            check_digest(&digest, m)?;
+            let dest = dir.join("dump.rdb");
+            if dest.exists() && !opts.force {
+                return Err(format!("{} already exists; pass --force to replace it", dest.display()));
+            }
+            // Written under a temporary name and checked against the manifest before it
+            // takes the name redis-server loads.
+            let tmp_name = format!(".dump.rdb.restore-{}", std::process::id());
+            let n = drivers::redis::restore_to_dir(&mut dump, dir, &tmp_name).map_err(|e| e.to_string())?;
+            let tmp = dir.join(&tmp_name);
+            if let Err(e) = check_digest(&digest, m) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            std::fs::rename(&tmp, &dest)
+                .map_err(|e| format!("cannot rename into {}: {e}", dest.display()))?;
             Ok(format!(
                 "wrote {n} bytes to {}: start redis-server with --dir {} --dbfilename dump.rdb (with the server stopped)",
-                dir.join("dump.rdb").display(),
+                dest.display(),
                 dir.display()
             ))
         }

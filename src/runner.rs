@@ -1,8 +1,8 @@
 //! One backup run of a standalone job: resolve the job's target and key, take the dump,
 //! stream it through the pipeline into storage, then write the manifest.
 //!
-//! Runs on the calling thread (the CLI today, the scheduler's worker pool later); the
-//! pipeline it starts owns its own stage threads.
+//! Runs on the calling thread (the `backup` command's run thread, or a scheduler worker
+//! under `run`); the pipeline it starts owns its own stage threads.
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -204,6 +204,12 @@ fn version_json_is_machine_readable() {
     let out = run(c);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    // Native engines are always available; tool-based ones say which tool they found.
+    assert!(v["engines"]["sqlite"].as_str().unwrap().contains("SQLite 3."), "{v}");
+    assert!(v["engines"]["redis"].is_string() && v["engines"]["mongodb"].is_string(), "{v}");
+    if std::path::Path::new("/usr/bin/mariadb-dump").exists() {
+        assert!(v["engines"]["mariadb"].as_str().unwrap().contains("mariadb-dump"), "{v}");
+    }
 }
 
 /// `check-config` on `body` (storage and a sqlite target/job around it): (exit code, stdout, stderr).

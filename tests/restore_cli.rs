@@ -219,4 +219,10 @@ fn redis_restores_by_replay_and_to_a_data_directory() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let rdb = std::fs::read(data.join("dump.rdb")).unwrap();
     assert!(rdb.starts_with(b"REDIS"));
+    let again = restore(&config, data.to_str().unwrap(), &[("TEST_REDIS_PW", pw.as_str())], &[]);
+    assert_eq!(again.status.code(), Some(1), "an existing dump.rdb is not replaced without --force");
+    assert!(text(&again.stderr).contains("--force"), "{}", text(&again.stderr));
+    let forced = restore(&config, data.to_str().unwrap(), &[("TEST_REDIS_PW", pw.as_str())], &["--force"]);
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
+    assert_eq!(files_under(&data), vec!["dump.rdb".to_string()], "no temporary file left");
 }

@@ -1,4 +1,6 @@
-//! `backupy-agent`: `backup`, `keygen`, `version`.
+//! `backupy-agent`: `run`, `check-config`, `backup`, `list`, `verify`, `restore`,
+//! `keygen`, `version`. Connected mode, `discover`, `health-check`, `dump-state` and
+//! `self-update` come with their issues.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -152,6 +154,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                     serde_json::json!({
                         "version": AGENT_VERSION,
                         "target": format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+                        "engines": crate::drivers::capabilities()
+                            .into_iter()
+                            .map(|(e, detail)| (e.name().to_string(), serde_json::json!(detail)))
+                            .collect::<serde_json::Map<_, _>>(),
                     })
                 );
             } else {

@@ -187,6 +187,19 @@ pub struct DumpContext {
     pub pipeline_compresses: bool,
 }
 
+/// Which engines can really be backed up from this host, and with what: the capability
+/// names of `Register.capabilities` are the engines whose detail is `Some`.
+pub fn capabilities() -> Vec<(Engine, Option<String>)> {
+    vec![
+        (Engine::PostgreSql, postgres::capability()),
+        (Engine::MySql, mysql::capability(Engine::MySql)),
+        (Engine::MariaDb, mysql::capability(Engine::MariaDb)),
+        (Engine::MongoDb, mongodb::capability()),
+        (Engine::Redis, redis::capability()),
+        (Engine::Sqlite, Some(format!("online backup API, {}", sqlite::engine_version()))),
+    ]
+}
+
 /// Starts a dump of `spec`.
 pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     match spec.engine {
