@@ -4,10 +4,13 @@
 #
 #   scripts/bench.sh              # 1 GiB per pipeline run, RSS at 1 and 4 GiB
 #   BENCH_SIZE=256MiB scripts/bench.sh
+#   BENCH_SECTIONS="s3 pg" scripts/bench.sh     # pipeline | s3 | pg (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 size=${BENCH_SIZE:-1GiB}
+sections=" ${BENCH_SECTIONS:-pipeline s3 pg} "
+want() { [[ $sections == *" $1 "* ]]; }
 big=${BENCH_BIG_SIZE:-4GiB}
 scripts/install-deps.sh bench >/dev/null
 
@@ -18,6 +21,7 @@ AGENT=$PWD/target/release/backupy-agent
 
 echo "# machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ), input: generated SQL-dump-like text"
+if want pipeline; then
 echo
 echo "## pipeline: generated dump → compress → encrypt → SHA-256 → discard ($size)"
 for c in zstd gzip none; do
@@ -31,8 +35,8 @@ echo "## peak RSS as the dump grows (zstd, v2)"
 "$B" --size "$size" --compression zstd --encryption v2
 "$B" --size "$big" --compression zstd --encryption v2
 
-echo
-echo "## plain tools on the same bytes (generator | tool > /dev/null; GNU time)"
+fi
+
 plain() {
     local label=$1
     shift
@@ -46,30 +50,39 @@ plain() {
         secs = t1 - t0;
         printf "tool=\"%s\" input_mib=%d seconds=%.2f mib_per_s=%.0f cpu_s=%.2f peak_rss_mib(largest process)=%.1f\n", l, mib, secs, mib / secs, u + s, rss / 1024 }'
 }
+if want pipeline; then
+echo
+echo "## plain tools on the same bytes (generator | tool > /dev/null; GNU time)"
 plain "generator only" "$B --size $size --emit > /dev/null"
 plain "zstd -3" "$B --size $size --emit | zstd -3 -T1 -q -c > /dev/null"
 plain "zstd -3 | openssl aes-256-ctr" "$B --size $size --emit | zstd -3 -T1 -q -c | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench > /dev/null"
 plain "gzip -6" "$B --size $size --emit | gzip -6 > /dev/null"
 plain "openssl aes-256-ctr (no compression)" "$B --size $size --emit | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench > /dev/null"
+fi
 
-echo
-echo "## S3 upload to the local S3 server (s3s-fs on loopback), side by side with rclone rcat ($size)"
 # shellcheck source=scripts/services.sh
 source scripts/services.sh
 services_init
 services_start_s3 >/dev/null
 mkdir -p "$BACKUPY_TEST_S3_DIR/bench"
-"$B" --size "$size" --compression none --encryption none --s3 bench
-rm -rf "${BACKUPY_TEST_S3_DIR:?}/bench/bench"
-"$B" --size "$size" --compression zstd --encryption v2 --s3 bench
-rm -rf "${BACKUPY_TEST_S3_DIR:?}/bench/bench"
 export RCLONE_CONFIG_BENCH_TYPE=s3 RCLONE_CONFIG_BENCH_PROVIDER=Other \
     RCLONE_CONFIG_BENCH_ACCESS_KEY_ID="$BACKUPY_TEST_S3_ACCESS_KEY" \
     RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY="$BACKUPY_TEST_S3_SECRET_KEY" \
     RCLONE_CONFIG_BENCH_ENDPOINT="$BACKUPY_TEST_S3_ENDPOINT" RCLONE_CONFIG_BENCH_REGION="$BACKUPY_TEST_S3_REGION"
-plain "rclone rcat (16 MiB chunks, 4 streams)" "$B --size $size --emit | rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/rclone-object"
-plain "zstd -3 | rclone rcat" "$B --size $size --emit | zstd -3 -T1 -q -c | rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/rclone-object2"
 
+if want s3; then
+echo
+echo "## S3 upload to the local S3 server (s3s-fs on loopback), side by side with rclone rcat ($size)"
+"$B" --size "$size" --compression none --encryption none --s3 bench
+rm -rf "${BACKUPY_TEST_S3_DIR:?}/bench/bench"
+"$B" --size "$size" --compression zstd --encryption v2 --s3 bench
+rm -rf "${BACKUPY_TEST_S3_DIR:?}/bench/bench"
+plain "rclone rcat (16 MiB chunks, 4 streams)" "$B --size $size --emit | env -u AWS_CA_BUNDLE rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/rclone-object"
+plain "zstd -3 | env -u AWS_CA_BUNDLE rclone rcat" "$B --size $size --emit | zstd -3 -T1 -q -c | env -u AWS_CA_BUNDLE rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/rclone-object2"
+rm -rf "${BACKUPY_TEST_S3_DIR:?}/bench/"*
+fi
+
+if want pg; then
 echo
 scale=${BENCH_PGBENCH_SCALE:-50}
 echo "## PostgreSQL: pgbench scale $scale, through the agent to S3 vs the plain tools"
@@ -105,5 +118,6 @@ TOML
 PGD=$BACKUPY_TEST_PG_BIN/pg_dump
 plain "pg_dump -Fc > /dev/null" "$PGD -Fc bench > /dev/null"
 plain "agent: pg_dump -Fc -Z0 → zstd → v2 → S3 multipart" "BACKUPY_LOG_LEVEL=warn $AGENT backup --config $work/bench.toml > /dev/null"
-plain "pg_dump -Fc -Z0 | zstd -3 | openssl aes-256-ctr | rclone rcat" "$PGD -Fc -Z0 bench | zstd -3 -T1 -q -c | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench | rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/pg-rclone"
+plain "pg_dump -Fc -Z0 | zstd -3 | openssl aes-256-ctr | env -u AWS_CA_BUNDLE rclone rcat" "$PGD -Fc -Z0 bench | zstd -3 -T1 -q -c | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench | env -u AWS_CA_BUNDLE rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/pg-rclone"
 rm -rf "$work"
+fi

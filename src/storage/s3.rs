@@ -1133,6 +1133,17 @@ mod tests {
     }
 
     #[test]
+    fn presigned_put_refuses_more_than_5_gib_before_writing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w =
+            PresignedPut::new("https://s3.example.com/b/k?X-Amz-Signature=s", "k", 0, dir.path()).unwrap();
+        w.size = MAX_SINGLE_PUT - 2;
+        w.write_all(b"ab").unwrap();
+        let err = w.write_all(b"c").unwrap_err().to_string();
+        assert!(err.contains("5 GiB") && !err.contains("X-Amz"), "{err}");
+    }
+
+    #[test]
     fn redaction_removes_query_strings_only() {
         let s =
             "PUT https://s3.example.com/b/k?X-Amz-Signature=abc&X-Amz-Credential=AK failed; see http://x/y";
