@@ -170,6 +170,13 @@ fn failed_and_stalled_parts_are_retried_and_the_object_is_correct() {
     let reqs = proxy.requests();
     let count = |pat: &str| reqs.iter().filter(|r| r.method == "PUT" && r.url.contains(pat)).count();
     assert_eq!(count("partNumber=2&"), 2, "part 2 sent twice");
+    // Every part carries Content-MD5: the base64 of a 16-byte digest.
+    use base64::Engine as _;
+    for r in reqs.iter().filter(|r| r.method == "PUT" && r.url.contains("partNumber=")) {
+        let md5 = r.headers.iter().find(|(k, _)| k == "content-md5").map(|(_, v)| v.clone());
+        let md5 = md5.unwrap_or_else(|| panic!("part without Content-MD5: {}", r.url));
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(md5).unwrap().len(), 16);
+    }
     assert_eq!(count("partNumber=3&"), 2, "part 3 retried after the stall");
     assert!(open_uploads(&env, &bucket).is_empty());
 }

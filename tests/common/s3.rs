@@ -85,6 +85,8 @@ pub fn open_uploads(env: &S3Env, bucket: &str) -> Vec<String> {
 pub struct Seen {
     pub method: String,
     pub url: String,
+    /// Lower-cased header names with their values.
+    pub headers: Vec<(String, String)>,
 }
 
 pub enum Fault {
@@ -135,7 +137,15 @@ impl Drop for FaultProxy {
 }
 
 fn handle(mut req: tiny_http::Request, upstream: &str, seen: &Mutex<Vec<Seen>>, rule: &Rule) {
-    let info = Seen { method: req.method().to_string(), url: req.url().to_string() };
+    let info = Seen {
+        method: req.method().to_string(),
+        url: req.url().to_string(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|h| (h.field.as_str().as_str().to_ascii_lowercase(), h.value.as_str().to_string()))
+            .collect(),
+    };
     let n = {
         let mut s = seen.lock().unwrap();
         s.push(info.clone());
