@@ -226,3 +226,32 @@ fn redis_restores_by_replay_and_to_a_data_directory() {
     assert!(forced.status.success(), "{}", text(&forced.stderr));
     assert_eq!(files_under(&data), vec!["dump.rdb".to_string()], "no temporary file left");
 }
+
+#[test]
+fn mongodb_restores_into_a_new_database() {
+    use mongodb::bson::{Document, doc};
+    let host = db::need("BACKUPY_TEST_SECANTUS_HOST", "mongo");
+    let port = db::need("BACKUPY_TEST_SECANTUS_PORT", "mongo");
+    let user = db::need("BACKUPY_TEST_SECANTUS_USER", "mongo");
+    let pw = db::need("BACKUPY_TEST_SECANTUS_PASSWORD", "mongo");
+    let admin_uri = db::need("BACKUPY_TEST_SECANTUS_URL", "mongo");
+    let client = mongodb::sync::Client::with_uri_str(&admin_uri).unwrap();
+    let src = db::unique("msrc");
+    let dst = db::unique("mdst");
+    let coll = client.database(&src).collection::<Document>("people");
+    let docs: Vec<Document> =
+        (0..500).map(|i| doc! { "_id": i, "name": format!("person {i} ü"), "tags": ["a", "b"] }).collect();
+    coll.insert_many(docs).run().unwrap();
+    let url =
+        |db: &str| format!("mongodb://{user}@{host}:{port}/{db}?authSource=admin&directConnection=true");
+    let (_dir, config) =
+        setup(&format!("type = \"mongodb\"\nurl = \"{}\"\npassword = \"env:TEST_MONGO_PW\"", url(&src)));
+    let env = [("TEST_MONGO_PW", pw.as_str()), ("BACKUPY_RESTORE_PASSWORD", "env:TEST_MONGO_PW")];
+    backup(&config, &env);
+    let out = restore(&config, &url(&dst), &env, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let restored = client.database(&dst).collection::<Document>("people");
+    assert_eq!(restored.count_documents(doc! {}).run().unwrap(), 500);
+    let one = restored.find_one(doc! { "_id": 499 }).run().unwrap().unwrap();
+    assert_eq!(one.get_str("name").unwrap(), "person 499 ü");
+}
