@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::config;
-use crate::crypto::{self, KeySource};
+use crate::crypto::KeySource;
 use crate::drivers::{self, Engine};
-use crate::pipeline::compress::decompress_by_magic;
 use crate::storage::{Manifest, Storage};
-use crate::verify::{Digested, HashingReader, describe};
+use crate::verify::{Digested, OpenedBackup, check_digest, describe, open_backup};
 
 pub struct RestoreOptions {
     /// A file (SQLite), a data directory (Redis), or a server URL.
@@ -30,16 +29,7 @@ pub fn restore(
     key: Option<&KeySource>,
     opts: &RestoreOptions,
 ) -> Result<String, String> {
-    let engine =
-        Engine::parse(&m.engine).ok_or_else(|| format!("manifest names unknown engine {:?}", m.engine))?;
-    let input = storage.get(&m.object_key).map_err(|e| format!("cannot download {}: {e}", m.object_key))?;
-    let (hashing, digest) = HashingReader::new(input);
-    let plain: Box<dyn Read> = match (m.encryption.as_str(), key) {
-        ("none", _) => Box::new(hashing),
-        (_, Some(k)) => crypto::open(hashing, k).map_err(describe)?.1,
-        (_, None) => return Err(format!("backup {} is encrypted: a private key is needed", m.id)),
-    };
-    let (_, mut dump) = decompress_by_magic(plain).map_err(describe)?;
+    let OpenedBackup { engine, mut dump, digest } = open_backup(storage, m, key)?;
     let is_url = opts.to.contains("://");
     match (engine, is_url) {
         (Engine::Sqlite, false) => restore_file(&mut dump, Path::new(&opts.to), opts.force, &digest, m),
@@ -154,20 +144,6 @@ fn restore_file(
     }
     tmp.persist(to).map_err(|e| format!("cannot rename into {}: {}", to.display(), e.error))?;
     Ok(format!("restored {} ({n} bytes, integrity ok) to {}", m.id, to.display()))
-}
-
-fn check_digest(digest: &Arc<Mutex<Digested>>, m: &Manifest) -> Result<(), String> {
-    let d = digest.lock().unwrap_or_else(|p| p.into_inner());
-    if d.bytes != m.size_bytes || d.hex() != m.sha256 {
-        return Err(format!(
-            "the stored object ({} bytes, sha256 {}) does not match its manifest ({} bytes, sha256 {})",
-            d.bytes,
-            d.hex(),
-            m.size_bytes,
-            m.sha256
-        ));
-    }
-    Ok(())
 }
 
 fn example_url(engine: Engine) -> &'static str {

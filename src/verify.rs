@@ -56,8 +56,16 @@ pub struct Verified {
     pub dump_bytes: u64,
 }
 
-/// Verifies the backup `m`. `key` may be `None` only for unencrypted backups.
-pub fn verify(storage: &Storage, m: &Manifest, key: Option<&KeySource>) -> Result<Verified, String> {
+/// A stored backup opened for reading: its engine, the dump stream (downloaded,
+/// decrypted, decompressed), and the digest of the stored bytes read so far.
+pub struct OpenedBackup {
+    pub engine: Engine,
+    pub dump: Box<dyn Read>,
+    pub digest: Arc<Mutex<Digested>>,
+}
+
+/// Opens the backup `m`. `key` may be `None` only for unencrypted backups.
+pub fn open_backup(storage: &Storage, m: &Manifest, key: Option<&KeySource>) -> Result<OpenedBackup, String> {
     let engine =
         Engine::parse(&m.engine).ok_or_else(|| format!("manifest names unknown engine {:?}", m.engine))?;
     let input = storage.get(&m.object_key).map_err(|e| format!("cannot download {}: {e}", m.object_key))?;
@@ -67,32 +75,46 @@ pub fn verify(storage: &Storage, m: &Manifest, key: Option<&KeySource>) -> Resul
         (_, Some(k)) => crypto::open(hashing, k).map_err(describe)?.1,
         (_, None) => {
             return Err(format!(
-                "backup {} is encrypted ({}): pass --identity FILE (or set [encryption] identity) to verify it",
+                "backup {} is encrypted ({}): pass --identity FILE (or set [encryption] identity)",
                 m.id, m.encryption
             ));
         }
     };
-    let (_, mut dump) = decompress_by_magic(plain).map_err(describe)?;
-    let mut head = vec![0u8; MAGIC_LEN];
-    let n = crypto::read_up_to(&mut dump, &mut head).map_err(describe)?;
-    head.truncate(n);
-    check_magic(engine, &head)
-        .map_err(|why| format!("the restored dump is not a valid {engine} dump: {why}"))?;
-    let rest = io::copy(&mut dump, &mut io::sink()).map_err(describe)?;
+    let (_, dump) = decompress_by_magic(plain).map_err(describe)?;
+    Ok(OpenedBackup { engine, dump, digest })
+}
+
+/// Compares what was read with the manifest's size and SHA-256.
+pub fn check_digest(digest: &Arc<Mutex<Digested>>, m: &Manifest) -> Result<(), String> {
     let d = digest.lock().unwrap_or_else(|p| p.into_inner());
-    let (size, sha256) = (d.bytes, d.hex());
-    if size != m.size_bytes {
+    if d.bytes != m.size_bytes {
         return Err(format!(
-            "size mismatch: stored object has {size} bytes, the manifest says {}",
-            m.size_bytes
+            "size mismatch: stored object has {} bytes, the manifest says {}",
+            d.bytes, m.size_bytes
         ));
     }
+    let sha256 = d.hex();
     if sha256 != m.sha256 {
         return Err(format!(
             "SHA-256 mismatch: stored object hashes to {sha256}, the manifest says {}",
             m.sha256
         ));
     }
+    Ok(())
+}
+
+/// Verifies the backup `m`. `key` may be `None` only for unencrypted backups.
+pub fn verify(storage: &Storage, m: &Manifest, key: Option<&KeySource>) -> Result<Verified, String> {
+    let OpenedBackup { engine, mut dump, digest } = open_backup(storage, m, key)?;
+    let mut head = vec![0u8; MAGIC_LEN];
+    let n = crypto::read_up_to(&mut dump, &mut head).map_err(describe)?;
+    head.truncate(n);
+    check_magic(engine, &head)
+        .map_err(|why| format!("the restored dump is not a valid {engine} dump: {why}"))?;
+    let rest = io::copy(&mut dump, &mut io::sink()).map_err(describe)?;
+    check_digest(&digest, m)?;
+    let d = digest.lock().unwrap_or_else(|p| p.into_inner());
+    let (size, sha256) = (d.bytes, d.hex());
     Ok(Verified { size, sha256, dump_bytes: n as u64 + rest })
 }
 

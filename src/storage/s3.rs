@@ -482,48 +482,55 @@ fn xml_field(body: &str, tag: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Sends a request until it succeeds, fails for good (4xx other than 429), or runs out
+/// of attempts, waiting with exponential backoff in between.
+fn send_with_retry(
+    policy: RetryPolicy,
+    op: &str,
+    key: &str,
+    mut send: impl FnMut() -> Result<Response, ureq::Error>,
+) -> Result<Response, S3Error> {
+    let mut attempt = 1;
+    loop {
+        let result = match send() {
+            Ok(resp) if resp.status().is_success() => return Ok(resp),
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let body = if op == "HeadObject" {
+                    String::new()
+                } else {
+                    read_body(&mut resp, op, key).unwrap_or_default()
+                };
+                S3Error::Status {
+                    op: op.into(),
+                    key: key.into(),
+                    status,
+                    code: xml_field(&body, "Code"),
+                    message: xml_field(&body, "Message"),
+                }
+            }
+            Err(e) => {
+                S3Error::Transport { op: op.into(), key: key.into(), message: redact_urls(&e.to_string()) }
+            }
+        };
+        if !result.retryable() || attempt >= policy.attempts {
+            return Err(result);
+        }
+        let delay = policy.base_delay.saturating_mul(1 << (attempt - 1).min(16)).min(policy.max_delay);
+        log::warn!("{result}; retrying in {delay:?} (attempt {}/{})", attempt + 1, policy.attempts);
+        std::thread::sleep(delay);
+        attempt += 1;
+    }
+}
+
 impl Inner {
-    /// Sends a request until it succeeds, fails for good, or runs out of attempts.
     fn with_retry(
         &self,
         op: &str,
         key: &str,
-        mut send: impl FnMut() -> Result<Response, ureq::Error>,
+        send: impl FnMut() -> Result<Response, ureq::Error>,
     ) -> Result<Response, S3Error> {
-        let policy = self.target.retry;
-        let mut attempt = 1;
-        loop {
-            let result = match send() {
-                Ok(resp) if resp.status().is_success() => return Ok(resp),
-                Ok(mut resp) => {
-                    let status = resp.status().as_u16();
-                    let body = if op == "HeadObject" {
-                        String::new()
-                    } else {
-                        read_body(&mut resp, op, key).unwrap_or_default()
-                    };
-                    S3Error::Status {
-                        op: op.into(),
-                        key: key.into(),
-                        status,
-                        code: xml_field(&body, "Code"),
-                        message: xml_field(&body, "Message"),
-                    }
-                }
-                Err(e) => S3Error::Transport {
-                    op: op.into(),
-                    key: key.into(),
-                    message: redact_urls(&e.to_string()),
-                },
-            };
-            if !result.retryable() || attempt >= policy.attempts {
-                return Err(result);
-            }
-            let delay = policy.base_delay.saturating_mul(1 << (attempt - 1).min(16)).min(policy.max_delay);
-            log::warn!("{result}; retrying in {delay:?} (attempt {}/{})", attempt + 1, policy.attempts);
-            std::thread::sleep(delay);
-            attempt += 1;
-        }
+        send_with_retry(self.target.retry, op, key, send)
     }
 
     fn put_object(&self, key: &str, bytes: &[u8]) -> Result<(), S3Error> {
@@ -1037,41 +1044,13 @@ struct PutFromFile<'a> {
 }
 
 impl PutFromFile<'_> {
+    /// PUTs the file, reopening it for every attempt, so a retry resends it whole.
     fn put(&self, path: &Path, op: &str, key: &str) -> Result<(), S3Error> {
-        let mut attempt = 1;
-        loop {
-            let file = std::fs::File::open(path).map_err(|e| S3Error::Invalid {
-                op: op.into(),
-                key: key.into(),
-                message: format!("cannot reopen the spool file: {e}"),
-            })?;
-            let err = match self.agent.put(self.url).send(file) {
-                Ok(resp) if resp.status().is_success() => return Ok(()),
-                Ok(mut resp) => {
-                    let body = read_body(&mut resp, op, key).unwrap_or_default();
-                    S3Error::Status {
-                        op: op.into(),
-                        key: key.into(),
-                        status: resp.status().as_u16(),
-                        code: xml_field(&body, "Code"),
-                        message: xml_field(&body, "Message"),
-                    }
-                }
-                Err(e) => S3Error::Transport {
-                    op: op.into(),
-                    key: key.into(),
-                    message: redact_urls(&e.to_string()),
-                },
-            };
-            if !err.retryable() || attempt >= self.retry.attempts {
-                return Err(err);
-            }
-            let delay =
-                self.retry.base_delay.saturating_mul(1 << (attempt - 1).min(16)).min(self.retry.max_delay);
-            log::warn!("{err}; retrying in {delay:?}");
-            std::thread::sleep(delay);
-            attempt += 1;
-        }
+        send_with_retry(self.retry, op, key, || {
+            let file = std::fs::File::open(path).map_err(ureq::Error::Io)?;
+            self.agent.put(self.url).send(file)
+        })
+        .map(|_| ())
     }
 }
 
