@@ -271,3 +271,21 @@ fn target_url_of_the_wrong_scheme_is_refused() {
     assert_eq!(code, Some(1));
     assert!(err.contains(":6:") && err.contains("postgres://"), "{err}");
 }
+
+#[test]
+fn json_log_format_writes_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    sqlite_db(dir.path());
+    let cfg = write_config(dir.path(), &format!("[storage]\ndir = \"./b\"\n{GOOD_TAIL}"));
+    let mut c = agent();
+    c.args(["backup", "--config"]).arg(&cfg).env("BACKUPY_LOG_FORMAT", "json");
+    let out = run(c);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stderr).lines().map(str::to_string).collect();
+    assert!(lines.len() >= 2, "{lines:?}");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["ts"].is_string() && v["level"].is_string() && v["module"].is_string(), "{line}");
+    }
+    assert!(lines.iter().any(|l| l.contains("backing up target app")), "{lines:?}");
+}

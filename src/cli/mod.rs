@@ -10,10 +10,25 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Logs go to stderr; the level comes from `BACKUPY_LOG_LEVEL` (default `info`).
+/// Logs go to stderr; the level comes from `BACKUPY_LOG_LEVEL` (default `info`), the
+/// format from `BACKUPY_LOG_FORMAT` (`text`, or `json`: one object per line with
+/// `ts`, `level`, `module` and `message`).
 pub fn init_logging(default_level: &str) {
     let level = std::env::var("BACKUPY_LOG_LEVEL").unwrap_or_else(|_| default_level.to_string());
-    let _ = env_logger::Builder::new()
+    let mut builder = env_logger::Builder::new();
+    if std::env::var("BACKUPY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.format(|buf, record| {
+            use std::io::Write as _;
+            let line = serde_json::json!({
+                "ts": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "level": record.level().as_str(),
+                "module": record.target(),
+                "message": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    let _ = builder
         .parse_filters(&level)
         // ureq logs request URIs, which for presigned S3 requests carry the signature
         // and credential scope: never below warn, whatever the agent's level.
