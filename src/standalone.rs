@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::pipeline::{Cancel, Progress};
 use crate::scheduler::{
     CronSchedule, JobSchedule, MaintenanceWindow, RetryPolicy, RunOutcome, RunRequest, Scheduler,
@@ -69,11 +70,19 @@ pub fn run(config: &Path) -> Result<Summary> {
         );
     }
 
+    let metrics = Metrics::new().context("cannot create the metrics registry")?;
+    metrics.set_connection_state("standalone");
+    if let Some(addr) = crate::metrics::listen_addr_from_env() {
+        crate::metrics::serve(&addr, metrics.clone(), cfg.state_dir.clone())
+            .map_err(|e| anyhow::anyhow!(e))?;
+        log::info!("metrics and health endpoints on http://{addr}/metrics, /healthz, /readyz");
+    }
     let worker = {
-        let (cfg, state) = (cfg.clone(), state.clone());
-        move |req: RunRequest, cancel: Cancel| run_once(&cfg, &state, &storage, req, &cancel)
+        let (cfg, state, metrics) = (cfg.clone(), state.clone(), metrics.clone());
+        move |req: RunRequest, cancel: Cancel| run_once(&cfg, &state, &storage, &metrics, req, &cancel)
     };
     let handle = Scheduler::start(options, worker).context("cannot start the scheduler")?;
+    metrics.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     log::info!(
         "standalone agent running: {} scheduled job(s), state in {}, max {} in parallel",
         cfg.jobs.iter().filter(|j| j.cron.is_some()).count(),
@@ -99,6 +108,7 @@ pub fn run(config: &Path) -> Result<Summary> {
         }
     })?;
     let summary = handle.join();
+    metrics.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     signal_handle.close();
     log::info!(
         "stopped: {} run(s) started, {} succeeded, {} failed, {} cancelled",
@@ -115,9 +125,11 @@ fn run_once(
     cfg: &Config,
     state: &StateDb,
     storage: &Storage,
+    metrics: &Metrics,
     req: RunRequest,
     cancel: &Cancel,
 ) -> RunOutcome {
+    let t0 = std::time::Instant::now();
     let run_id = req.run_id.to_string();
     let Some(job) = cfg.job(&req.job_id) else {
         return RunOutcome::Failed(format!("unknown job {}", req.job_id));
@@ -154,6 +166,12 @@ fn run_once(
     if let Err(e) = state.record_finish(&run_id, status, size, &key, &error) {
         log::warn!("{e}");
     }
+    metrics.record_run(
+        &job.id,
+        status.as_str(),
+        t0.elapsed(),
+        (status == RunStatus::Success).then_some(size),
+    );
     if status == RunStatus::Success {
         // A failure to prune is reported, never fatal to the backup that just succeeded.
         match retention::apply(storage, &job.target, &job.id, job.retention) {

@@ -117,6 +117,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Ask the running agent's /healthz (on BACKUPY_METRICS_LISTEN_ADDR); exit 0 when
+    /// healthy, 1 otherwise. For Docker's HEALTHCHECK.
+    #[command(
+        after_help = "Example:\n  BACKUPY_METRICS_LISTEN_ADDR=127.0.0.1:9090 backupy-agent health-check"
+    )]
+    HealthCheck,
     /// Print the version.
     #[command(after_help = "Example:\n  backupy-agent version --json")]
     Version {
@@ -136,6 +142,13 @@ pub fn main() -> ExitCode {
 
 fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
+        Command::HealthCheck => {
+            let addr = crate::metrics::listen_addr_from_env()
+                .context("BACKUPY_METRICS_LISTEN_ADDR is empty: the agent serves no health endpoint")?;
+            crate::metrics::health_check(&addr).map_err(|e| anyhow::anyhow!(e))?;
+            println!("healthy");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { config } => crate::standalone::run(&config).map(|_| ExitCode::SUCCESS),
         Command::CheckConfig { config } => check_config(&config),
         Command::Backup { config, job } => backup(&config, job.as_deref()),

@@ -1,0 +1,208 @@
+//! Prometheus metrics and the local health endpoints.
+//!
+//! Owns the registry with every metric of the spec (names, types and labels exactly as
+//! listed, plus the process collector) and a small HTTP server thread (`metrics-http`,
+//! tiny_http) on `BACKUPY_METRICS_LISTEN_ADDR` serving `/metrics`, `/healthz` (alive and
+//! the state directory writable) and `/readyz` (the scheduler — later the session — is
+//! running). The metric handles are atomics made for sharing: worker threads update them
+//! directly; label values come from the configuration only (job and check ids), so the
+//! label space stays bounded.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:9090";
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub up: IntGauge,
+    pub build_info: GaugeVec,
+    pub config_version: IntGauge,
+    pub connection_state: GaugeVec,
+    pub reconnects_total: IntCounter,
+    pub queue_depth: IntGauge,
+    pub jobs_total: IntCounterVec,
+    pub backup_duration_seconds: HistogramVec,
+    pub backup_size_bytes: HistogramVec,
+    pub last_success_timestamp_seconds: GaugeVec,
+    pub bytes_uploaded_total: IntCounter,
+    pub health_check_up: GaugeVec,
+    pub health_check_duration_seconds: HistogramVec,
+    /// Set while the agent can do its job (standalone: the scheduler runs).
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Arc<Self>, prometheus::Error> {
+        let registry = Registry::new();
+        let n = |name: &str, help: &str| Opts::new(format!("backupy_agent_{name}"), help.to_string());
+        let h = |name: &str, help: &str, buckets: Vec<f64>| {
+            HistogramOpts::new(format!("backupy_agent_{name}"), help.to_string()).buckets(buckets)
+        };
+        let m = Metrics {
+            up: IntGauge::with_opts(n("up", "1 while the agent runs"))?,
+            build_info: GaugeVec::new(n("build_info", "the agent's version"), &["version"])?,
+            config_version: IntGauge::with_opts(n("config_version", "version of the applied configuration"))?,
+            connection_state: GaugeVec::new(
+                n("connection_state", "1 for the current control-plane connection state"),
+                &["state"],
+            )?,
+            reconnects_total: IntCounter::with_opts(n("reconnects_total", "control-plane reconnects"))?,
+            queue_depth: IntGauge::with_opts(n("queue_depth", "runs waiting for a worker"))?,
+            jobs_total: IntCounterVec::new(
+                n("jobs_total", "finished runs by job and status"),
+                &["job_id", "status"],
+            )?,
+            backup_duration_seconds: HistogramVec::new(
+                h(
+                    "backup_duration_seconds",
+                    "wall time of finished runs",
+                    vec![1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0],
+                ),
+                &["job_id"],
+            )?,
+            backup_size_bytes: HistogramVec::new(
+                h(
+                    "backup_size_bytes",
+                    "stored size of successful backups",
+                    prometheus::exponential_buckets(1024.0 * 1024.0, 4.0, 12)?,
+                ),
+                &["job_id"],
+            )?,
+            last_success_timestamp_seconds: GaugeVec::new(
+                n("last_success_timestamp_seconds", "Unix time of the job's last successful backup"),
+                &["job_id"],
+            )?,
+            bytes_uploaded_total: IntCounter::with_opts(n(
+                "bytes_uploaded_total",
+                "bytes stored by successful runs",
+            ))?,
+            health_check_up: GaugeVec::new(
+                n("health_check_up", "1 when the last probe succeeded"),
+                &["check_id"],
+            )?,
+            health_check_duration_seconds: HistogramVec::new(
+                h("health_check_duration_seconds", "probe latency", prometheus::DEFAULT_BUCKETS.to_vec()),
+                &["check_id"],
+            )?,
+            ready: AtomicBool::new(false),
+            registry,
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.up.clone()))?;
+        r.register(Box::new(m.build_info.clone()))?;
+        r.register(Box::new(m.config_version.clone()))?;
+        r.register(Box::new(m.connection_state.clone()))?;
+        r.register(Box::new(m.reconnects_total.clone()))?;
+        r.register(Box::new(m.queue_depth.clone()))?;
+        r.register(Box::new(m.jobs_total.clone()))?;
+        r.register(Box::new(m.backup_duration_seconds.clone()))?;
+        r.register(Box::new(m.backup_size_bytes.clone()))?;
+        r.register(Box::new(m.last_success_timestamp_seconds.clone()))?;
+        r.register(Box::new(m.bytes_uploaded_total.clone()))?;
+        r.register(Box::new(m.health_check_up.clone()))?;
+        r.register(Box::new(m.health_check_duration_seconds.clone()))?;
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        m.up.set(1);
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
+        Ok(Arc::new(m))
+    }
+
+    /// Records a finished run. `status` is "success", "failed" or "cancelled".
+    pub fn record_run(&self, job_id: &str, status: &str, duration: Duration, stored_bytes: Option<u64>) {
+        self.jobs_total.with_label_values(&[job_id, status]).inc();
+        self.backup_duration_seconds.with_label_values(&[job_id]).observe(duration.as_secs_f64());
+        if let Some(bytes) = stored_bytes {
+            self.backup_size_bytes.with_label_values(&[job_id]).observe(bytes as f64);
+            self.bytes_uploaded_total.inc_by(bytes);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            self.last_success_timestamp_seconds.with_label_values(&[job_id]).set(now);
+        }
+    }
+
+    /// Marks the connection state: exactly one of the states is 1.
+    pub fn set_connection_state(&self, state: &str) {
+        for s in ["standalone", "connected", "disconnected"] {
+            self.connection_state.with_label_values(&[s]).set(if s == state { 1.0 } else { 0.0 });
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            log::warn!("cannot encode metrics: {e}");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// The listen address from `BACKUPY_METRICS_LISTEN_ADDR`; `None` when set to empty (off).
+pub fn listen_addr_from_env() -> Option<String> {
+    match std::env::var("BACKUPY_METRICS_LISTEN_ADDR") {
+        Ok(v) if v.trim().is_empty() => None,
+        Ok(v) => Some(v.trim().to_string()),
+        Err(_) => Some(DEFAULT_LISTEN_ADDR.to_string()),
+    }
+}
+
+/// Serves the endpoints on a thread until the process ends. `state_dir` is probed by
+/// `/healthz` (create and remove a file) so a full or read-only volume turns it 503.
+pub fn serve(addr: &str, metrics: Arc<Metrics>, state_dir: PathBuf) -> Result<(), String> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| format!("cannot listen on {addr} for metrics (BACKUPY_METRICS_LISTEN_ADDR): {e}"))?;
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let (status, body, ctype) = match req.url() {
+                    "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4"),
+                    "/healthz" => match probe_writable(&state_dir) {
+                        Ok(()) => (200, "ok\n".to_string(), "text/plain"),
+                        Err(e) => (503, format!("state directory not writable: {e}\n"), "text/plain"),
+                    },
+                    "/readyz" if metrics.ready.load(Ordering::SeqCst) => {
+                        (200, "ready\n".into(), "text/plain")
+                    }
+                    "/readyz" => (503, "not ready\n".into(), "text/plain"),
+                    _ => (404, "not found\n".into(), "text/plain"),
+                };
+                let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
+                    .expect("static header is valid");
+                let _ = req.respond(
+                    tiny_http::Response::from_string(body).with_status_code(status).with_header(header),
+                );
+            }
+        })
+        .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
+    Ok(())
+}
+
+fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".healthz-{}", std::process::id()));
+    std::fs::write(&probe, b"ok")?;
+    std::fs::remove_file(&probe)
+}
+
+/// `backupy-agent health-check`: asks the running agent's `/healthz`; true when healthy.
+pub fn health_check(addr: &str) -> Result<(), String> {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .new_agent();
+    let url = format!("http://{addr}/healthz");
+    let mut resp = agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    if status == 200 { Ok(()) } else { Err(format!("{url}: HTTP {status}: {}", body.trim())) }
+}
