@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod drivers;
+pub mod health;
 pub mod metrics;
 pub mod pipeline;
 pub mod restore;

@@ -82,6 +82,9 @@ pub fn run(config: &Path) -> Result<Summary> {
         move |req: RunRequest, cancel: Cancel| run_once(&cfg, &state, &storage, &metrics, req, &cancel)
     };
     let handle = Scheduler::start(options, worker).context("cannot start the scheduler")?;
+    let ca_file = std::env::var_os("BACKUPY_CA_FILE").map(std::path::PathBuf::from);
+    let health = crate::health::start(cfg.health_checks.clone(), metrics.clone(), ca_file, None)
+        .context("cannot start the health-probe threads")?;
     metrics.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     log::info!(
         "standalone agent running: {} scheduled job(s), state in {}, max {} in parallel",
@@ -108,6 +111,7 @@ pub fn run(config: &Path) -> Result<Summary> {
         }
     })?;
     let summary = handle.join();
+    drop(health);
     metrics.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     signal_handle.close();
     log::info!(

@@ -273,27 +273,12 @@ fn expired_presigned_url_is_refused_before_upload() {
     assert!(common::files_under(spool.path()).is_empty());
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, made with the openssl CLI.
-fn make_certs(dir: &std::path::Path) {
-    let sh = |script: &str| {
-        let out = std::process::Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
-        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    sh(
-        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=backupy-test-ca 2>/dev/null",
-    );
-    sh("openssl req -newkey rsa:2048 -nodes -keyout leaf.key -out leaf.csr -subj /CN=127.0.0.1 2>/dev/null");
-    sh("printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext && \
-        openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 2 -extfile ext 2>/dev/null && \
-        cat leaf.pem leaf.key > server.pem");
-}
-
 #[test]
 fn https_endpoint_is_trusted_only_with_its_ca_file() {
     let env = s3_env();
     let bucket = new_bucket(&env, "tls");
     let certs = tempfile::tempdir().unwrap();
-    make_certs(certs.path());
+    common::make_certs(certs.path());
     // socat terminates TLS in front of the S3 server (which speaks plain HTTP).
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let upstream = env.endpoint.trim_start_matches("http://");

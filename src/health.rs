@@ -1,0 +1,180 @@
+//! Health probes of `[[health_checks]]`: HTTP/HTTPS GET (status must equal
+//! `expected_status`, default any 2xx; redirects not followed; at most a small body read)
+//! and TCP connect.
+//!
+//! One `health` thread keeps each check's next due time (interval plus a little jitter
+//! so checks do not align) and hands due probes to a small pool of `health-probe-N`
+//! threads over a bounded channel, so one slow target never delays the others. Results
+//! go to the metrics (`health_check_up`, `health_check_duration_seconds`) and the log;
+//! connected mode will also send them as HealthCheckResult through the outbox.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::HealthCheck;
+use crate::metrics::Metrics;
+
+/// Body bytes read from an HTTP probe at most.
+const BODY_CAP: u64 = 64 * 1024;
+const POOL_SIZE: usize = 4;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeResult {
+    pub check_id: String,
+    pub ok: bool,
+    pub latency: Duration,
+    /// 0 for TCP checks and when no response arrived.
+    pub status_code: u32,
+    pub error: String,
+}
+
+/// Probes `check` once, within its timeout. `ca_file` adds trusted roots (BACKUPY_CA_FILE).
+pub fn probe(check: &HealthCheck, ca_file: Option<&std::path::Path>) -> ProbeResult {
+    let t0 = Instant::now();
+    let (ok, status_code, error) = match check.kind.as_str() {
+        "tcp" => tcp(&check.target, check.timeout),
+        _ => http(check, ca_file),
+    };
+    ProbeResult { check_id: check.id.clone(), ok, latency: t0.elapsed(), status_code, error }
+}
+
+fn tcp(target: &str, timeout: Duration) -> (bool, u32, String) {
+    let addrs = match target.to_socket_addrs() {
+        Ok(a) => a.collect::<Vec<_>>(),
+        Err(e) => return (false, 0, format!("cannot resolve {target}: {e}")),
+    };
+    let mut last = format!("{target}: no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(_) => return (true, 0, String::new()),
+            Err(e) => last = format!("connect {addr}: {e}"),
+        }
+    }
+    (false, 0, last)
+}
+
+fn http(check: &HealthCheck, ca_file: Option<&std::path::Path>) -> (bool, u32, String) {
+    let mut cfg = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(check.timeout))
+        .user_agent(concat!("backupy-agent/", env!("CARGO_PKG_VERSION"), " health-check"));
+    if let Some(ca) = ca_file {
+        match extra_roots(ca) {
+            Ok(tls) => cfg = cfg.tls_config(tls),
+            Err(e) => return (false, 0, e),
+        }
+    }
+    let agent = cfg.build().new_agent();
+    match agent.get(&check.target).call() {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16() as u32;
+            let _ = resp.body_mut().with_config().limit(BODY_CAP).read_to_vec();
+            let ok = if check.expected_status == 0 {
+                (200..300).contains(&status)
+            } else {
+                status == check.expected_status
+            };
+            let error = if ok {
+                String::new()
+            } else if check.expected_status == 0 {
+                format!("HTTP {status}, expected 2xx")
+            } else {
+                format!("HTTP {status}, expected {}", check.expected_status)
+            };
+            (ok, status, error)
+        }
+        Err(e) => (false, 0, crate::storage::s3::redact_urls(&e.to_string())),
+    }
+}
+
+/// The system bundle plus the PEM certificates of `ca`.
+fn extra_roots(ca: &std::path::Path) -> Result<ureq::tls::TlsConfig, String> {
+    let mut certs = Vec::new();
+    for path in [std::path::Path::new("/etc/ssl/certs/ca-certificates.crt"), ca] {
+        let pem = match std::fs::read(path) {
+            Ok(p) => p,
+            Err(_) if path != ca => continue,
+            Err(e) => return Err(format!("cannot read CA file {}: {e}", ca.display())),
+        };
+        for item in ureq::tls::parse_pem(&pem) {
+            if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
+                certs.push(c.to_owned());
+            }
+        }
+    }
+    Ok(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build())
+}
+
+/// Runs the checks until `stop` is dropped or sent to; every result is also sent to
+/// `results` when given (tests and, later, the outbox).
+pub fn start(
+    checks: Vec<HealthCheck>,
+    metrics: Arc<Metrics>,
+    ca_file: Option<PathBuf>,
+    results: Option<Sender<ProbeResult>>,
+) -> std::io::Result<Sender<()>> {
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let (job_tx, job_rx) = crossbeam_channel::bounded::<HealthCheck>(POOL_SIZE);
+    for n in 0..POOL_SIZE {
+        let (rx, metrics, ca, results) = (job_rx.clone(), metrics.clone(), ca_file.clone(), results.clone());
+        std::thread::Builder::new().name(format!("health-probe-{n}")).spawn(move || {
+            for check in rx {
+                let r = probe(&check, ca.as_deref());
+                metrics.health_check_up.with_label_values(&[&r.check_id]).set(if r.ok { 1.0 } else { 0.0 });
+                metrics
+                    .health_check_duration_seconds
+                    .with_label_values(&[&r.check_id])
+                    .observe(r.latency.as_secs_f64());
+                if r.ok {
+                    log::debug!("health check {}: ok in {:?}", r.check_id, r.latency);
+                } else {
+                    log::warn!("health check {} failed: {}", r.check_id, r.error);
+                }
+                if let Some(tx) = &results {
+                    let _ = tx.send(r);
+                }
+            }
+        })?;
+    }
+    std::thread::Builder::new().name("health".into()).spawn(move || schedule(checks, &job_tx, &stop_rx))?;
+    Ok(stop_tx)
+}
+
+fn schedule(checks: Vec<HealthCheck>, jobs: &Sender<HealthCheck>, stop: &Receiver<()>) {
+    if checks.is_empty() {
+        let _ = stop.recv();
+        return;
+    }
+    let start = Instant::now();
+    // Spread the first probes over the first second so checks do not align.
+    let mut due: Vec<Instant> =
+        (0..checks.len()).map(|i| start + Duration::from_millis((i as u64 * 997) % 1000)).collect();
+    loop {
+        let (i, next) =
+            due.iter().enumerate().min_by_key(|(_, t)| **t).map(|(i, t)| (i, *t)).expect("non-empty");
+        match stop.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        // A full pool means every prober is busy: skip this round rather than queue up.
+        if jobs.try_send(checks[i].clone()).is_err() {
+            log::warn!("health check {}: all probe threads are busy; skipped this round", checks[i].id);
+        }
+        due[i] = Instant::now() + checks[i].interval + jitter(checks[i].interval);
+    }
+}
+
+/// Up to 5 % of the interval (at most 3 s), from the clock's nanoseconds.
+fn jitter(interval: Duration) -> Duration {
+    let max = (interval / 20).min(Duration::from_secs(3));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    if max.is_zero() { Duration::ZERO } else { Duration::from_nanos(nanos as u64 % max.as_nanos() as u64) }
+}
