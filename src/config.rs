@@ -144,6 +144,12 @@ struct RawJob {
     /// The whole run's limit; 0 or absent = none.
     timeout_sec: Option<u64>,
     retry: Option<RawRetry>,
+    #[serde(default)]
+    pre_hooks: Vec<String>,
+    #[serde(default)]
+    post_hooks: Vec<String>,
+    /// Seconds each hook may run (default 300).
+    hook_timeout_sec: Option<u64>,
 }
 
 /// A validated standalone configuration. Paths are absolute or relative to the
@@ -196,6 +202,10 @@ pub struct Job {
     pub retention: crate::retention::Rules,
     pub timeout: Option<std::time::Duration>,
     pub retry: RetryConfig,
+    /// Shell commands from the operator's own file: they run without an opt-in.
+    pub pre_hooks: Vec<String>,
+    pub post_hooks: Vec<String>,
+    pub hook_timeout: std::time::Duration,
 }
 
 /// Retries of failed scheduled runs: `max_attempts` in all (1 = no retry), waiting
@@ -414,6 +424,12 @@ impl Config {
                 },
                 timeout: rj.timeout_sec.filter(|s| *s > 0).map(std::time::Duration::from_secs),
                 retry,
+                pre_hooks: rj.pre_hooks.clone(),
+                post_hooks: rj.post_hooks.clone(),
+                hook_timeout: rj
+                    .hook_timeout_sec
+                    .filter(|s| *s > 0)
+                    .map_or(crate::hooks::DEFAULT_TIMEOUT, std::time::Duration::from_secs),
             });
         }
         let max_parallel_jobs = match &raw.max_parallel_jobs {

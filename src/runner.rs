@@ -10,9 +10,9 @@ use std::time::Instant;
 use chrono::Utc;
 
 use crate::config::{Config, Job};
-use crate::drivers;
 use crate::pipeline::{self, Cancel, Progress};
 use crate::storage::{self, Manifest};
+use crate::{drivers, hooks};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -44,6 +44,42 @@ pub fn run_job(
 /// Runs `job` once as run `run_id` (the scheduler chooses the id, so the state database
 /// and the stored object name the same run).
 pub fn run_job_as(
+    cfg: &Config,
+    job: &Job,
+    run_id: &str,
+    cancel: &Cancel,
+    progress: Arc<Progress>,
+) -> Result<RunResult, RunError> {
+    let fail = |message: String| RunError { job: job.id.clone(), message };
+    let hook_ctx =
+        |run_status| hooks::HookContext { job_id: &job.id, run_id, target_id: &job.target, run_status };
+    let mut result = Ok(());
+    for hook in &job.pre_hooks {
+        log::info!("job {}: pre-hook {hook:?}", job.id);
+        if let Err(e) = hooks::run(hook, &hook_ctx(None), job.hook_timeout, cancel) {
+            result = Err(fail(format!("{e}; the backup did not start")));
+            break;
+        }
+    }
+    let result = result.and_then(|()| backup_once(cfg, job, run_id, cancel, progress));
+    // Post-hooks run whenever pre-hooks ran, after a failure or a cancel too; their own
+    // failure is reported but does not change the backup's outcome.
+    let status = match &result {
+        Ok(_) => "success",
+        Err(_) if cancel.is_cancelled() => "cancelled",
+        Err(_) => "failed",
+    };
+    for hook in &job.post_hooks {
+        log::info!("job {}: post-hook {hook:?} (run {status})", job.id);
+        if let Err(e) = hooks::run(hook, &hook_ctx(Some(status)), job.hook_timeout, &Cancel::default()) {
+            log::warn!("job {}: {e}", job.id);
+        }
+    }
+    result
+}
+
+/// The backup itself: dump, pipeline, manifest.
+fn backup_once(
     cfg: &Config,
     job: &Job,
     run_id: &str,
