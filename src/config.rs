@@ -150,6 +150,11 @@ struct RawJob {
     post_hooks: Vec<String>,
     /// Seconds each hook may run (default 300).
     hook_timeout_sec: Option<u64>,
+    /// Dead-man's-switch URL: pinged at `/start`, on success, and at `/fail`.
+    notify_url: Option<Spanned<String>>,
+    webhook_url: Option<Spanned<String>>,
+    /// "failure" (default) or "always".
+    webhook_on: Option<Spanned<String>>,
 }
 
 /// A validated standalone configuration. Paths are absolute or relative to the
@@ -206,6 +211,7 @@ pub struct Job {
     pub pre_hooks: Vec<String>,
     pub post_hooks: Vec<String>,
     pub hook_timeout: std::time::Duration,
+    pub notify: crate::notify::Notify,
 }
 
 /// Retries of failed scheduled runs: `max_attempts` in all (1 = no retry), waiting
@@ -411,6 +417,7 @@ impl Config {
                 },
                 None => RetryConfig::default(),
             };
+            let notify = parse_notify(rj, &id, &fail)?;
             jobs.push(Job {
                 id,
                 target,
@@ -430,6 +437,7 @@ impl Config {
                     .hook_timeout_sec
                     .filter(|s| *s > 0)
                     .map_or(crate::hooks::DEFAULT_TIMEOUT, std::time::Duration::from_secs),
+                notify,
             });
         }
         let max_parallel_jobs = match &raw.max_parallel_jobs {
@@ -755,6 +763,35 @@ fn parse_health_check(h: &RawHealthCheck, fail: &Fail) -> Result<HealthCheck, Co
         interval: secs(h.interval_sec, 60),
         timeout: secs(h.timeout_sec, 10),
         expected_status: h.expected_status.as_ref().map_or(0, |s| *s.get_ref()),
+    })
+}
+
+fn parse_notify(rj: &RawJob, id: &str, fail: &Fail) -> Result<crate::notify::Notify, ConfigError> {
+    let url = |u: &Option<Spanned<String>>, what: &str| -> Result<Option<String>, ConfigError> {
+        let Some(u) = u else { return Ok(None) };
+        let parsed: url::Url = u.get_ref().parse().map_err(|e| {
+            fail(Some(u.span()), format!("job {id:?}: invalid {what} {:?}: {e}", u.get_ref()))
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(fail(Some(u.span()), format!("job {id:?}: {what} must be an http(s) URL")));
+        }
+        Ok(Some(u.get_ref().clone()))
+    };
+    let webhook_always = match &rj.webhook_on {
+        None => false,
+        Some(w) if w.get_ref() == "failure" => false,
+        Some(w) if w.get_ref() == "always" => true,
+        Some(w) => {
+            return Err(fail(
+                Some(w.span()),
+                format!("job {id:?}: webhook_on must be \"failure\" or \"always\""),
+            ));
+        }
+    };
+    Ok(crate::notify::Notify {
+        ping_url: url(&rj.notify_url, "notify_url")?,
+        webhook_url: url(&rj.webhook_url, "webhook_url")?,
+        webhook_always,
     })
 }
 

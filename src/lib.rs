@@ -16,6 +16,7 @@ pub mod drivers;
 pub mod health;
 pub mod hooks;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod restore;
 pub mod retention;

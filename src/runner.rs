@@ -12,7 +12,7 @@ use chrono::Utc;
 use crate::config::{Config, Job};
 use crate::pipeline::{self, Cancel, Progress};
 use crate::storage::{self, Manifest};
-use crate::{drivers, hooks};
+use crate::{drivers, hooks, notify};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -53,6 +53,8 @@ pub fn run_job_as(
     let fail = |message: String| RunError { job: job.id.clone(), message };
     let hook_ctx =
         |run_status| hooks::HookContext { job_id: &job.id, run_id, target_id: &job.target, run_status };
+    let t0 = Instant::now();
+    notify::started(&job.notify);
     let mut result = Ok(());
     for hook in &job.pre_hooks {
         log::info!("job {}: pre-hook {hook:?}", job.id);
@@ -75,6 +77,24 @@ pub fn run_job_as(
             log::warn!("job {}: {e}", job.id);
         }
     }
+    let error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+    let (size_bytes, object) = match &result {
+        Ok(r) => (r.manifest.size_bytes, r.location.as_str()),
+        Err(_) => (0, ""),
+    };
+    notify::finished(
+        &job.notify,
+        &notify::Summary {
+            job: &job.id,
+            target: &job.target,
+            run_id,
+            status,
+            size_bytes,
+            duration_seconds: t0.elapsed().as_secs_f64(),
+            error: &error,
+            object,
+        },
+    );
     result
 }
 

@@ -1,0 +1,88 @@
+//! Standalone notifications (connected mode leaves them to the control plane): a
+//! dead-man's-switch URL pinged on start (`<url>/start`), success (`<url>`) and failure
+//! (`<url>/fail`) — the healthchecks.io convention — and a webhook that POSTs a JSON
+//! summary of the run on failure (or always). Each request is tried a few times with a
+//! short timeout; a notification never changes the backup's outcome. Runs on the run's
+//! thread.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+const ATTEMPTS: u32 = 3;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notify {
+    /// Dead-man's-switch base URL.
+    pub ping_url: Option<String>,
+    pub webhook_url: Option<String>,
+    /// POST the webhook after every run, not only after failures.
+    pub webhook_always: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary<'a> {
+    pub job: &'a str,
+    pub target: &'a str,
+    pub run_id: &'a str,
+    /// `success`, `failed` or `cancelled`.
+    pub status: &'a str,
+    pub size_bytes: u64,
+    pub duration_seconds: f64,
+    pub error: &'a str,
+    pub object: &'a str,
+}
+
+/// Pings `<ping_url>/start`.
+pub fn started(n: &Notify) {
+    if let Some(url) = &n.ping_url {
+        send("GET", &format!("{}/start", url.trim_end_matches('/')), None);
+    }
+}
+
+/// Pings success or failure and POSTs the webhook as configured.
+pub fn finished(n: &Notify, summary: &Summary<'_>) {
+    if let Some(url) = &n.ping_url {
+        let url = url.trim_end_matches('/');
+        let target = if summary.status == "success" { url.to_string() } else { format!("{url}/fail") };
+        send("GET", &target, None);
+    }
+    if let Some(url) = &n.webhook_url
+        && (n.webhook_always || summary.status != "success")
+    {
+        match serde_json::to_vec(summary) {
+            Ok(body) => send("POST", url, Some(&body)),
+            Err(e) => log::warn!("cannot encode the webhook body: {e}"),
+        }
+    }
+}
+
+fn send(method: &str, url: &str, body: Option<&[u8]>) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(TIMEOUT))
+        .build()
+        .new_agent();
+    let shown = crate::storage::s3::redact_urls(url);
+    for attempt in 1..=ATTEMPTS {
+        let result = match body {
+            Some(b) => agent.post(url).header("Content-Type", "application/json").send(b),
+            None => agent.get(url).call(),
+        };
+        match result {
+            Ok(resp) if resp.status().is_success() => return,
+            Ok(resp) => log::warn!(
+                "notification {method} {shown}: HTTP {} (attempt {attempt})",
+                resp.status().as_u16()
+            ),
+            Err(e) => log::warn!(
+                "notification {method} {shown}: {} (attempt {attempt})",
+                crate::storage::s3::redact_urls(&e.to_string())
+            ),
+        }
+        if attempt < ATTEMPTS {
+            std::thread::sleep(Duration::from_millis(500 * u64::from(attempt)));
+        }
+    }
+}
