@@ -4,7 +4,7 @@
 # everything is already present.
 #
 # Usage: scripts/install-deps.sh [GROUP...]      (default: all)
-#   core    sqlite3, zstd, openssl, socat, curl, PostgreSQL 15 (+contrib), MariaDB server and
+#   core    sqlite3, zstd, openssl, socat, prometheus (promtool), curl, PostgreSQL 15 (+contrib), MariaDB server and
 #           client, Redis; cargo-nextest
 #   s3      the s3s-fs S3 server (cargo install into ~/.cargo/bin)
 #   mongo   a Python venv with SecantusDB + pymongo (MongoDB wire-protocol server)
@@ -85,7 +85,7 @@ fi
 
 # pgbench lives in postgresql-15 (the server package); postgresql-contrib is a
 # metapackage kept for completeness (pg_stat_statements & co.).
-((want_core)) && APT_WANT+=(sqlite3 zstd openssl socat curl ca-certificates procps python3
+((want_core)) && APT_WANT+=(sqlite3 zstd openssl socat prometheus curl ca-certificates procps python3
     postgresql postgresql-contrib postgresql-client mariadb-server mariadb-client
     redis-server redis-tools)
 ((want_s3)) && APT_WANT+=(curl build-essential pkg-config)
