@@ -17,8 +17,11 @@ pub const DEFAULT_SECRETS_DIR: &str = "/run/secrets";
 pub struct Secret(Zeroizing<String>);
 
 impl Secret {
+    /// Wraps a secret value and registers it with the log redaction layer.
     pub fn new(s: impl Into<String>) -> Self {
-        Self(Zeroizing::new(s.into()))
+        let secret = Self(Zeroizing::new(s.into()));
+        register_for_redaction(&secret.0);
+        secret
     }
 
     /// The value, for the one place that must hand it on (a 0600 file, a signature).
@@ -41,6 +44,43 @@ impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
+}
+
+/// Every secret value the process has seen, so the log layer can blank it out of any
+/// line, whichever code path wrote it. Made for sharing: written rarely, read per line.
+static KNOWN_SECRETS: std::sync::RwLock<Vec<Zeroizing<String>>> = std::sync::RwLock::new(Vec::new());
+
+/// Values shorter than this are not redacted: they would blank ordinary words.
+const MIN_REDACTED_LEN: usize = 4;
+
+pub fn register_for_redaction(value: &str) {
+    if value.len() < MIN_REDACTED_LEN {
+        return;
+    }
+    let mut known = KNOWN_SECRETS.write().unwrap_or_else(|p| p.into_inner());
+    if !known.iter().any(|k| k.as_str() == value) {
+        known.push(Zeroizing::new(value.to_string()));
+        // Longest first, so a secret that contains another is blanked whole.
+        known.sort_by_key(|k| std::cmp::Reverse(k.len()));
+    }
+}
+
+/// `text` with every registered secret, every URL query string (presigned URLs carry
+/// signatures there) and every `Bearer` token replaced. Every log line and every error
+/// the CLI prints passes through this.
+pub fn redact(text: &str) -> String {
+    let mut out = crate::storage::s3::redact_urls(text);
+    for secret in KNOWN_SECRETS.read().unwrap_or_else(|p| p.into_inner()).iter() {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), "<redacted>");
+        }
+    }
+    if let Some(pos) = out.find("Bearer ") {
+        let end =
+            out[pos + 7..].find(|c: char| c.is_whitespace() || c == '"').map_or(out.len(), |e| pos + 7 + e);
+        out.replace_range(pos + 7..end, "<redacted>");
+    }
+    out
 }
 
 /// Why a reference did not resolve. Names the reference, never a value.
@@ -118,6 +158,18 @@ mod tests {
             Err(SecretError::MissingEnv(_))
         ));
         assert!(resolve_in("file:/nonexistent/x", dir.path()).is_err());
+    }
+
+    #[test]
+    fn redaction_blanks_known_secrets_query_strings_and_bearer_tokens() {
+        let _ = Secret::new("s3cr3t-value-123");
+        let line =
+            "connect with s3cr3t-value-123 to https://h/b/k?X-Amz-Signature=ab then Bearer tok.en.x done";
+        assert_eq!(
+            redact(line),
+            "connect with <redacted> to https://h/b/k?<redacted> then Bearer <redacted> done"
+        );
+        assert_eq!(redact("abc"), "abc");
     }
 
     #[test]

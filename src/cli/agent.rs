@@ -227,7 +227,7 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
             ),
             Err(e) => {
                 failed += 1;
-                eprintln!("backupy-agent: error: {e}");
+                eprintln!("backupy-agent: error: {}", crate::secrets::redact(&e.to_string()));
             }
         }
     }

@@ -16,18 +16,24 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub fn init_logging(default_level: &str) {
     let level = std::env::var("BACKUPY_LOG_LEVEL").unwrap_or_else(|_| default_level.to_string());
     let mut builder = env_logger::Builder::new();
-    if std::env::var("BACKUPY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.format(|buf, record| {
-            use std::io::Write as _;
+    let json = std::env::var("BACKUPY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    // Every line passes the redaction layer, whichever module wrote it.
+    builder.format(move |buf, record| {
+        use std::io::Write as _;
+        let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let message = crate::secrets::redact(&record.args().to_string());
+        if json {
             let line = serde_json::json!({
-                "ts": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "ts": ts,
                 "level": record.level().as_str(),
                 "module": record.target(),
-                "message": record.args().to_string(),
+                "message": message,
             });
             writeln!(buf, "{line}")
-        });
-    }
+        } else {
+            writeln!(buf, "[{ts} {:<5} {}] {message}", record.level(), record.target())
+        }
+    });
     let _ = builder
         .parse_filters(&level)
         // ureq logs request URIs, which for presigned S3 requests carry the signature
@@ -50,7 +56,7 @@ pub fn report(program: &str, err: &anyhow::Error) -> ExitCode {
             msg.push_str(&c);
         }
     }
-    eprintln!("{program}: error: {msg}");
+    eprintln!("{program}: error: {}", crate::secrets::redact(&msg));
     ExitCode::from(1)
 }
 
