@@ -8,7 +8,8 @@ use std::process::{Command, Output};
 
 pub fn agent() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_backupy-agent"));
-    c.env_remove("BACKUPY_STATE_DIR").env("BACKUPY_LOG_LEVEL", "info");
+    // Tests run agents in parallel: none of them may take the default metrics port.
+    c.env_remove("BACKUPY_STATE_DIR").env("BACKUPY_LOG_LEVEL", "info").env("BACKUPY_METRICS_LISTEN_ADDR", "");
     c
 }
 
