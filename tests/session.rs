@@ -289,6 +289,39 @@ fn text_frames_are_ignored_and_an_undecodable_frame_closes_the_connection() {
 }
 
 #[test]
+fn a_frame_over_four_mebibytes_is_refused() {
+    let cp = ControlPlane::plain();
+    let (handle, events) = start_plain(&cp, "big-frame");
+    assert!(wait_connected(&events, Duration::from_secs(5)).is_some());
+    let big = pb::Envelope {
+        correlation_id: "big".into(),
+        payload: Some(Payload::Ping(pb::Ping { ts_ms: 1 })),
+        ..Default::default()
+    };
+    let mut bytes = prost::Message::encode_to_vec(&big);
+    // Unknown field 1000 (length-delimited) pads the envelope past 4 MiB.
+    bytes.extend_from_slice(&[0xc2, 0x3e]);
+    let pad = session::MAX_FRAME_BYTES;
+    let mut len = pad;
+    while len >= 0x80 {
+        bytes.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    bytes.push(len as u8);
+    bytes.resize(bytes.len() + pad, 0);
+    cp.act(0, Action::Raw(Message::binary(bytes)));
+    match next_event(&events, Duration::from_secs(5)) {
+        Some(SessionEvent::Disconnected { reason }) => {
+            assert!(reason.contains("too long") || reason.contains("size"), "{reason}")
+        }
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    assert!(wait_connected(&events, Duration::from_secs(5)).is_some(), "the agent reconnects");
+    handle.shutdown();
+    assert!(acks(&cp.state().conns[0]).is_empty(), "the oversized ping was not answered");
+}
+
+#[test]
 fn a_dropped_connection_is_reestablished_with_growing_backoff() {
     let cp = ControlPlane::plain();
     let mut timing = fast_timing();

@@ -92,18 +92,15 @@ pub struct HeartbeatFields {
 #[derive(Debug, Clone)]
 pub enum SessionEvent {
     /// RegisterAck received; `config` is the server's config as sent (apply only if newer).
-    Connected {
-        session_id: String,
-        config: Option<pb::AgentConfig>,
-    },
+    Connected { session_id: String, config: Option<pb::AgentConfig> },
     /// A server command other than `Ping`. If its `correlation_id` is not empty the caller
     /// must answer with an `Ack` carrying it.
     Command(pb::Envelope),
     /// A delivery `Ack` from the server (wire-v1.md "Delivery"); never answered.
     Ack(pb::Ack),
-    Disconnected {
-        reason: String,
-    },
+    /// A connection that had reached `Connected` ended; attempts that fail before
+    /// RegisterAck are only logged.
+    Disconnected { reason: String },
 }
 
 /// Requests to the supervisor; one input enum for the `session` thread.
