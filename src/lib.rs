@@ -23,6 +23,7 @@ pub mod retention;
 pub mod runner;
 pub mod scheduler;
 pub mod secrets;
+pub mod session;
 pub mod standalone;
 pub mod state;
 pub mod storage;
