@@ -17,6 +17,7 @@ pub mod health;
 pub mod hooks;
 pub mod metrics;
 pub mod notify;
+pub mod outbox;
 pub mod pipeline;
 pub mod restore;
 pub mod retention;
