@@ -64,7 +64,7 @@ fn http(check: &HealthCheck, ca_file: Option<&std::path::Path>) -> (bool, u32, S
         .timeout_global(Some(check.timeout))
         .user_agent(concat!("backupy-agent/", env!("CARGO_PKG_VERSION"), " health-check"));
     if let Some(ca) = ca_file {
-        match extra_roots(ca) {
+        match crate::storage::s3::tls_with_extra_ca(ca) {
             Ok(tls) => cfg = cfg.tls_config(tls),
             Err(e) => return (false, 0, e),
         }
@@ -90,24 +90,6 @@ fn http(check: &HealthCheck, ca_file: Option<&std::path::Path>) -> (bool, u32, S
         }
         Err(e) => (false, 0, crate::storage::s3::redact_urls(&e.to_string())),
     }
-}
-
-/// The system bundle plus the PEM certificates of `ca`.
-fn extra_roots(ca: &std::path::Path) -> Result<ureq::tls::TlsConfig, String> {
-    let mut certs = Vec::new();
-    for path in [std::path::Path::new("/etc/ssl/certs/ca-certificates.crt"), ca] {
-        let pem = match std::fs::read(path) {
-            Ok(p) => p,
-            Err(_) if path != ca => continue,
-            Err(e) => return Err(format!("cannot read CA file {}: {e}", ca.display())),
-        };
-        for item in ureq::tls::parse_pem(&pem) {
-            if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
-                certs.push(c.to_owned());
-            }
-        }
-    }
-    Ok(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build())
 }
 
 /// Runs the checks until `stop` is dropped or sent to; every result is also sent to

@@ -438,26 +438,29 @@ fn build_agent(target: &S3Target) -> Result<ureq::Agent, String> {
         .max_redirects(0)
         .user_agent(concat!("backupy-agent/", env!("CARGO_PKG_VERSION")));
     if let Some(ca) = &target.ca_file {
-        let mut certs = Vec::new();
-        // Extra roots come on top of the system bundle, not instead of it.
-        for path in [Path::new("/etc/ssl/certs/ca-certificates.crt"), ca.as_path()] {
-            let Ok(pem) = std::fs::read(path) else {
-                if path == ca.as_path() {
-                    return Err(format!("cannot read CA file {}", ca.display()));
-                }
-                continue;
-            };
-            for item in ureq::tls::parse_pem(&pem) {
-                if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
-                    certs.push(c.to_owned());
-                }
-            }
-        }
-        let tls =
-            ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
-        cfg = cfg.tls_config(tls);
+        cfg = cfg.tls_config(tls_with_extra_ca(ca)?);
     }
     Ok(cfg.build().new_agent())
+}
+
+/// TLS settings trusting the system bundle plus the PEM certificates of `ca` (extra
+/// roots come on top of the system's, not instead of them). Shared by every HTTP client
+/// of the agent that takes an extra CA (S3 targets, health probes).
+pub fn tls_with_extra_ca(ca: &Path) -> Result<ureq::tls::TlsConfig, String> {
+    let mut certs = Vec::new();
+    for path in [Path::new("/etc/ssl/certs/ca-certificates.crt"), ca] {
+        let pem = match std::fs::read(path) {
+            Ok(pem) => pem,
+            Err(_) if path != ca => continue,
+            Err(e) => return Err(format!("cannot read CA file {}: {e}", ca.display())),
+        };
+        for item in ureq::tls::parse_pem(&pem) {
+            if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
+                certs.push(c.to_owned());
+            }
+        }
+    }
+    Ok(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build())
 }
 
 type Response = ureq::http::Response<ureq::Body>;
