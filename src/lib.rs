@@ -11,10 +11,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod connected;
 pub mod crypto;
 pub mod drivers;
 pub mod health;
 pub mod hooks;
+pub mod logfwd;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;

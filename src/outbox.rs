@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use crate::crypto::at_rest::StateCipher;
 use crate::wire::pb::{self, envelope::Payload};
 
 /// Seq numbers are reserved durably this many at a time, before any of them is used, so a
@@ -34,6 +35,8 @@ use crate::wire::pb::{self, envelope::Payload};
 const SEQ_BLOCK: u64 = 1000;
 /// Drop warnings are summarised at most this often: a warning can itself become a LogEvent.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// Associated data of sealed envelopes.
+const OUTBOX_LABEL: &str = "outbox envelope";
 
 /// Drop ranks, stored per entry: under pressure the lowest rank goes first, oldest first
 /// within a rank. Rank 1 goes unconditionally; ranks 2 and 3 only once a newer entry of
@@ -113,6 +116,9 @@ pub struct Outbox {
     inner: Mutex<Inner>,
     path: PathBuf,
     limits: Limits,
+    /// Seals each stored envelope (connected mode always sets it: a BackupCompleted in
+    /// raw-key mode carries the data key). `len` and the drop columns stay in clear.
+    cipher: Option<StateCipher>,
     wake_tx: crossbeam_channel::Sender<()>,
     wake_rx: crossbeam_channel::Receiver<()>,
 }
@@ -216,7 +222,13 @@ impl Outbox {
             warning: DropWarning::default(),
         };
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
-        Ok(Outbox { inner: Mutex::new(inner), path, limits, wake_tx, wake_rx })
+        Ok(Outbox { inner: Mutex::new(inner), path, limits, cipher: None, wake_tx, wake_rx })
+    }
+
+    /// Stores envelopes sealed with `cipher` from now on, and opens them with it.
+    pub fn sealed_with(mut self, cipher: StateCipher) -> Self {
+        self.cipher = Some(cipher);
+        self
     }
 
     /// Stores `payload` as the envelope with the next seq and `ts_ms` = now, and returns
@@ -233,7 +245,14 @@ impl Outbox {
             payload: Some(payload),
         }
         .encode_to_vec();
-        let stored = self.store(&mut inner.conn, seq, &class, &envelope).map_err(|e| self.err(e))?;
+        let stored_bytes = match &self.cipher {
+            Some(c) => c.seal(OUTBOX_LABEL, &envelope).map_err(|e| OutboxError::Db {
+                path: self.path.display().to_string(),
+                message: e.to_string(),
+            })?,
+            None => envelope,
+        };
+        let stored = self.store(&mut inner.conn, seq, &class, &stored_bytes).map_err(|e| self.err(e))?;
         match stored {
             Stored::Refused { entries, bytes } => Err(OutboxError::Full {
                 path: self.path.display().to_string(),
@@ -266,16 +285,31 @@ impl Outbox {
     /// skips one; start from 0 on every new connection.
     pub fn pending(&self, after_seq: u64, limit: usize) -> Result<Vec<Entry>, OutboxError> {
         let inner = self.lock();
-        let mut stmt = inner
-            .conn
-            .prepare_cached("SELECT seq, envelope FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![sql_int(after_seq), limit as i64], |r| {
-                Ok(Entry { seq: column_u64(r, 0)?, envelope: r.get(1)? })
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+        let rows = {
+            let mut stmt = inner
+                .conn
+                .prepare_cached("SELECT seq, envelope FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+                .map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map(params![sql_int(after_seq), limit as i64], |r| {
+                    Ok(Entry { seq: column_u64(r, 0)?, envelope: r.get(1)? })
+                })
+                .map_err(|e| self.err(e))?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))?
+        };
+        let Some(cipher) = &self.cipher else { return Ok(rows) };
+        let mut out = Vec::with_capacity(rows.len());
+        for Entry { seq, envelope } in rows {
+            match cipher.open(OUTBOX_LABEL, &envelope) {
+                Ok(envelope) => out.push(Entry { seq, envelope }),
+                Err(e) => {
+                    // It can never be delivered: keeping it would block the queue forever.
+                    log::error!("outbox entry {seq} removed: {e}");
+                    let _ = inner.conn.execute("DELETE FROM outbox WHERE seq = ?1", [sql_int(seq)]);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// A token after each push (coalesced), for the session writer to select on. The

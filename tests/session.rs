@@ -75,6 +75,7 @@ fn config(url: &str, key: &str, tls: TlsSettings, timing: Timing) -> SessionConf
         capabilities: vec!["postgresql".into(), "sqlite".into()],
         config_version: Arc::new(AtomicU64::new(5)),
         timing,
+        outbox: None,
     }
 }
 

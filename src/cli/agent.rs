@@ -23,18 +23,32 @@ use crate::storage::Manifest;
 #[derive(Parser)]
 #[command(name = "backupy-agent", version = AGENT_VERSION, about = "Database backup agent: dump, compress, encrypt and store in constant memory")]
 struct Cli {
+    /// Without a command: `run`.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Standalone mode: run the jobs on their cron schedules until SIGTERM/SIGINT
-    /// (running backups get `shutdown_grace_sec` to finish, then are cancelled).
-    #[command(after_help = "Example:\n  backupy-agent run --config /etc/backupy/backupy.toml")]
+    /// Run until SIGTERM/SIGINT: standalone with `--config` (the jobs on their cron
+    /// schedules; running backups get `shutdown_grace_sec` to finish), connected to a
+    /// control plane when BACKUPY_SERVER_URL is set (the default command).
+    #[command(after_help = "Examples:\n  backupy-agent run --config /etc/backupy/backupy.toml\n  \
+        BACKUPY_SERVER_URL=https://backupy.example.com BACKUPY_AGENT_KEY_FILE=/etc/backupy/agent.key backupy-agent run")]
     Run {
         #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+    },
+    /// Print what the state database holds (config version, session, outbox depth, runs)
+    /// as JSON; works while `run` is running. Secrets are masked unless --allow-secrets.
+    #[command(after_help = "Example:\n  BACKUPY_STATE_DIR=/var/lib/backupy backupy-agent dump-state")]
+    DumpState {
+        /// Show secret references and values from the stored config.
+        #[arg(long)]
+        allow_secrets: bool,
+        /// The state directory (default: BACKUPY_STATE_DIR, else /var/lib/backupy).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Validate a configuration and print each job's target, storage and next three fire
     /// times (UTC). Exit 0 when valid, 1 when refused.
@@ -134,7 +148,7 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     super::init_logging("info");
-    match dispatch(cli.command) {
+    match dispatch(cli.command.unwrap_or(Command::Run { config: None })) {
         Ok(code) => code,
         Err(e) => super::report("backupy-agent", &e),
     }
@@ -149,7 +163,26 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             println!("healthy");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { config } => crate::standalone::run(&config).map(|_| ExitCode::SUCCESS),
+        Command::Run { config: Some(config) } => crate::standalone::run(&config).map(|_| ExitCode::SUCCESS),
+        Command::Run { config: None } => {
+            if std::env::var_os("BACKUPY_SERVER_URL").is_none() {
+                bail!(
+                    "nothing to run: give --config FILE for standalone mode, or set BACKUPY_SERVER_URL (and BACKUPY_AGENT_KEY or BACKUPY_AGENT_KEY_FILE) for connected mode"
+                );
+            }
+            crate::connected::run().map(|_| ExitCode::SUCCESS)
+        }
+        Command::DumpState { allow_secrets, state_dir } => {
+            let dir = state_dir.unwrap_or_else(|| {
+                PathBuf::from(
+                    std::env::var("BACKUPY_STATE_DIR").unwrap_or_else(|_| "/var/lib/backupy".into()),
+                )
+            });
+            let key = crate::connected::agent_key_from_env()?;
+            let state = crate::connected::dump_state::dump(&dir, key.as_ref(), allow_secrets)?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { config } => check_config(&config),
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),

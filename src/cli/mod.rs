@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Logs go to stderr; the level comes from `BACKUPY_LOG_LEVEL` (default `info`), the
-/// format from `BACKUPY_LOG_FORMAT` (`text`, or `json`: one object per line with
-/// `ts`, `level`, `module` and `message`).
+/// Logs go to stderr; the level comes from `BACKUPY_LOG_LEVEL` (default `info`; a level,
+/// or an env_logger filter such as `info,backupy_agent::session=debug`), the format from
+/// `BACKUPY_LOG_FORMAT` (`text`, or `json`: one object per line with `ts`, `level`,
+/// `module` and `message`). Connected mode may change the level at run time and forward
+/// records as LogEvents (see [`crate::logfwd`]).
 pub fn init_logging(default_level: &str) {
     let level = std::env::var("BACKUPY_LOG_LEVEL").unwrap_or_else(|_| default_level.to_string());
     let mut builder = env_logger::Builder::new();
@@ -34,16 +36,59 @@ pub fn init_logging(default_level: &str) {
             writeln!(buf, "[{ts} {:<5} {}] {message}", record.level(), record.target())
         }
     });
-    let _ = builder
-        .parse_filters(&level)
-        // ureq logs request URIs, which for presigned S3 requests carry the signature
-        // and credential scope: never below warn, whatever the agent's level.
-        .filter_module("ureq", log::LevelFilter::Warn)
-        .filter_module("ureq_proto", log::LevelFilter::Warn)
-        .filter_module("rustls", log::LevelFilter::Warn)
-        .format_timestamp_millis()
-        .target(env_logger::Target::Stderr)
-        .try_init();
+    let simple = crate::logfwd::parse_level(&level);
+    match simple {
+        Some(_) => builder.filter_level(log::LevelFilter::Trace),
+        None => builder.parse_filters(&level),
+    };
+    let inner = builder.target(env_logger::Target::Stderr).build();
+    crate::logfwd::set_local_level(simple.unwrap_or(inner.filter()));
+    let _ = log::set_boxed_logger(Box::new(AgentLogger { inner, per_module: simple.is_none() }));
+    // set_boxed_logger leaves the max level alone: publish ours again.
+    crate::logfwd::set_local_level(crate::logfwd::local_level());
+}
+
+/// The process logger: capped noisy modules, the run-time level of [`crate::logfwd`], the
+/// operator's filter, redaction, and the LogEvent capture.
+struct AgentLogger {
+    inner: env_logger::Logger,
+    /// `BACKUPY_LOG_LEVEL` is a per-module filter rather than one level: `inner` applies it.
+    per_module: bool,
+}
+
+impl AgentLogger {
+    /// ureq logs request URIs, which for presigned S3 requests carry the signature and
+    /// credential scope: never below warn, whatever the agent's level; rustls alike.
+    fn capped(meta: &log::Metadata<'_>) -> bool {
+        let t = meta.target();
+        meta.level() > log::Level::Warn
+            && (t.starts_with("ureq") || t.starts_with("rustls") || t.starts_with("tungstenite"))
+    }
+}
+
+impl log::Log for AgentLogger {
+    fn enabled(&self, meta: &log::Metadata<'_>) -> bool {
+        !Self::capped(meta) && crate::logfwd::enabled(meta.level())
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let local = crate::logfwd::enabled_locally(record.level())
+            && (!self.per_module || self.inner.matches(record));
+        if local {
+            self.inner.log(record);
+        }
+        if crate::logfwd::forwarded(record.level()) {
+            let message = crate::secrets::redact(&record.args().to_string());
+            crate::logfwd::capture(record.level(), record.target(), &message);
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
 }
 
 /// Prints `error: …` (with its causes) on stderr and returns exit code 1.

@@ -6,6 +6,7 @@
 //! O(chunk) memory; the pipeline runs the writers on its encrypt thread and
 //! `backupy-decrypt` runs the readers on its main thread. No threads or channels here.
 
+pub mod at_rest;
 pub mod keys;
 pub mod token;
 pub mod v1;

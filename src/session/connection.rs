@@ -190,8 +190,11 @@ fn upgrade(stream: &mut Stream, endpoint: &Endpoint, key: &Secret) -> Result<Vec
 #[derive(Debug)]
 pub enum Inbound {
     Envelope(Box<pb::Envelope>),
-    /// A frame that carries no envelope (ping, pong, ignored text): proof of life.
+    /// A frame that carries no envelope (ping, ignored text): proof of life.
     Other,
+    /// A pong, with the payload of the ping it answers: proof of life, and of delivery of
+    /// everything written before that ping.
+    Pong(Vec<u8>),
     Closed(String),
 }
 
@@ -199,7 +202,8 @@ pub enum Inbound {
 #[derive(Debug)]
 pub enum Outbound {
     Envelope(Vec<u8>),
-    Ping,
+    /// A WebSocket ping with this payload (≤ 125 bytes).
+    Ping(Vec<u8>),
 }
 
 /// The threads of one live connection; dropping it closes the socket and joins them.
@@ -261,6 +265,7 @@ fn read_loop(socket: &Mutex<Socket>, stop: &AtomicBool, inbound: &Sender<Inbound
                 Some(f) => format!("the server closed the connection ({} {})", f.code, f.reason),
                 None => "the server closed the connection".into(),
             }),
+            Ok(Message::Pong(payload)) => Inbound::Pong(payload.to_vec()),
             Ok(_) => Inbound::Other,
             Err(tungstenite::Error::Io(e))
                 if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
@@ -287,7 +292,7 @@ fn write_loop(
     while !stop.load(Ordering::SeqCst) {
         let msg = match outbound.recv_timeout(POLL) {
             Ok(Outbound::Envelope(bytes)) => Message::binary(bytes),
-            Ok(Outbound::Ping) => Message::Ping(Default::default()),
+            Ok(Outbound::Ping(payload)) => Message::Ping(payload.into()),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         };

@@ -8,10 +8,18 @@
 //! supervisor reads [`Control`] from [`SessionHandle`] and frames from the reader; it
 //! writes [`SessionEvent`]s to the caller's channel.
 //!
-//! What it deliberately does not do: apply or persist configs, run commands, or keep
-//! messages across disconnects. Commands other than `Ping` go to the caller, who answers
-//! with its own `Ack` through [`SessionHandle::send`]. Messages sent while disconnected
-//! are dropped (with a warning) until the outbox takes over delivery.
+//! With an [`Outbox`] (connected mode always has one) delivery is the outbox's: every
+//! message the caller or the session itself creates, Register and Heartbeat excepted, is
+//! pushed there first; on each connection the supervisor replays what is pending in seq
+//! order and then whatever is pushed, in batches so a long backlog never starves the
+//! socket, and follows written entries with a WebSocket ping whose payload is the outbox's
+//! [`PingMarker`]: the pong confirms them. Delivery `Ack`s from the server confirm too.
+//! Without an outbox (tests of the bare session) messages sent while disconnected are
+//! dropped with a warning.
+//!
+//! What it deliberately does not do: apply or persist configs or run commands. Commands
+//! other than `Ping` go to the caller, who answers with its own `Ack` through
+//! [`SessionHandle::send`].
 
 mod connection;
 pub mod tls;
@@ -27,6 +35,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use prost::Message as _;
 use rustls::ClientConfig;
 
+use crate::outbox::{Outbox, PingMarker};
 use crate::secrets::Secret;
 use crate::wire::pb;
 use crate::wire::pb::envelope::Payload;
@@ -48,6 +57,8 @@ pub struct SessionConfig {
     /// when it applies a newer config.
     pub config_version: Arc<AtomicU64>,
     pub timing: Timing,
+    /// Where messages wait for confirmed delivery (see the module comment).
+    pub outbox: Option<Arc<Outbox>>,
 }
 
 /// Time constants of wire-v1.md, injectable so tests run in seconds.
@@ -281,7 +292,9 @@ impl Supervisor {
         let deadline = Instant::now() + delay;
         loop {
             match self.control.recv_deadline(deadline) {
-                Ok(Control::Send { payload, .. }) => warn_dropped(&payload),
+                Ok(Control::Send { payload, correlation_id }) => {
+                    self.send_payload(None, *payload, correlation_id)
+                }
                 Ok(Control::Shutdown) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     return Err(Stop);
                 }
@@ -375,14 +388,26 @@ impl Supervisor {
         let mut last_frame = Instant::now();
         let mut next_heartbeat = Instant::now();
         let mut next_ping = Instant::now() + timing.ws_ping_every;
+        let mut delivery = Delivery::default();
+        let pushes = match &self.config.outbox {
+            Some(outbox) => {
+                outbox.new_connection();
+                delivery.backlog = true;
+                outbox.pushes()
+            }
+            None => crossbeam_channel::never(),
+        };
         loop {
             let now = Instant::now();
             if now >= next_heartbeat {
                 self.send_heartbeat(live);
                 next_heartbeat = now + heartbeat_every;
             }
-            if now >= next_ping {
-                let _ = live.outbound.send(Outbound::Ping);
+            if delivery.backlog {
+                self.flush_outbox(live, &mut delivery);
+            }
+            if now >= next_ping || (delivery.unconfirmed_writes && delivery.ping.is_none()) {
+                self.send_ping(live, &mut delivery);
                 next_ping = now + timing.ws_ping_every;
             }
             let dead_at = last_frame + timing.dead_after;
@@ -392,12 +417,19 @@ impl Supervisor {
                     timing.dead_after.as_secs_f64()
                 ));
             }
-            let wake = next_heartbeat.min(next_ping).min(dead_at);
+            let mut wake = next_heartbeat.min(next_ping).min(dead_at);
+            if delivery.backlog {
+                wake = wake.min(Instant::now() + BACKLOG_POLL);
+            }
             select! {
                 recv(inbound) -> msg => match msg {
                     Ok(Inbound::Envelope(env)) => {
                         last_frame = Instant::now();
                         self.dispatch(live, *env);
+                    }
+                    Ok(Inbound::Pong(payload)) => {
+                        last_frame = Instant::now();
+                        self.pong(&payload, &mut delivery);
                     }
                     Ok(Inbound::Other) => last_frame = Instant::now(),
                     Ok(Inbound::Closed(reason)) => return Ok(reason),
@@ -405,12 +437,95 @@ impl Supervisor {
                 },
                 recv(self.control) -> msg => match msg {
                     Ok(Control::Send { payload, correlation_id }) => {
-                        let bytes = self.envelope(*payload, correlation_id);
-                        let _ = live.outbound.send(Outbound::Envelope(bytes));
+                        self.send_payload(Some(live), *payload, correlation_id);
                     }
                     Ok(Control::Shutdown) | Err(_) => return Err(Stop),
                 },
+                recv(pushes) -> _ => delivery.backlog = true,
                 default(wake.saturating_duration_since(Instant::now())) => {}
+            }
+        }
+    }
+
+    /// Sends a message: through the outbox when there is one (the writer picks it up from
+    /// there), else straight to the connection, or dropped when there is none.
+    fn send_payload(&mut self, live: Option<&Live>, payload: Payload, correlation_id: String) {
+        if let Some(outbox) = &self.config.outbox {
+            match outbox.push(payload, &correlation_id) {
+                Ok(_) => return,
+                Err(e) => {
+                    log::error!("{e}");
+                    return;
+                }
+            }
+        }
+        match live {
+            Some(live) => {
+                let bytes = self.envelope(payload, correlation_id);
+                let _ = live.outbound.send(Outbound::Envelope(bytes));
+            }
+            None => warn_dropped(&payload),
+        }
+    }
+
+    /// Writes the next batch of pending outbox entries, unless the writer still has enough
+    /// queued; leaves `backlog` set while more remain.
+    fn flush_outbox(&mut self, live: &Live, delivery: &mut Delivery) {
+        let Some(outbox) = &self.config.outbox else {
+            delivery.backlog = false;
+            return;
+        };
+        if live.outbound.len() >= MAX_QUEUED_FRAMES {
+            return;
+        }
+        let batch = match outbox.pending(delivery.cursor, BATCH) {
+            Ok(batch) => batch,
+            Err(e) => {
+                log::error!("{e}");
+                return;
+            }
+        };
+        delivery.backlog = batch.len() == BATCH;
+        if let (Some(first), Some(last)) = (batch.first(), batch.last()) {
+            log::trace!("writing {} outbox entries, seq {} to {}", batch.len(), first.seq, last.seq);
+        }
+        for entry in batch {
+            delivery.cursor = entry.seq;
+            if live.outbound.send(Outbound::Envelope(entry.envelope)).is_err() {
+                return;
+            }
+            // The writer sends frames in channel order, so a ping queued after this call is
+            // written after the frame: marking it now is as good as after the write.
+            if let Err(e) = outbox.mark_sent(entry.seq) {
+                log::error!("{e}");
+            }
+            delivery.unconfirmed_writes = true;
+        }
+    }
+
+    fn send_ping(&mut self, live: &Live, delivery: &mut Delivery) {
+        let payload = match &self.config.outbox {
+            Some(outbox) => {
+                let marker = outbox.ping_marker();
+                delivery.ping = Some(marker);
+                delivery.unconfirmed_writes = false;
+                marker.0.to_be_bytes().to_vec()
+            }
+            None => Vec::new(),
+        };
+        let _ = live.outbound.send(Outbound::Ping(payload));
+    }
+
+    fn pong(&mut self, payload: &[u8], delivery: &mut Delivery) {
+        let (Some(outbox), Ok(bytes)) = (&self.config.outbox, <[u8; 8]>::try_from(payload)) else { return };
+        let marker = PingMarker(u64::from_be_bytes(bytes));
+        // Only a pong to a ping of this connection confirms; a stray one may not.
+        if delivery.ping.is_some_and(|p| marker <= p) {
+            if let Err(e) = outbox.confirm_through(marker) {
+                log::error!("{e}");
+            }
+            if delivery.ping == Some(marker) {
+                delivery.ping = None;
             }
         }
     }
@@ -428,14 +543,24 @@ impl Supervisor {
 
     fn dispatch(&mut self, live: &Live, env: pb::Envelope) {
         let correlation_id = env.correlation_id.clone();
+        log::debug!(
+            "received {} (seq {}, correlation id {:?})",
+            payload_name(env.payload.as_ref()),
+            env.seq,
+            correlation_id
+        );
         match &env.payload {
             Some(Payload::Ping(_)) => {
                 let ack =
                     pb::Ack { correlation_id: correlation_id.clone(), accepted: true, reason: String::new() };
-                let bytes = self.envelope(Payload::Ack(ack), correlation_id);
-                let _ = live.outbound.send(Outbound::Envelope(bytes));
+                self.send_payload(Some(live), Payload::Ack(ack), correlation_id);
             }
             Some(Payload::Ack(ack)) => {
+                if let (Some(outbox), Some(seq)) = (&self.config.outbox, crate::outbox::delivery_ack_seq(ack))
+                    && let Err(e) = outbox.confirm(seq)
+                {
+                    log::error!("{e}");
+                }
                 let _ = self.events.send(SessionEvent::Ack(ack.clone()));
             }
             Some(
@@ -451,8 +576,7 @@ impl Supervisor {
                         accepted: false,
                         reason: "the agent is shutting down".into(),
                     };
-                    let bytes = self.envelope(Payload::Ack(ack), correlation_id);
-                    let _ = live.outbound.send(Outbound::Envelope(bytes));
+                    self.send_payload(Some(live), Payload::Ack(ack), correlation_id);
                 }
             }
             other => {
@@ -464,6 +588,26 @@ impl Supervisor {
 
 /// The session was asked to stop (or its handle is gone).
 struct Stop;
+
+/// Outbox entries per batch, and how many frames may wait in the writer's channel before
+/// the next batch is read: enough to keep the socket busy, little enough that a backlog of
+/// 10 000 never sits in memory at once.
+const BATCH: usize = 256;
+const MAX_QUEUED_FRAMES: usize = 512;
+const BACKLOG_POLL: Duration = Duration::from_millis(5);
+
+/// Per-connection delivery state of the supervisor.
+#[derive(Default)]
+struct Delivery {
+    /// The highest seq written to this connection.
+    cursor: u64,
+    /// More may be pending than was written so far.
+    backlog: bool,
+    /// Entries were written since the last ping.
+    unconfirmed_writes: bool,
+    /// The marker of the newest ping whose pong has not come.
+    ping: Option<PingMarker>,
+}
 
 fn warn_dropped(payload: &Payload) {
     log::warn!("not connected to the control plane: {} dropped", payload_name(Some(payload)));

@@ -62,6 +62,55 @@ pub struct Shared {
     /// Replaces RegisterAck as the reply to Register, one per connection, first first.
     pub first_replies: VecDeque<Message>,
     pub heartbeat_interval_sec: u32,
+    /// The config of every RegisterAck (default: an empty config, version 7).
+    pub ack_config: Option<pb::AgentConfig>,
+    /// While set, new TCP connections are closed at once (a control plane that is down).
+    pub refuse: bool,
+}
+
+impl Shared {
+    /// Every envelope received on every connection, in arrival order per connection.
+    pub fn all(&self) -> Vec<&pb::Envelope> {
+        self.conns.iter().flat_map(|c| c.received.iter().map(|r| &r.envelope)).collect()
+    }
+
+    pub fn job_updates(&self, run_id: &str) -> Vec<pb::JobUpdate> {
+        self.all()
+            .into_iter()
+            .filter_map(|e| match &e.payload {
+                Some(Payload::JobUpdate(u)) if u.run_id == run_id => Some(u.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn completed(&self, run_id: &str) -> Vec<pb::BackupCompleted> {
+        self.all()
+            .into_iter()
+            .filter_map(|e| match &e.payload {
+                Some(Payload::BackupCompleted(c)) if c.run_id == run_id => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The Ack answering the command sent with `correlation_id`.
+    pub fn ack(&self, correlation_id: &str) -> Option<pb::Ack> {
+        self.all().into_iter().find_map(|e| match &e.payload {
+            Some(Payload::Ack(a)) if a.correlation_id == correlation_id => Some(a.clone()),
+            _ => None,
+        })
+    }
+
+    pub fn logs(&self) -> Vec<pb::LogEvent> {
+        self.all()
+            .into_iter()
+            .filter_map(|e| match &e.payload {
+                Some(Payload::Log(l)) => Some(l.clone()),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 pub struct ControlPlane {
@@ -126,6 +175,12 @@ impl ControlPlane {
         }
     }
 
+    /// Sends `envelope` on the newest connection.
+    pub fn send_last(&self, envelope: pb::Envelope) {
+        let index = self.state().conns.len().checked_sub(1).expect("a connection");
+        self.send(index, envelope);
+    }
+
     /// Asks connection `index` (in accept order) to do `action`.
     pub fn act(&self, index: usize, action: Action) {
         let _ = self.state().conns[index].actions.send(action);
@@ -188,6 +243,7 @@ fn accept_loop(
     let mut handlers = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
+            Ok((tcp, _)) if shared.lock().unwrap().refuse => drop(tcp),
             Ok((tcp, _)) => {
                 let (tls, shared, stop) = (tls.clone(), shared.clone(), stop.clone());
                 handlers.push(thread::spawn(move || serve(tcp, tls, &shared, &stop)));
@@ -279,7 +335,11 @@ fn serve(tcp: TcpStream, tls: Option<Arc<ServerConfig>>, shared: &Mutex<Shared>,
                         s.first_replies.pop_front().unwrap_or_else(|| {
                             let ack = pb::RegisterAck {
                                 session_id: format!("session-{index}"),
-                                config: Some(pb::AgentConfig { version: 7, ..Default::default() }),
+                                config: Some(
+                                    s.ack_config
+                                        .clone()
+                                        .unwrap_or(pb::AgentConfig { version: 7, ..Default::default() }),
+                                ),
                                 heartbeat_interval_sec: s.heartbeat_interval_sec,
                                 server_time_iso: String::new(),
                             };

@@ -1,6 +1,7 @@
 //! Helpers shared by the process-level tests: the real binaries, temp dirs, tools.
 #![allow(dead_code)]
 
+pub mod control_plane;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
