@@ -622,6 +622,7 @@ impl UnknownTag for pb::Envelope {
 fn config_updates_apply_only_when_newer_and_persist_across_restarts() {
     let (dir, db, cp) = setup("cfg", 10, 10);
     cp.state().ack_config = Some(config(20, vec![sqlite_target("t", &db)], vec![job("j", "t")]));
+    cp.state().heartbeat_interval_sec = 1;
     let state = dir.path().join("state");
     let mut agent = spawn_agent(&cp, &state, &[]);
     wait_for(&cp, &agent, "Register", Duration::from_secs(20), |s| !s.conns.is_empty());
@@ -776,4 +777,130 @@ fn dump_state_reads_the_database_while_the_agent_runs() {
     assert!(common::text(&out.stderr).contains("BACKUPY_STATE_DIR"));
     drop(agent);
     let _ = std::io::stdout().flush();
+}
+
+#[test]
+fn health_checks_report_through_the_outbox_and_run_health_check_probes_at_once() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap().port();
+    let closed = db::closed_port();
+    let cp = ControlPlane::plain();
+    let dir = tempfile::tempdir().unwrap();
+    let check = |id: &str, port: u16| pb::HealthCheckSpec {
+        id: id.into(),
+        name: id.into(),
+        r#type: pb::CheckType::TcpCheck as i32,
+        target: format!("127.0.0.1:{port}"),
+        interval_sec: 3600,
+        timeout_sec: 2,
+        expected_status: 0,
+    };
+    let mut cfg = config(50, vec![], vec![]);
+    cfg.health_checks = vec![check("up", open), check("down", closed)];
+    cp.state().ack_config = Some(cfg);
+    let agent = spawn_agent(&cp, &dir.path().join("state"), &[]);
+    let results = |s: &common::control_plane::Shared, id: &str| -> Vec<pb::HealthCheckResult> {
+        s.all()
+            .into_iter()
+            .filter_map(|e| match &e.payload {
+                Some(Payload::HealthResult(r)) if r.check_id == id => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    wait_for(&cp, &agent, "the first results", Duration::from_secs(20), |s| {
+        !results(s, "up").is_empty() && !results(s, "down").is_empty()
+    });
+    {
+        let s = cp.state();
+        assert!(results(&s, "up")[0].ok, "{:?}", results(&s, "up"));
+        let down = &results(&s, "down")[0];
+        assert!(!down.ok && !down.error.is_empty(), "{down:?}");
+    }
+    // The interval is an hour: a second result for "up" can only come from RunHealthCheck.
+    cp.send(0, envelope("probe-now", Payload::RunHealthCheck(pb::RunHealthCheck { check_id: "up".into() })));
+    cp.send(
+        0,
+        envelope("probe-what", Payload::RunHealthCheck(pb::RunHealthCheck { check_id: "nope".into() })),
+    );
+    wait_for(&cp, &agent, "the probe on demand", Duration::from_secs(10), |s| results(s, "up").len() >= 2);
+    let s = cp.state();
+    assert!(s.ack("probe-now").unwrap().accepted);
+    let refused = s.ack("probe-what").unwrap();
+    assert!(!refused.accepted && refused.reason.contains("unknown health check"), "{refused:?}");
+}
+
+#[test]
+fn max_parallel_jobs_keeps_the_next_run_queued_and_heartbeats_name_the_active_run() {
+    let env = s3_env();
+    let bucket = new_bucket(&env, "conn-par");
+    let (dir, db, cp) = setup("par", 10, 10);
+    let mut j = job("j", "t");
+    j.pre_hooks = vec!["sleep 1.5".into()];
+    let mut cfg = config(60, vec![sqlite_target("t", &db)], vec![j]);
+    cfg.advanced = Some(pb::AdvancedSettings {
+        max_parallel_jobs: 1,
+        log_level: String::new(),
+        auto_update_enabled: false,
+    });
+    cp.state().ack_config = Some(cfg);
+    cp.state().heartbeat_interval_sec = 1;
+    let agent = spawn_agent(&cp, &dir.path().join("state"), &[("BACKUPY_ALLOW_HOOKS", "true")]);
+    wait_for(&cp, &agent, "Register", Duration::from_secs(20), |s| !s.conns.is_empty());
+    cp.send(0, envelope("a", run_backup("j", "run-a", presigned_creds(&env, &bucket, "a"), &[1; 32])));
+    cp.send(0, envelope("b", run_backup("j", "run-b", presigned_creds(&env, &bucket, "b"), &[1; 32])));
+    wait_for(&cp, &agent, "both runs", Duration::from_secs(30), |s| {
+        terminal(s, "run-a").is_some() && terminal(s, "run-b").is_some()
+    });
+    let s = cp.state();
+    let when = |run: &str, st: pb::JobStatus| {
+        s.conns[0]
+            .received
+            .iter()
+            .position(|r| matches!(&r.envelope.payload, Some(Payload::JobUpdate(u)) if u.run_id == run && status(u) == st))
+            .unwrap_or_else(|| panic!("no {st:?} for {run}"))
+    };
+    assert!(when("run-b", pb::JobStatus::Running) > when("run-a", pb::JobStatus::Success), "b waited for a");
+    assert!(
+        when("run-b", pb::JobStatus::Queued) < when("run-a", pb::JobStatus::Success),
+        "b was queued meanwhile"
+    );
+    let beat = s.all().into_iter().find_map(|e| match &e.payload {
+        Some(Payload::Heartbeat(h)) if h.active_job_ids == ["run-a"] => Some(h.clone()),
+        _ => None,
+    });
+    let beat = beat.expect("a heartbeat during run-a names it");
+    let m = beat.metrics.unwrap();
+    assert!(m.mem_total_bytes > 0 && m.disk_total_bytes > 0, "{m:?}");
+    assert_eq!(m.queue_depth, 1, "run-b waits: {m:?}");
+}
+
+#[test]
+fn self_update_is_refused_with_a_reason_and_log_level_changes_at_run_time() {
+    let (dir, _db, cp) = setup("su", 1, 1);
+    let mut cfg = config(70, vec![], vec![]);
+    // "info" forwards info lines as LogEvents too, from the moment the config applies.
+    cfg.advanced = Some(pb::AdvancedSettings {
+        max_parallel_jobs: 0,
+        log_level: "info".into(),
+        auto_update_enabled: true,
+    });
+    cp.state().ack_config = Some(cfg);
+    let agent = spawn_agent(&cp, &dir.path().join("state"), &[]);
+    wait_for(&cp, &agent, "an info LogEvent", Duration::from_secs(20), |s| {
+        s.logs()
+            .iter()
+            .any(|l| l.message.contains("applied config version 70") && l.level == pb::LogLevel::Info as i32)
+    });
+    let update = pb::SelfUpdate {
+        target_version: "99.0.0".into(),
+        binary_url: "http://127.0.0.1:1/agent".into(),
+        sha256: "00".into(),
+        cosign_signature: vec![],
+        force: false,
+    };
+    cp.send(0, envelope("su-1", Payload::SelfUpdate(update)));
+    wait_for(&cp, &agent, "the Ack", Duration::from_secs(10), |s| s.ack("su-1").is_some());
+    let ack = cp.state().ack("su-1").unwrap();
+    assert!(!ack.accepted && !ack.reason.is_empty(), "{ack:?}");
 }

@@ -216,6 +216,7 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
         health_stop: None,
         published: published.clone(),
         stopping: None,
+        dry_run: false,
     };
     match agent.store.load_config() {
         Ok(Some(config)) => {
@@ -339,6 +340,8 @@ struct Agent {
     published: Arc<Mutex<Published>>,
     /// Set by SIGTERM: when running backups get cancelled.
     stopping: Option<Instant>,
+    /// Runs stay queued (the fuzz harness: no dump may reach a fuzzed host).
+    dry_run: bool,
 }
 
 fn job_update(job_id: &str, run_id: &str, status: pb::JobStatus) -> pb::JobUpdate {
@@ -532,7 +535,7 @@ impl Agent {
             config.health_checks.iter().filter_map(|c| health_check(c).ok()).collect();
         self.health_stop = None; // stops the previous probe threads
         match crate::health::start(
-            checks,
+            if self.dry_run { Vec::new() } else { checks },
             self.metrics.clone(),
             self.ca_file.clone(),
             Some(self.health_tx.clone()),
@@ -627,7 +630,7 @@ impl Agent {
     }
 
     fn start_queued(&mut self) {
-        while self.stopping.is_none() && self.active.len() < self.max_parallel() {
+        while self.stopping.is_none() && !self.dry_run && self.active.len() < self.max_parallel() {
             let Some(input) = self.queued.pop_front() else { break };
             self.start(input);
         }
@@ -933,6 +936,10 @@ impl Agent {
                 return;
             }
         };
+        if self.dry_run {
+            self.ack(cid, true, "");
+            return;
+        }
         let (tx, ca) = (self.health_tx.clone(), self.ca_file.clone());
         let spawned = std::thread::Builder::new().name("health-now".into()).spawn(move || {
             let _ = tx.send(crate::health::probe(&check, ca.as_deref()));
@@ -953,6 +960,81 @@ impl Agent {
             status_code: r.status_code,
         };
         self.push(Payload::HealthResult(result), "");
+    }
+}
+
+/// Connected mode's handling of server frames without a network or runs, for the fuzz
+/// test: a frame goes through the checks of the session's reader and, when it carries a
+/// command, through the main loop's dispatch, against a real state directory.
+#[doc(hidden)]
+pub struct Harness {
+    agent: Agent,
+    _runs: Receiver<RunEvent>,
+    _health: Receiver<ProbeResult>,
+}
+
+impl Harness {
+    pub fn new(state_dir: &std::path::Path) -> Result<Harness> {
+        let key = Secret::new("fuzz-harness-agent-key");
+        let cipher = StateCipher::from_agent_key(&key);
+        let state = Arc::new(StateDb::open(state_dir)?);
+        let outbox = Arc::new(Outbox::open(state_dir, Limits::default())?.sealed_with(cipher.clone()));
+        let (run_tx, runs) = crossbeam_channel::unbounded();
+        let (health_tx, health) = crossbeam_channel::unbounded();
+        let agent = Agent {
+            run_settings: RunSettings {
+                state_dir: state_dir.to_path_buf(),
+                allow_hooks: false,
+                allow_insecure: false,
+                hook_timeout: Duration::from_secs(1),
+            },
+            ca_file: None,
+            endpoint: "fuzz".into(),
+            store: Store::open(state_dir, cipher)?,
+            outbox,
+            state,
+            metrics: Metrics::new()?,
+            config: pb::AgentConfig::default(),
+            config_version: Arc::new(AtomicU64::new(0)),
+            active: HashMap::new(),
+            queued: VecDeque::new(),
+            run_tx,
+            health_tx,
+            health_stop: None,
+            published: Arc::new(Mutex::new(Published::default())),
+            stopping: None,
+            dry_run: true,
+        };
+        Ok(Harness { agent, _runs: runs, _health: health })
+    }
+
+    /// One binary frame as the session would take it; `Err` when the session would close
+    /// the connection.
+    pub fn frame(&mut self, bytes: &[u8]) -> Result<(), String> {
+        use prost::Message as _;
+        if bytes.len() > session::MAX_FRAME_BYTES {
+            return Err("frame too large".into());
+        }
+        let env = pb::Envelope::decode(bytes).map_err(|e| e.to_string())?;
+        match env.payload {
+            Some(Payload::ConfigUpdate(_))
+            | Some(Payload::RunBackup(_))
+            | Some(Payload::CancelJob(_))
+            | Some(Payload::RunHealthCheck(_))
+            | Some(Payload::SelfUpdate(_)) => self.agent.command(env),
+            Some(Payload::RegisterAck(ack)) => {
+                if let Some(config) = ack.config {
+                    self.agent.offer_config(config, "");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The applied config's version.
+    pub fn config_version(&self) -> u64 {
+        self.agent.config.version
     }
 }
 
