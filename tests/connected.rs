@@ -681,13 +681,32 @@ fn config_updates_apply_only_when_newer_and_persist_across_restarts() {
 #[test]
 fn the_agent_key_never_reaches_logs_log_events_or_children() {
     let env = s3_env();
+    let pg = db::pg();
     let bucket = new_bucket(&env, "conn-secret");
     let (dir, db, cp) = setup("sec", 10, 10);
     let env_dump = dir.path().join("hook-env.txt");
     let mut j = job("hooked", "t");
     j.pre_hooks = vec![format!("env > {}", env_dump.display())];
     j.post_hooks = vec!["echo post-hook-output >&2; exit 3".into()];
-    cp.state().ack_config = Some(config(30, vec![sqlite_target("t", &db)], vec![j]));
+    // Today's control plane sends the database password itself as the secret ref.
+    let pg_target = |id: &str, password: &str| pb::Target {
+        id: id.into(),
+        r#type: pb::DbType::Postgresql as i32,
+        display_name: String::new(),
+        connection: Some(pb::ConnectionConfig {
+            host: pg.host.clone(),
+            port: pg.port.into(),
+            database: "postgres".into(),
+            username: pg.user.clone(),
+            password_secret_ref: password.into(),
+            ..Default::default()
+        }),
+    };
+    let wrong_password = "wrong-Pa55word-planted-4711";
+    let targets =
+        vec![sqlite_target("t", &db), pg_target("pg", &pg.password), pg_target("pg-bad", wrong_password)];
+    let jobs = vec![j, job("pgjob", "pg"), job("pgbad", "pg-bad")];
+    cp.state().ack_config = Some(config(30, targets, jobs));
     let agent = spawn_agent(
         &cp,
         &dir.path().join("state"),
@@ -697,25 +716,43 @@ fn the_agent_key_never_reaches_logs_log_events_or_children() {
     let creds = presigned_creds(&env, &bucket, "sec/obj.bkpy");
     let url = creds.presigned_put_url.clone();
     cp.send(0, envelope("c", run_backup("hooked", "run-sec", creds, &[8; 32])));
-    wait_for(&cp, &agent, "the run", Duration::from_secs(60), |s| terminal(s, "run-sec").is_some());
-    // The failing post-hook is a warning, which becomes a LogEvent.
-    wait_for(&cp, &agent, "a LogEvent", Duration::from_secs(20), |s| {
-        s.logs().iter().any(|l| l.message.contains("post-hook") || l.message.contains("exit"))
+    let mp = |key: &str| pb::S3UploadCreds {
+        multipart: Some(multipart(&env, &env.endpoint, &bucket, key)),
+        ..Default::default()
+    };
+    cp.send(0, envelope("p", run_backup("pgjob", "run-pg", mp("sec/pg.bkpy"), &[8; 32])));
+    cp.send(0, envelope("b", run_backup("pgbad", "run-pgbad", mp("sec/pgbad.bkpy"), &[8; 32])));
+    wait_for(&cp, &agent, "the runs", Duration::from_secs(60), |s| {
+        ["run-sec", "run-pg", "run-pgbad"].iter().all(|r| terminal(s, r).is_some())
+    });
+    // The failing post-hook and the failed pg run are warnings and errors: LogEvents.
+    wait_for(&cp, &agent, "LogEvents", Duration::from_secs(20), |s| {
+        s.logs().iter().any(|l| l.message.contains("post-hook-output"))
+            && s.logs().iter().any(|l| l.job_id == "pgbad")
     });
     let s = cp.state();
+    assert_eq!(status(&terminal(&s, "run-pg").unwrap()), pb::JobStatus::Success);
+    let bad = terminal(&s, "run-pgbad").unwrap();
+    assert_eq!(status(&bad), pb::JobStatus::Failed);
     let log = agent.log_text();
     assert!(log.contains("TRACE") && log.contains("DEBUG"), "trace logging was on:\n{log}");
-    assert!(!log.contains(KEY), "the agent key is in the log");
     let query = url.split_once('?').unwrap().1;
     let signature = query.split('&').find(|p| p.starts_with("X-Amz-Signature=")).unwrap();
-    assert!(!log.contains(signature), "a presigned signature is in the log");
-    for l in s.logs() {
-        assert!(!l.message.contains(KEY) && !l.message.contains(signature), "{l:?}");
+    let planted = [KEY, signature, pg.password.as_str(), wrong_password, env.secret_key.as_str()];
+    for secret in planted {
+        assert!(!log.contains(secret), "{secret:?} is in the log");
+        assert!(!bad.error_message.contains(secret), "{secret:?} is in {bad:?}");
+        for l in s.logs() {
+            assert!(!l.message.contains(secret), "{secret:?} is in {l:?}");
+        }
+    }
+    for l in s.logs().iter().filter(|l| l.message.contains("post-hook-output")) {
         assert_eq!(l.job_id, "hooked", "{l:?}");
     }
     let hook_env = std::fs::read_to_string(&env_dump).unwrap();
     assert!(hook_env.contains("BACKUPY_RUN_ID=run-sec"), "{hook_env}");
     assert!(!hook_env.contains(KEY) && !hook_env.contains("BACKUPY_AGENT_KEY"), "{hook_env}");
+    assert!(!hook_env.contains(&pg.password), "{hook_env}");
 }
 
 #[test]

@@ -200,6 +200,7 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
             allow_hooks: settings.allow_hooks,
             allow_insecure: settings.allow_insecure,
             hook_timeout: settings.hook_timeout,
+            ca_file: settings.tls.ca_file.clone(),
         },
         ca_file: settings.tls.ca_file.clone(),
         endpoint: settings.endpoint.url.clone(),
@@ -584,11 +585,13 @@ impl Agent {
             Err(e) => log::error!("{e}"),
         }
         let refuse = |this: &mut Self, reason: String| {
+            crate::logfwd::set_job(Some(&cmd.job_id));
             log::error!("job {}: run {} refused: {reason}", cmd.job_id, cmd.run_id);
             this.ack(cid, false, reason.clone());
             let mut u = job_update(&cmd.job_id, &cmd.run_id, pb::JobStatus::Failed);
             u.error_message = reason;
             this.finish_report(&cmd.run_id, &cmd.job_id, u, None);
+            crate::logfwd::set_job(None);
         };
         if self.stopping.is_some() {
             return refuse(self, "the agent is shutting down".into());
@@ -710,7 +713,14 @@ impl Agent {
     }
 
     fn finished(&mut self, run_id: &str, result: Result<pb::BackupCompleted, String>) {
-        let Some(mut run) = self.active.remove(run_id) else { return };
+        let Some(run) = self.active.remove(run_id) else { return };
+        // Log lines about the run carry its job id into LogEvents.
+        crate::logfwd::set_job(Some(&run.job_id));
+        self.finish_run(run_id, run, result);
+        crate::logfwd::set_job(None);
+    }
+
+    fn finish_run(&mut self, run_id: &str, mut run: Active, result: Result<pb::BackupCompleted, String>) {
         if let Some(t) = run.thread.take() {
             let _ = t.join();
         }
@@ -987,6 +997,7 @@ impl Harness {
                 allow_hooks: false,
                 allow_insecure: false,
                 hook_timeout: Duration::from_secs(1),
+                ca_file: None,
             },
             ca_file: None,
             endpoint: "fuzz".into(),

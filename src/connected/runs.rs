@@ -46,6 +46,8 @@ pub struct RunSettings {
     pub allow_hooks: bool,
     pub allow_insecure: bool,
     pub hook_timeout: Duration,
+    /// BACKUPY_CA_FILE: trusted for pushed S3 targets too.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Everything one run works from, resolved by the main loop when RunBackup arrived.
@@ -121,6 +123,30 @@ pub fn encryption_for(job: &pb::BackupJobSpec, cmd: &pb::RunBackup) -> Result<En
             chunk_size,
         }),
         n => Err(format!("encrypted_dek has {n} bytes; a raw data key has 32")),
+    }
+}
+
+/// The presigned PUT sends its spooled object only at commit: that is the "uploading"
+/// step of wire-v1.md.
+struct StepOnCommit {
+    inner: Box<dyn ObjectWriter>,
+    run_id: String,
+    events: Sender<RunEvent>,
+}
+
+impl std::io::Write for StepOnCommit {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl ObjectWriter for StepOnCommit {
+    fn commit(self: Box<Self>) -> std::io::Result<crate::storage::StoredObject> {
+        let _ = self.events.send(RunEvent::Step { run_id: self.run_id.clone(), step: "uploading" });
+        self.inner.commit()
     }
 }
 
@@ -212,35 +238,39 @@ fn backup(
     let creds = cmd.upload_creds.clone().unwrap_or_default();
     let (writer, s3_key): (Box<dyn ObjectWriter>, String) = match &creds.multipart {
         Some(mp) => {
-            let target = S3Target::from_wire(mp, settings.allow_insecure).map_err(|e| e.to_string())?;
+            let mut target = S3Target::from_wire(mp, settings.allow_insecure).map_err(|e| e.to_string())?;
+            target.ca_file = settings.ca_file.clone();
             let storage = S3Storage::new(target, Some(&settings.state_dir)).map_err(|e| e.to_string())?;
             (Box::new(storage.create_cancellable(&mp.key, cancel.clone())), mp.key.clone())
         }
         None if !creds.presigned_put_url.is_empty() => {
-            let put = PresignedPut::new(
+            let mut put = PresignedPut::new(
                 &creds.presigned_put_url,
                 &creds.final_s3_key,
                 creds.expires_at_ms,
                 &settings.state_dir.join("spool"),
             )
             .map_err(|e| e.to_string())?;
-            (Box::new(put), creds.final_s3_key.clone())
+            if let Some(ca) = &settings.ca_file {
+                put = put.with_ca_file(ca).map_err(|e| e.to_string())?;
+            }
+            let writer =
+                StepOnCommit { inner: Box::new(put), run_id: cmd.run_id.clone(), events: events.clone() };
+            (Box::new(writer), creds.final_s3_key.clone())
         }
         None => {
             return Err("RunBackup carried no upload target (neither multipart nor presigned_put_url)".into());
         }
     };
-    if spec.engine == Engine::Sqlite
-        && let Ok(meta) = std::fs::metadata(&spec.database)
-    {
-        let _ = events.send(RunEvent::Estimate { run_id: cmd.run_id.clone(), bytes: meta.len() });
-    }
     step("dumping");
     let ctx = drivers::DumpContext {
         temp_dir: settings.state_dir.join("tmp"),
         pipeline_compresses: compression != Compression::None,
     };
     let drivers::Dump { source, engine_version } = drivers::dump(&spec, &ctx).map_err(|e| e.to_string())?;
+    if let Some(bytes) = source.size_hint {
+        let _ = events.send(RunEvent::Estimate { run_id: cmd.run_id.clone(), bytes });
+    }
     log::info!(
         "job {}: run {} backing up target {} ({engine_version}) to {s3_key}",
         job.id,

@@ -990,6 +990,25 @@ impl PresignedPut {
         self.retry = retry;
         self
     }
+
+    /// Trusts the certificates of `ca` too (BACKUPY_CA_FILE), on top of the system's.
+    pub fn with_ca_file(mut self, ca: &Path) -> Result<Self, S3Error> {
+        let tls = tls_with_extra_ca(ca).map_err(|m| S3Error::Invalid {
+            op: "PutObject (presigned)".into(),
+            key: self.key.clone(),
+            message: m,
+        })?;
+        self.agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Timeouts::default().connect))
+            .timeout_per_read(Some(Timeouts::default().idle))
+            .timeout_per_write(Some(Timeouts::default().idle))
+            .max_redirects(0)
+            .tls_config(tls)
+            .build()
+            .new_agent();
+        Ok(self)
+    }
 }
 
 fn now_ms() -> u64 {
