@@ -29,6 +29,8 @@ static LOCAL_LEVEL: AtomicUsize = AtomicUsize::new(LevelFilter::Info as usize);
 /// The level records must reach to become LogEvents; 0 = forwarding off.
 static FORWARD_LEVEL: AtomicUsize = AtomicUsize::new(0);
 static SINK: OnceLock<Sender<Captured>> = OnceLock::new();
+/// Records lost because the capture queue was full; reported by the forwarder.
+static OVERFLOW: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static JOB: RefCell<Option<String>> = const { RefCell::new(None) };
@@ -115,13 +117,16 @@ pub fn capture(level: Level, module: &str, message: &str) {
     }
     let Some(sink) = SINK.get() else { return };
     let job_id = JOB.with(|j| j.borrow().clone()).unwrap_or_default();
-    let _ = sink.try_send(Captured {
+    let sent = sink.try_send(Captured {
         ts_ms: now_ms(),
         level,
         module: module.to_string(),
         job_id,
         message: message.to_string(),
     });
+    if sent.is_err() {
+        OVERFLOW.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Installs the capture channel (once per process) and returns its receiving end, or
@@ -181,6 +186,7 @@ pub fn forward(records: Receiver<Captured>, mut push: impl FnMut(pb::LogEvent)) 
             dropped += 1;
             continue;
         }
+        dropped += OVERFLOW.swap(0, Ordering::Relaxed) as u64;
         let mut fields = BTreeMap::new();
         fields.insert("module".to_string(), r.module);
         if dropped > 0 {

@@ -1,6 +1,5 @@
-//! `backupy-agent`: `run`, `check-config`, `backup`, `list`, `verify`, `restore`,
-//! `keygen`, `version`. Connected mode, `discover`, `health-check`, `dump-state` and
-//! `self-update` come with their issues.
+//! `backupy-agent`: `run` (standalone or connected; the default command), `check-config`,
+//! `backup`, `list`, `verify`, `restore`, `keygen`, `version`, `health-check`, `dump-state`.
 
 use std::fs::OpenOptions;
 use std::io::Write;
