@@ -941,3 +941,55 @@ fn self_update_is_refused_with_a_reason_and_log_level_changes_at_run_time() {
     let ack = cp.state().ack("su-1").unwrap();
     assert!(!ack.accepted && !ack.reason.is_empty(), "{ack:?}");
 }
+
+#[test]
+fn readyz_follows_the_connection_and_metrics_show_its_state() {
+    let (dir, _db, cp) = setup("ready", 1, 1);
+    cp.state().ack_config = Some(config(80, vec![], vec![]));
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let agent = spawn_agent(&cp, &dir.path().join("state"), &[("BACKUPY_METRICS_LISTEN_ADDR", &addr)]);
+    let http = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    let get = |path: &str| -> (u16, String) {
+        match http.get(&format!("http://{addr}{path}")).call() {
+            Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    };
+    let until = |path: &str, code: u16| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (c, body) = get(path);
+            if c == code {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{path} stayed {c}:\n{}", agent.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until("/readyz", 200);
+    let metrics = until("/metrics", 200);
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Counter(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(value("backupy_agent_connection_state", Some(("state", "connected"))), Some(1.0));
+    assert_eq!(value("backupy_agent_config_version", None), Some(80.0));
+    cp.state().refuse = true;
+    cp.act(0, Action::Drop);
+    until("/readyz", 503);
+    let metrics = until("/metrics", 200);
+    assert!(metrics.contains("backupy_agent_connection_state{state=\"disconnected\"} 1"), "{metrics}");
+    assert!(metrics.contains("backupy_agent_reconnects_total 1"), "{metrics}");
+}
