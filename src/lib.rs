@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod docker;
 pub mod drivers;
 pub mod health;
 pub mod hooks;
