@@ -76,9 +76,11 @@ pub fn restore(
     }
 }
 
-/// `docker://[USER@]CONTAINER[/DATABASE]`: the engine's restore tool runs inside the
-/// container; the password comes from `BACKUPY_RESTORE_PASSWORD` (a secret reference).
+/// `docker://[USER@]CONTAINER[/DATABASE][?host=H&port=P]`: the engine's restore tool runs
+/// inside the container (and connects to its default socket unless `host`/`port` say
+/// otherwise); the password comes from `BACKUPY_RESTORE_PASSWORD` (a secret reference).
 fn docker_target(engine: Engine, rest: &str) -> Result<drivers::TargetSpec, String> {
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (user, rest) = match rest.split_once('@') {
         Some((u, r)) => (u, r),
         None => ("", rest),
@@ -89,6 +91,17 @@ fn docker_target(engine: Engine, rest: &str) -> Result<drivers::TargetSpec, Stri
     spec.strategy = drivers::Strategy::DockerExec { container: container.to_string() };
     spec.username = user.to_string();
     spec.database = database.to_string();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "host" => spec.host = v.into_owned(),
+            "port" => {
+                spec.port = v.parse().map_err(|_| format!("docker:// url: port {v:?} is not a port"))?
+            }
+            _ => {
+                spec.options.insert(k.into_owned(), v.into_owned());
+            }
+        }
+    }
     if let Ok(reference) = std::env::var("BACKUPY_RESTORE_PASSWORD") {
         spec.password =
             Some(crate::secrets::resolve(&reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?);

@@ -67,6 +67,9 @@ fn stack(sqlite_dir: &std::path::Path) -> Vec<Container> {
     ]
 }
 
+/// Name, type, ports (container, host, protocol), networks.
+type Summary<'a> = (&'a str, &'a str, Vec<(u32, u32, &'a str)>, Vec<&'a str>);
+
 #[test]
 fn discovery_lists_exactly_the_database_containers_with_type_ports_and_hints() {
     let _l = docker::exclusive_lock();
@@ -81,7 +84,7 @@ fn discovery_lists_exactly_the_database_containers_with_type_ports_and_hints() {
     let client = Client::connect(&docker::socket()).unwrap();
     assert!(!client.daemon_version().is_empty());
     let found = discovery::scan(&client).unwrap();
-    let summary: Vec<(&str, &str, Vec<(u32, u32, &str)>, Vec<&str>)> = found
+    let summary: Vec<Summary> = found
         .iter()
         .map(|c| {
             (

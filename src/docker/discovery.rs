@@ -548,8 +548,11 @@ fn watch_loop(
 struct Event {
     #[serde(rename = "Type", default)]
     kind: String,
-    #[serde(rename = "Action", default, alias = "status")]
+    #[serde(rename = "Action", default)]
     action: String,
+    /// What API versions before 1.22 called the action.
+    #[serde(default)]
+    status: String,
 }
 
 fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, idle: Duration) {
@@ -579,7 +582,9 @@ fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, id
                             .map(|e| {
                                 // The daemon filters too; this guards against one that ignores filters.
                                 (e.kind.is_empty() || e.kind == "container")
-                                    && ["create", "start", "die", "destroy"].contains(&e.action.as_str())
+                                    && [e.action.as_str(), e.status.as_str()]
+                                        .iter()
+                                        .any(|a| ["create", "start", "die", "destroy"].contains(a))
                             })
                             .unwrap_or(false);
                         if relevant && event_tx.send(()).is_err() {

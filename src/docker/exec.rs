@@ -360,10 +360,10 @@ fn wait_exit(client: &Client, id: &str) -> Result<i64, DockerError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let i = inspect(client, id)?;
-        if !i.running {
-            if let Some(code) = i.exit_code {
-                return Ok(code);
-            }
+        if !i.running
+            && let Some(code) = i.exit_code
+        {
+            return Ok(code);
         }
         if Instant::now() > deadline {
             return Err(client.protocol(

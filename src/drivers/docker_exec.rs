@@ -244,6 +244,12 @@ impl Docker<'_> {
         let dir = config_value("dir")?;
         let file = config_value("dbfilename")?;
         let before = self.helper(&cli(&["LASTSAVE"]))?;
+        // LASTSAVE counts seconds: a save finishing in the second of the previous one
+        // would look like no save at all.
+        let server_now = self.helper(&cli(&["TIME"]))?;
+        if server_now.lines().next().map(str::trim) == Some(before.trim()) {
+            std::thread::sleep(Duration::from_millis(1100));
+        }
         let answer = self.helper(&cli(&["BGSAVE"]))?;
         if answer.contains("ERR") {
             return Err(self.err(format!("BGSAVE inside container {} failed: {answer}", self.container)));

@@ -199,10 +199,19 @@ pub fn shared_lock() -> std::fs::File {
     flock("containers", false)
 }
 
-/// Taken by tests that look at every container of the daemon.
+/// Every container a test starts carries this label.
+pub const TEST_LABEL: &str = "backupy-test=1";
+
+/// Taken by tests that look at every container of the daemon. Containers that a killed
+/// test run left behind are removed first: nobody else holds the lock.
 pub fn exclusive_lock() -> std::fs::File {
     use_test_daemon();
-    flock("containers", true)
+    let lock = flock("containers", true);
+    let ids = docker_ok(&["ps", "-aq", "--filter", &format!("label={TEST_LABEL}")]);
+    for id in ids.split_whitespace() {
+        let _ = docker(&["rm", "-f", "-v", id]);
+    }
+    lock
 }
 
 /// Sets `BACKUPY_DOCKER_SOCKET` to the test daemon's socket for the agent code this test
@@ -251,7 +260,7 @@ impl Drop for Container {
 /// mounted read-only, `extra` options, and `cmd`.
 pub fn run(name: &str, image: &str, extra: &[&str], cmd: &[&str]) -> Container {
     let _ = docker(&["rm", "-f", name]);
-    let mut args: Vec<&str> = vec!["run", "-d", "--name", name, "--network", "host"];
+    let mut args: Vec<&str> = vec!["run", "-d", "--name", name, "--network", "host", "--label", TEST_LABEL];
     for m in
         ["/usr:/usr:ro", "/lib:/lib:ro", "/lib64:/lib64:ro", "/bin:/bin:ro", "/sbin:/sbin:ro", "/etc:/etc:ro"]
     {
