@@ -17,7 +17,7 @@ fi
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "installing what is missing"
-scripts/install-deps.sh core s3 mongo
+scripts/install-deps.sh core s3 mongo docker
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 # shellcheck source=scripts/services.sh
@@ -30,6 +30,8 @@ services_start_postgres
 services_start_mariadb
 services_start_redis
 services_start_mongo
+# The Docker tests (tests/docker_*.rs) run databases in containers of their own.
+services_start_dockerd
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -128,6 +128,10 @@ struct RawTarget {
     /// Engine options (e.g. `sslmode`, `tls`, `authSource`), merged over the URL query.
     #[serde(default)]
     options: BTreeMap<String, String>,
+    /// `docker_exec`: run the engine's tools inside `container` (issue 8).
+    strategy: Option<Spanned<String>>,
+    /// The container (name or id) of the `docker_exec` strategy.
+    container: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -594,6 +598,21 @@ fn parse_target(
     fail: &Fail,
 ) -> Result<TargetSpec, ConfigError> {
     let mut spec = TargetSpec::new(id, engine);
+    let docker = docker_container(id, rt, span.clone(), fail)?;
+    if let (Engine::Sqlite, Some(container)) = (engine, &docker) {
+        // The path is the file's inside the container: nothing to resolve here.
+        match &rt.path {
+            Some(p) if p.get_ref().starts_with('/') => spec.database = p.get_ref().clone(),
+            _ => {
+                return Err(fail(
+                    Some(span),
+                    format!("sqlite target {id:?} needs path = \"/absolute/path/in/the/container\""),
+                ));
+            }
+        }
+        spec.strategy = Strategy::DockerExec { container: container.clone() };
+        return Ok(spec);
+    }
     if engine == Engine::Sqlite {
         let path = match &rt.path {
             Some(p) if !p.get_ref().is_empty() => resolve(p.get_ref()),
@@ -637,6 +656,17 @@ fn parse_target(
         spec.host = resolve(sock).display().to_string();
     }
     spec.options.extend(rt.options.clone());
+    if let Some(container) = docker {
+        // The tools run inside the container and find their server there by default.
+        if rt.socket.is_some() {
+            return Err(fail(
+                Some(span),
+                format!("target {id:?}: socket and strategy = \"docker_exec\" exclude each other"),
+            ));
+        }
+        spec.strategy = Strategy::DockerExec { container };
+        return Ok(spec);
+    }
     if spec.host.is_empty() && engine != Engine::MongoDb {
         return Err(fail(Some(span), format!("target {id:?} needs url, host or socket")));
     }
@@ -644,6 +674,38 @@ fn parse_target(
         return Err(fail(Some(span), format!("target {id:?} needs url or host")));
     }
     Ok(spec)
+}
+
+/// `strategy = "docker_exec"` with its `container`, or neither.
+fn docker_container(
+    id: &str,
+    rt: &RawTarget,
+    span: std::ops::Range<usize>,
+    fail: &Fail,
+) -> Result<Option<String>, ConfigError> {
+    match (&rt.strategy, &rt.container) {
+        (None, None) => Ok(None),
+        (Some(s), container) if s.get_ref() == "docker_exec" => match container {
+            Some(c) => crate::drivers::docker_exec::check_container_ref(c.get_ref())
+                .map(|()| Some(c.get_ref().clone()))
+                .map_err(|m| fail(Some(c.span()), format!("target {id:?}: container: {m}"))),
+            None => Err(fail(
+                Some(span),
+                format!("target {id:?}: strategy = \"docker_exec\" needs container = \"NAME\""),
+            )),
+        },
+        (Some(s), _) if s.get_ref() == "tcp" && rt.container.is_none() => Ok(None),
+        (Some(s), _) => Err(fail(
+            Some(s.span()),
+            format!(
+                "target {id:?}: strategy {:?} is not one of docker_exec, tcp (a container needs docker_exec)",
+                s.get_ref()
+            ),
+        )),
+        (None, Some(c)) => {
+            Err(fail(Some(c.span()), format!("target {id:?}: container needs strategy = \"docker_exec\"")))
+        }
+    }
 }
 
 fn apply_url(spec: &mut TargetSpec, u: &Spanned<String>, fail: &Fail) -> Result<(), ConfigError> {

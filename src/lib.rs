@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod connected;
 pub mod crypto;
+pub mod docker;
 pub mod drivers;
 pub mod health;
 pub mod hooks;

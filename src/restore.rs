@@ -30,6 +30,13 @@ pub fn restore(
     opts: &RestoreOptions,
 ) -> Result<String, String> {
     let OpenedBackup { engine, mut dump, digest } = open_backup(storage, m, key)?;
+    if let Some(rest) = opts.to.strip_prefix("docker://") {
+        let spec = docker_target(engine, rest)?;
+        let drivers::Strategy::DockerExec { container } = &spec.strategy else { unreachable!() };
+        drivers::docker_exec::restore(&spec, container, &mut dump, opts.force).map_err(|e| e.to_string())?;
+        check_digest(&digest, m)?;
+        return Ok(format!("restored {} into container {container}", m.id));
+    }
     let is_url = opts.to.contains("://");
     match (engine, is_url) {
         (Engine::Sqlite, false) => restore_file(&mut dump, Path::new(&opts.to), opts.force, &digest, m),
@@ -67,6 +74,39 @@ pub fn restore(
             Ok(format!("restored {} into {}", m.id, redact(&opts.to)))
         }
     }
+}
+
+/// `docker://[USER@]CONTAINER[/DATABASE][?host=H&port=P]`: the engine's restore tool runs
+/// inside the container (and connects to its default socket unless `host`/`port` say
+/// otherwise); the password comes from `BACKUPY_RESTORE_PASSWORD` (a secret reference).
+fn docker_target(engine: Engine, rest: &str) -> Result<drivers::TargetSpec, String> {
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (user, rest) = match rest.split_once('@') {
+        Some((u, r)) => (u, r),
+        None => ("", rest),
+    };
+    let (container, database) = rest.split_once('/').unwrap_or((rest, ""));
+    drivers::docker_exec::check_container_ref(container)?;
+    let mut spec = drivers::TargetSpec::new("restore", engine);
+    spec.strategy = drivers::Strategy::DockerExec { container: container.to_string() };
+    spec.username = user.to_string();
+    spec.database = database.to_string();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "host" => spec.host = v.into_owned(),
+            "port" => {
+                spec.port = v.parse().map_err(|_| format!("docker:// url: port {v:?} is not a port"))?
+            }
+            _ => {
+                spec.options.insert(k.into_owned(), v.into_owned());
+            }
+        }
+    }
+    if let Ok(reference) = std::env::var("BACKUPY_RESTORE_PASSWORD") {
+        spec.password =
+            Some(crate::secrets::resolve(&reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?);
+    }
+    Ok(spec)
 }
 
 fn restore_to_server(

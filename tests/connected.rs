@@ -6,6 +6,8 @@
 mod common;
 #[path = "common/db.rs"]
 mod db;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -71,6 +73,8 @@ fn spawn_agent(cp: &ControlPlane, state: &Path, env: &[(&str, &str)]) -> Agent {
         .env("BACKUPY_LOG_LEVEL", "debug")
         .env("BACKUPY_DEV_BACKOFF_BASE_SEC", "0.2")
         .env("BACKUPY_DEV_WS_PING_SEC", "0.5")
+        // Hermetic: no Docker unless a test gives one.
+        .env("BACKUPY_DOCKER_SOCKET", state.with_extension("no-docker.sock"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(file);
@@ -631,7 +635,13 @@ fn config_updates_apply_only_when_newer_and_persist_across_restarts() {
             Some(Payload::Register(r)) => r.clone(),
             other => panic!("first frame {other:?}"),
         };
-    assert_eq!(register(&cp.state(), 0).last_known_config_version, 0);
+    let first = register(&cp.state(), 0);
+    assert_eq!(first.last_known_config_version, 0);
+    assert!(
+        first.docker_version.is_empty() && !first.capabilities.iter().any(|c| c == "docker_exec"),
+        "{first:?}"
+    );
+    assert!(first.capabilities.iter().any(|c| c == "sqlite"), "{first:?}");
     // Newer: applied, acked.
     let newer = config(21, vec![sqlite_target("t", &db)], vec![job("j", "t"), job("k", "t")]);
     cp.send(0, envelope("cfg-21", Payload::ConfigUpdate(pb::ConfigUpdate { config: Some(newer) })));
@@ -992,4 +1002,35 @@ fn readyz_follows_the_connection_and_metrics_show_its_state() {
     let metrics = until("/metrics", 200);
     assert!(metrics.contains("backupy_agent_connection_state{state=\"disconnected\"} 1"), "{metrics}");
     assert!(metrics.contains("backupy_agent_reconnects_total 1"), "{metrics}");
+}
+
+#[test]
+fn a_docker_socket_that_answers_adds_its_version_the_capability_and_discovery_reports() {
+    let (dir, _db, cp) = setup("dock", 1, 1);
+    let socket = dir.path().join("docker.sock");
+    let standin = docker::StandIn::start(&socket, |_method, path| match path {
+        "/_ping" => docker::Reply {
+            status: 200,
+            headers: vec![("Api-Version".into(), "1.43".into())],
+            body: "OK".into(),
+        },
+        "/version" => docker::Reply::json(
+            serde_json::json!({ "Version": "24.0.7", "ApiVersion": "1.43", "MinAPIVersion": "1.12" }),
+        ),
+        p if p.ends_with("/containers/json") => docker::Reply::json(serde_json::json!([])),
+        _ => docker::Reply::status(404, "page not found"),
+    });
+    let agent =
+        spawn_agent(&cp, &dir.path().join("state"), &[("BACKUPY_DOCKER_SOCKET", socket.to_str().unwrap())]);
+    wait_for(&cp, &agent, "a DiscoveryReport", Duration::from_secs(20), |s| {
+        s.all().iter().any(|e| matches!(e.payload, Some(Payload::Discovery(_))))
+    });
+    let s = cp.state();
+    let Some(Payload::Register(r)) = &s.conns[0].received[0].envelope.payload else {
+        panic!("Register first")
+    };
+    assert_eq!(r.docker_version, "24.0.7");
+    assert!(r.capabilities.iter().any(|c| c == "docker_exec"), "{r:?}");
+    drop(s);
+    standin.stop();
 }

@@ -136,6 +136,18 @@ enum Command {
         after_help = "Example:\n  BACKUPY_METRICS_LISTEN_ADDR=127.0.0.1:9090 backupy-agent health-check"
     )]
     HealthCheck,
+    /// Print the database containers Docker discovery finds (BACKUPY_DOCKER_SOCKET).
+    #[command(
+        after_help = "Examples:\n  backupy-agent discover\n  backupy-agent discover --toml >> backupy.toml"
+    )]
+    Discover {
+        /// Print the report as JSON.
+        #[arg(long, conflicts_with = "toml")]
+        json: bool,
+        /// Print standalone [[targets]] and [[jobs]] for what was found (passwords as env: references).
+        #[arg(long)]
+        toml: bool,
+    },
     /// Print the version.
     #[command(after_help = "Example:\n  backupy-agent version --json")]
     Version {
@@ -182,6 +194,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Discover { json, toml } => super::discover::run(json, toml).map(|_| ExitCode::SUCCESS),
         Command::CheckConfig { config } => check_config(&config),
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod decrypt;
+pub mod discover;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -261,14 +261,30 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
             }
         })
     };
+    // Docker: its version and the docker_exec capability in Register when the socket
+    // answers, and discovery reports into the outbox; without it the agent goes on.
+    let mut capabilities = capabilities();
+    let (docker_version, _discovery, discovery) = match crate::docker::Client::from_env() {
+        Ok(client) => {
+            capabilities.push("docker_exec".to_string());
+            let version = client.daemon_version().to_string();
+            log::info!("Docker {version} answers on {}", client.socket().display());
+            let (watcher, reports) = crate::docker::discovery::start(client, Default::default());
+            (version, Some(watcher), reports)
+        }
+        Err(e) => {
+            log::warn!("{e}; Docker discovery and DOCKER_EXEC are off");
+            (String::new(), None, crossbeam_channel::never())
+        }
+    };
     let (session, events) = session::start(
         SessionConfig {
             endpoint: settings.endpoint.clone(),
             tls: settings.tls.clone(),
             agent_key: settings.agent_key.clone(),
             agent_version: crate::runner::AGENT_VERSION.to_string(),
-            docker_version: String::new(),
-            capabilities: capabilities(),
+            docker_version,
+            capabilities,
             config_version,
             timing: settings.timing.clone(),
             outbox: Some(outbox),
@@ -282,7 +298,7 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
         settings.state_dir.display(),
         if settings.allow_hooks { "allowed" } else { "refused (BACKUPY_ALLOW_HOOKS is not true)" }
     );
-    agent.serve(&session, &events, &run_rx, &health_rx, &stop, settings.shutdown_grace);
+    agent.serve(&session, &events, &run_rx, &health_rx, &discovery, &stop, settings.shutdown_grace);
     session.shutdown();
     metrics.ready.store(false, Ordering::SeqCst);
     log::info!("connected mode stopped");
@@ -361,6 +377,7 @@ impl Agent {
         events: &Receiver<SessionEvent>,
         runs: &Receiver<RunEvent>,
         health: &Receiver<ProbeResult>,
+        discovery: &Receiver<pb::DiscoveryReport>,
         stop: &Receiver<i32>,
         grace: Duration,
     ) {
@@ -393,6 +410,12 @@ impl Agent {
                 recv(health) -> r => {
                     if let Ok(r) = r {
                         self.health_result(r);
+                    }
+                },
+                recv(discovery) -> report => {
+                    if let Ok(report) = report {
+                        log::info!("discovery: {} database container(s)", report.containers.len());
+                        self.push(Payload::Discovery(report), "");
                     }
                 },
                 recv(stop) -> sig => {

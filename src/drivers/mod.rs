@@ -5,6 +5,7 @@
 //! server's engine version as "<Engine> <version>". Drivers run on the worker thread
 //! that starts a run; the bytes then flow on the pipeline's dump thread.
 
+pub mod docker_exec;
 pub mod exec;
 pub mod mongodb;
 pub mod mysql;
@@ -202,6 +203,9 @@ pub fn capabilities() -> Vec<(Engine, Option<String>)> {
 
 /// Starts a dump of `spec`.
 pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
+    if let Strategy::DockerExec { container } = &spec.strategy {
+        return docker_exec::dump(spec, ctx, container);
+    }
     match spec.engine {
         Engine::Sqlite => Ok(Dump {
             source: sqlite::snapshot(&spec.id, std::path::Path::new(&spec.database), &ctx.temp_dir)?,

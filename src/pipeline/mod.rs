@@ -305,6 +305,9 @@ fn dump_stage(mut source: Source, mut out: ChannelWriter, progress: Arc<Progress
     if let Some(child) = source.child.take() {
         child.finish(&name)?;
     }
+    if let Some(remote) = source.remote.take() {
+        (remote.finish)()?;
+    }
     if let Some((_, check)) = &source.magic {
         check(&head).map_err(|why| io::Error::other(format!("{name} output is not a valid dump: {why}")))?;
     }

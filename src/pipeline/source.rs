@@ -28,6 +28,18 @@ pub struct Source {
     /// Kept alive until the dump stage has read everything (e.g. a snapshot file that
     /// is deleted on drop).
     pub(crate) _guard: Option<Box<dyn Send>>,
+    /// A producer that is not a local child (a command inside a container).
+    pub(crate) remote: Option<RemoteProcess>,
+}
+
+/// A process outside this host's process table (a command run inside a container): how
+/// to learn, once its output ended, whether it succeeded, and how to kill it from the
+/// pipeline's coordinator thread on failure or cancel.
+pub struct RemoteProcess {
+    /// Called after the stream ended; an error carries the process's stderr tail.
+    pub finish: Box<dyn FnOnce() -> io::Result<()> + Send>,
+    /// Stops the process if it still runs; callable any number of times.
+    pub kill: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl Source {
@@ -39,6 +51,7 @@ impl Source {
             magic: None,
             size_hint: None,
             _guard: None,
+            remote: None,
         }
     }
 
@@ -65,6 +78,7 @@ impl Source {
             magic: None,
             size_hint: None,
             _guard: None,
+            remote: None,
         })
     }
 
@@ -83,11 +97,17 @@ impl Source {
         self
     }
 
+    pub fn with_remote(mut self, remote: RemoteProcess) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
     /// A handle that kills the child's process group from another thread.
     pub(crate) fn abort_handle(&self) -> SourceAbort {
         SourceAbort {
             pid: self.child.as_ref().map(|c| c.child.id() as i32),
             reaped: self.child.as_ref().map(|c| c.reaped.clone()),
+            remote: self.remote.as_ref().map(|r| r.kill.clone()),
         }
     }
 }
@@ -135,6 +155,7 @@ impl Drop for ChildProcess {
 pub(crate) struct SourceAbort {
     pid: Option<i32>,
     reaped: Option<Arc<AtomicBool>>,
+    remote: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl SourceAbort {
@@ -144,6 +165,9 @@ impl SourceAbort {
             if !reaped.load(Ordering::SeqCst) {
                 kill_group(pid);
             }
+        }
+        if let Some(kill) = &self.remote {
+            kill();
         }
     }
 }
