@@ -34,9 +34,7 @@ use crate::outbox::{Limits, Outbox};
 use crate::pipeline::{Cancel, Progress};
 use crate::scheduler::window::MaintenanceWindow;
 use crate::secrets::Secret;
-use crate::session::{
-    self, Endpoint, HeartbeatFields, SessionConfig, SessionEvent, SessionHandle, Timing, TlsSettings,
-};
+use crate::session::{self, Endpoint, HeartbeatFields, SessionConfig, SessionEvent, Timing, TlsSettings};
 use crate::state::{RunStatus, StateDb};
 use crate::storage::s3::{S3Storage, S3Target};
 use crate::wire::pb;
@@ -298,7 +296,8 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
         settings.state_dir.display(),
         if settings.allow_hooks { "allowed" } else { "refused (BACKUPY_ALLOW_HOOKS is not true)" }
     );
-    agent.serve(&session, &events, &run_rx, &health_rx, &discovery, &stop, settings.shutdown_grace);
+    let inputs = Inputs { events, runs: run_rx, health: health_rx, discovery, stop };
+    agent.serve(&inputs, settings.shutdown_grace);
     session.shutdown();
     metrics.ready.store(false, Ordering::SeqCst);
     log::info!("connected mode stopped");
@@ -370,17 +369,18 @@ fn job_update(job_id: &str, run_id: &str, status: pb::JobStatus) -> pb::JobUpdat
     }
 }
 
+/// Everything the main loop selects on.
+struct Inputs {
+    events: Receiver<SessionEvent>,
+    runs: Receiver<RunEvent>,
+    health: Receiver<ProbeResult>,
+    discovery: Receiver<pb::DiscoveryReport>,
+    stop: Receiver<i32>,
+}
+
 impl Agent {
-    fn serve(
-        &mut self,
-        _session: &SessionHandle,
-        events: &Receiver<SessionEvent>,
-        runs: &Receiver<RunEvent>,
-        health: &Receiver<ProbeResult>,
-        discovery: &Receiver<pb::DiscoveryReport>,
-        stop: &Receiver<i32>,
-        grace: Duration,
-    ) {
+    fn serve(&mut self, inputs: &Inputs, grace: Duration) {
+        let Inputs { events, runs, health, discovery, stop } = inputs;
         let mut next_tick = Instant::now() + TICK;
         loop {
             if let Some(at) = self.stopping {
