@@ -749,3 +749,91 @@ pub fn guard(state_dir: &Path, pid: i32) -> Result<(), UpdateError> {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn settings(dir: &Path, max_bytes: u64) -> Settings {
+        Settings {
+            state_dir: dir.to_path_buf(),
+            exe: dir.join("backupy-agent"),
+            public_key_pem: COMPILED_KEY_PEM.to_string(),
+            max_bytes,
+            ca_file: None,
+            allow_insecure: true,
+            download_timeout: Duration::from_secs(10),
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+        }
+    }
+
+    /// Serves `body` once, with or without a Content-Length.
+    fn serve_once(body: Vec<u8>, with_length: bool) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/bin", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf);
+                let head = if with_length {
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                } else {
+                    "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_string()
+                };
+                let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(&body));
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn a_download_over_the_cap_is_refused_whether_announced_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1000);
+        for with_length in [true, false] {
+            let url = serve_once(vec![7u8; 5000], with_length);
+            let err = download(&url, &dir.path().join("part"), &s).unwrap_err();
+            assert!(matches!(err, UpdateError::TooLarge { limit: 1000 }), "{with_length}: {err}");
+        }
+        let url = serve_once(vec![7u8; 1000], false);
+        let sha = download(&url, &dir.path().join("part"), &s).unwrap();
+        assert_eq!(hex::encode(sha), hex::encode(Sha256::digest([7u8; 1000])));
+    }
+
+    #[test]
+    fn downgrade_and_same_version_need_force_and_the_announced_version_must_match() {
+        let req = |version: Option<&str>, force| UpdateRequest {
+            url: String::new(),
+            sha256: String::new(),
+            signature: Vec::new(),
+            version: version.map(str::to_string),
+            force,
+        };
+        assert!(matches!(check_version(&req(None, false), "0.0.9"), Err(UpdateError::Downgrade { .. })));
+        assert!(matches!(
+            check_version(&req(None, false), AGENT_VERSION),
+            Err(UpdateError::SameVersion { .. })
+        ));
+        assert!(check_version(&req(None, false), "99.0.0").is_ok());
+        assert!(check_version(&req(None, true), "0.0.9").is_ok());
+        assert!(check_version(&req(Some("v99.0.0"), false), "99.0.0").is_ok());
+        assert!(matches!(
+            check_version(&req(Some("99.0.1"), true), "99.0.0"),
+            Err(UpdateError::VersionMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn http_urls_need_the_dev_switch() {
+        assert!(matches!(check_url("http://127.0.0.1/x", false), Err(UpdateError::Insecure { .. })));
+        assert!(check_url("http://127.0.0.1/x", true).is_ok());
+        assert!(check_url("https://example.com/x", false).is_ok());
+        assert!(matches!(check_url("file:///etc/passwd", true), Err(UpdateError::BadRequest(_))));
+    }
+
+    #[test]
+    fn the_project_key_is_a_p256_key() {
+        assert_eq!(compiled_key_id().len(), 16, "{}", compiled_key_id());
+    }
+}
