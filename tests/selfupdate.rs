@@ -476,3 +476,45 @@ fn accepts_a_cosign_style_base64_signature_file() {
     refused(&out, "0.0.1 is a downgrade");
     f.assert_untouched(&original);
 }
+
+#[test]
+fn rolls_back_a_new_binary_that_exits_before_confirming() {
+    let mut f = Fixture::new();
+    let original = std::fs::read(&f.exe).unwrap();
+    let log = f.start_agent();
+    let crashes = f.launcher("crashes", "0.2.0", "exit 3");
+    let url = f.server.put("/crashes", Body::Full(std::fs::read(&crashes).unwrap()));
+    let sig = f.sign(&crashes, &f.key);
+    let out = f.self_update(&url, &sha256_hex(&crashes), &sig, false);
+    assert!(out.status.success(), "self-update: {}", text(&out.stderr));
+    // No need to wait for the timeout: the guard sees the process gone.
+    wait_for(
+        &log,
+        "self-update to 0.2.0 rolled back to 0.1.0: the new process exited before confirming",
+        1,
+        Duration::from_secs(3),
+    );
+    wait_for(&log, "standalone agent running", 2, Duration::from_secs(20));
+    assert_eq!(std::fs::read(&f.exe).unwrap(), original, "the previous binary is not back");
+    assert_eq!(f.agents[0].wait().unwrap().code(), Some(3));
+}
+
+#[test]
+fn an_update_installed_while_the_agent_is_stopped_is_confirmed_by_its_next_start() {
+    let mut f = Fixture::new();
+    let newer = f.newer();
+    let url = f.server.put("/newer", Body::Full(std::fs::read(&newer).unwrap()));
+    let sig = f.sign(&newer, &f.key);
+    let out = f.self_update(&url, &sha256_hex(&newer), &sig, false);
+    assert!(out.status.success(), "self-update: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("no agent is running"), "{}", text(&out.stdout));
+    assert!(f.state().join("update-pending.json").exists());
+
+    // A supervisor starts the installed binary: it confirms once its scheduler runs.
+    let log = f.start_agent();
+    wait_for(&log, "self-update from 0.1.0 to 0.2.0 confirmed", 1, Duration::from_secs(10));
+    assert!(!f.state().join("update-pending.json").exists());
+    std::thread::sleep(Duration::from_secs(CONFIRM_TIMEOUT_SEC.parse::<u64>().unwrap() + 1));
+    assert_eq!(count(&log, "rolled back"), 0, "{}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(std::fs::read(&f.exe).unwrap(), std::fs::read(&newer).unwrap());
+}
