@@ -54,7 +54,7 @@ for target in $targets; do
     echo "    built in $(($(date +%s) - t0)) s" >&2
     mkdir -p "$out/$target"
     for bin in backupy-agent backupy-decrypt; do
-        cp "target/$target/release/$bin" "$out/$target/$bin"
+        cp "${CARGO_TARGET_DIR:-target}/$target/release/$bin" "$out/$target/$bin"
     done
     built+=("$target")
 done
@@ -77,7 +77,7 @@ done
 host=${built[0]}
 echo "==> what dominates the size of $out/$host/backupy-agent" >&2
 size -A "$out/$host/backupy-agent" 2>/dev/null | sort -k2 -n -r | head -n 6 || true
-rlibs=target/$host/release/deps
+rlibs=${CARGO_TARGET_DIR:-target}/$host/release/deps
 if compgen -G "$rlibs/*.rlib" >/dev/null; then
     echo "largest dependency libraries (code before LTO):"
     # shellcheck disable=SC2012

@@ -121,6 +121,7 @@ struct Fixture {
     config: PathBuf,
     server: Server,
     agents: Vec<Child>,
+    confirm_timeout_sec: &'static str,
 }
 
 impl Fixture {
@@ -156,7 +157,15 @@ cron = "0 0 1 1 *"
             ),
         )
         .unwrap();
-        Fixture { tmp, exe, key, config, server: Server::start(), agents: Vec::new() }
+        Fixture {
+            tmp,
+            exe,
+            key,
+            config,
+            server: Server::start(),
+            agents: Vec::new(),
+            confirm_timeout_sec: CONFIRM_TIMEOUT_SEC,
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -206,7 +215,7 @@ cron = "0 0 1 1 *"
             .env("BACKUPY_LOG_LEVEL", "info")
             .env("BACKUPY_METRICS_LISTEN_ADDR", "")
             .env("BACKUPY_DEV_ALLOW_INSECURE", "true")
-            .env("BACKUPY_UPDATE_CONFIRM_TIMEOUT_SEC", CONFIRM_TIMEOUT_SEC);
+            .env("BACKUPY_UPDATE_CONFIRM_TIMEOUT_SEC", self.confirm_timeout_sec);
         c
     }
 
@@ -480,6 +489,8 @@ fn accepts_a_cosign_style_base64_signature_file() {
 #[test]
 fn rolls_back_a_new_binary_that_exits_before_confirming() {
     let mut f = Fixture::new();
+    // A long timeout, so that only the exit can explain a rollback within the test.
+    f.confirm_timeout_sec = "60";
     let original = std::fs::read(&f.exe).unwrap();
     let log = f.start_agent();
     let crashes = f.launcher("crashes", "0.2.0", "exit 3");
@@ -492,7 +503,7 @@ fn rolls_back_a_new_binary_that_exits_before_confirming() {
         &log,
         "self-update to 0.2.0 rolled back to 0.1.0: the new process exited before confirming",
         1,
-        Duration::from_secs(3),
+        Duration::from_secs(20),
     );
     wait_for(&log, "standalone agent running", 2, Duration::from_secs(20));
     assert_eq!(std::fs::read(&f.exe).unwrap(), original, "the previous binary is not back");
