@@ -16,7 +16,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends musl-tools ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && rustup target add x86_64-unknown-linux-musl
-ARG GIT_COMMIT=unknown
+# Empty: build.rs asks git (the context includes .git).
+ARG GIT_COMMIT=
 ENV BACKUPY_GIT_COMMIT=${GIT_COMMIT}
 WORKDIR /src
 COPY . .

@@ -24,6 +24,7 @@ fn build_info() {
     println!("cargo:rerun-if-env-changed=BACKUPY_GIT_COMMIT");
     let commit = std::env::var("BACKUPY_GIT_COMMIT")
         .ok()
+        .filter(|c| !c.trim().is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
         .unwrap_or_else(|| "unknown".into());
     // Rebuild when HEAD moves (a commit, a checkout), not on every build.
