@@ -13,6 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 bin=${1:-target/x86_64-unknown-linux-musl/release/backupy-agent}
 [[ -x $bin ]] || { echo "image-smoke: $bin not found: build it with scripts/release.sh" >&2; exit 1; }
 if readelf -l "$bin" | grep -q INTERP; then
