@@ -12,6 +12,9 @@
 #           system service)
 #   bench   rclone, zstd, openssl, GNU time, pgbench (shipped by postgresql-15)
 #   lint    shellcheck
+#   ship    the static build and packaging checks: the x86_64-unknown-linux-musl Rust
+#           target, musl-tools, binutils (readelf), docker.io (dockerd for the image
+#           smoke test), docker-compose, systemd (systemd-analyze)
 #   all     every group above
 #
 # Environment:
@@ -58,7 +61,7 @@ fi
 
 # ---------------------------------------------------------------------------- groups
 declare -a APT_WANT=()
-want_core=0 want_s3=0 want_mongo=0 want_docker=0 want_bench=0 want_lint=0
+want_core=0 want_s3=0 want_mongo=0 want_docker=0 want_bench=0 want_lint=0 want_ship=0
 
 select_group() {
     case $1 in
@@ -68,12 +71,13 @@ select_group() {
         docker) want_docker=1 ;;
         bench) want_bench=1 ;;
         lint) want_lint=1 ;;
-        all) want_core=1 want_s3=1 want_mongo=1 want_docker=1 want_bench=1 want_lint=1 ;;
+        ship) want_ship=1 ;;
+        all) want_core=1 want_s3=1 want_mongo=1 want_docker=1 want_bench=1 want_lint=1 want_ship=1 ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
             exit 0
             ;;
-        *) die "unknown group '$1' (core, s3, mongo, docker, bench, lint, all)" ;;
+        *) die "unknown group '$1' (core, s3, mongo, docker, bench, lint, ship, all)" ;;
     esac
 }
 
@@ -93,6 +97,7 @@ fi
 ((want_docker)) && APT_WANT+=(docker.io)
 ((want_bench)) && APT_WANT+=(rclone zstd openssl time postgresql postgresql-client)
 ((want_lint)) && APT_WANT+=(shellcheck)
+((want_ship)) && APT_WANT+=(musl-tools binutils docker.io docker-compose systemd openssl ca-certificates)
 
 # ------------------------------------------------------------------------------ apt
 apt_missing() {
@@ -169,7 +174,14 @@ install_venv() {
     touch "$stamp"
 }
 
+install_musl_target() {
+    need_cargo
+    rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl && return 0
+    quiet rustup target add x86_64-unknown-linux-musl
+}
+
 install_apt
+((want_ship)) && install_musl_target
 ((want_core)) && install_nextest
 ((want_s3)) && install_s3s
 ((want_mongo)) && install_venv

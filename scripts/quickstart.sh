@@ -4,14 +4,19 @@
 #
 #   scripts/quickstart.sh            # release build (first build takes a few minutes)
 #   BACKUPY_PROFILE=dev scripts/quickstart.sh
+#   BACKUPY_BIN_DIR=dist/release/x86_64-unknown-linux-musl scripts/quickstart.sh   # prebuilt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 profile=${BACKUPY_PROFILE:-release}
 dir=$([[ $profile == dev ]] && echo debug || echo "$profile")
-echo "==> building backupy-agent and backupy-decrypt ($profile)" >&2
-cargo build --quiet --locked --profile "$profile" --bins
-bin=target/$dir
+if [[ -n ${BACKUPY_BIN_DIR:-} ]]; then
+    bin=$BACKUPY_BIN_DIR
+else
+    echo "==> building backupy-agent and backupy-decrypt ($profile)" >&2
+    cargo build --quiet --locked --profile "$profile" --bins
+    bin=target/$dir
+fi
 
 if [[ ! -f backupy.key ]]; then
     echo "==> creating a key pair: backupy.key (private, keep it safe) and backupy.pub" >&2

@@ -17,12 +17,22 @@ fi
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "installing what is missing"
-scripts/install-deps.sh core s3 mongo docker
+scripts/install-deps.sh core s3 mongo docker ship
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 # shellcheck source=scripts/services.sh
 source scripts/services.sh
 services_init
+
+step "static musl release build, in the background (its update key: a test key made by openssl)"
+# Built once: the self-update tests update it, the size test measures it, and the quick
+# start and the image smoke test run it. Its long single-threaded LTO step overlaps the
+# services' start, clippy and the test build (other build dirs, so no cargo lock).
+static_t0=$SECONDS
+setsid scripts/selfupdate-test-build.sh --musl >"$BACKUPY_TEST_TMP/static-build.env" \
+    2>"$BACKUPY_TEST_TMP/static-build.log" &
+static_pid=$!
+trap '[[ -n ${static_pid:-} ]] && kill -- -"$static_pid" 2>/dev/null; services_stop_all' EXIT
 # Services the tests talk to; each export its connection settings as BACKUPY_TEST_*.
 # (The SQLite tests need none: rusqlite is bundled and the sqlite3 CLI judges restores.)
 services_start_s3
@@ -39,19 +49,35 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 
+step "waiting for the static build"
+if ! wait "$static_pid"; then
+    cat "$BACKUPY_TEST_TMP/static-build.log" >&2
+    echo "the static musl build failed (log above)" >&2
+    exit 1
+fi
+static_pid=
+grep -E '^(size|  +[0-9]+ KiB|largest)|built in' "$BACKUPY_TEST_TMP/static-build.log" >&2 || true
+eval "$(cat "$BACKUPY_TEST_TMP/static-build.env")"
+export BACKUPY_TEST_STATIC_BIN=$BACKUPY_TEST_UPDATE_AGENT
+static_dir=$(dirname "$BACKUPY_TEST_STATIC_BIN")
+echo "static build: $((SECONDS - static_t0)) s after its start (in the background)" >&2
+
 step "tests"
 cargo nextest run --locked --no-fail-fast "${filter[@]}"
 
 if [[ ${#filter[@]} -eq 0 ]]; then
-    step "quick start (README)"
-    out=$(BACKUPY_PROFILE=dev scripts/quickstart.sh 2>/dev/null)
+    step "quick start (README), with the static binary"
+    out=$(BACKUPY_BIN_DIR=$static_dir scripts/quickstart.sh 2>/dev/null)
     cmd=$(printf '%s\n' "$out" | grep -E '^  .*backupy-decrypt ' | sed 's/^ *//')
     restored="$BACKUPY_TEST_TMP/quickstart-restored.db"
     # Run the printed command, with the output redirected into the temp dir.
     eval "${cmd/--out restored.db/--out $restored}"
     [[ $(sqlite3 "$restored" 'PRAGMA integrity_check') == ok ]] || { echo "quick start restore is corrupt" >&2; exit 1; }
     [[ $(sqlite3 "$restored" 'SELECT count(*) FROM orders') == 3000 ]] || { echo "quick start restore lost rows" >&2; exit 1; }
-    echo "quick start: backup restored, integrity ok, 3000 orders" >&2
+    echo "quick start (static binary): backup restored, integrity ok, 3000 orders" >&2
+
+    step "image smoke test (scratch image of the static binary, local dockerd)"
+    scripts/image-smoke.sh "$BACKUPY_TEST_STATIC_BIN"
 fi
 
 step "all green"

@@ -27,6 +27,7 @@ pub mod retention;
 pub mod runner;
 pub mod scheduler;
 pub mod secrets;
+pub mod selfupdate;
 pub mod session;
 pub mod standalone;
 pub mod state;

@@ -47,6 +47,7 @@ pub fn schedules(cfg: &Config) -> Result<Vec<JobSchedule>> {
 pub fn run(config: &Path) -> Result<Summary> {
     let cfg = Arc::new(Config::load(config)?);
     let state = Arc::new(StateDb::open(&cfg.state_dir)?);
+    crate::selfupdate::on_start(&cfg.state_dir);
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
     if let Storage::S3(s3) = &storage {
         let n = s3.abort_recorded_uploads();
@@ -82,6 +83,7 @@ pub fn run(config: &Path) -> Result<Summary> {
         move |req: RunRequest, cancel: Cancel| run_once(&cfg, &state, &storage, &metrics, req, &cancel)
     };
     let handle = Scheduler::start(options, worker).context("cannot start the scheduler")?;
+    crate::selfupdate::confirm(&cfg.state_dir);
     let ca_file = std::env::var_os("BACKUPY_CA_FILE").map(std::path::PathBuf::from);
     let health = crate::health::start(cfg.health_checks.clone(), metrics.clone(), ca_file, None)
         .context("cannot start the health-probe threads")?;
@@ -95,13 +97,22 @@ pub fn run(config: &Path) -> Result<Summary> {
 
     let commands = handle.sender();
     let grace = cfg.shutdown_grace;
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-            .context("cannot install signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
+    // SIGHUP (sent by `self-update`): stop like SIGTERM, then exec the installed binary.
+    let reexec = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reexec_requested = reexec.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         let mut first = true;
         for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                reexec_requested.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             let grace = if first { grace } else { Duration::ZERO };
             log::info!("signal {sig}: stopping new runs; running backups get {grace:?} to finish");
             if commands.send(SchedulerCommand::Shutdown { grace }).is_err() {
@@ -121,6 +132,10 @@ pub fn run(config: &Path) -> Result<Summary> {
         summary.failed,
         summary.cancelled
     );
+    if reexec.load(std::sync::atomic::Ordering::SeqCst) {
+        drop(state);
+        return Err(crate::selfupdate::reexec(&cfg.state_dir).into());
+    }
     Ok(summary)
 }
 

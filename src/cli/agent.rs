@@ -148,6 +148,38 @@ enum Command {
         #[arg(long)]
         toml: bool,
     },
+    /// Download a signed release, check its SHA-256 and signature against the
+    /// compiled-in update key, and install it (the previous binary is kept). A running
+    /// `run` on the same state directory re-executes into it and must start its
+    /// scheduler within 60 s, else the previous binary comes back.
+    #[command(
+        after_help = "Example:\n  backupy-agent self-update --url https://example.com/backupy-agent-0.2.0 \\\n    --sha256 9f86d0…0f00a08 --signature backupy-agent-0.2.0.sig --config /etc/backupy/backupy.toml"
+    )]
+    SelfUpdate {
+        /// Where to download the new binary (https://; http:// only with BACKUPY_DEV_ALLOW_INSECURE=true).
+        #[arg(long)]
+        url: String,
+        /// Hex SHA-256 of the binary.
+        #[arg(long, value_name = "HEX")]
+        sha256: String,
+        /// The DER signature file (`cosign sign-blob`, `openssl dgst -sha256 -sign`).
+        #[arg(long, value_name = "FILE")]
+        signature: PathBuf,
+        /// Install even a downgrade or the running version.
+        #[arg(long)]
+        force: bool,
+        /// Standalone config whose state_dir to use (default BACKUPY_STATE_DIR, else /var/lib/backupy).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Internal: watches a freshly updated agent and rolls back if it never confirms.
+    #[command(hide = true)]
+    SelfUpdateGuard {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        pid: i32,
+    },
     /// Print the version.
     #[command(after_help = "Example:\n  backupy-agent version --json")]
     Version {
@@ -195,6 +227,13 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Discover { json, toml } => super::discover::run(json, toml).map(|_| ExitCode::SUCCESS),
+        Command::SelfUpdate { url, sha256, signature, force, config } => {
+            self_update(url, sha256, &signature, force, config.as_deref())
+        }
+        Command::SelfUpdateGuard { state_dir, pid } => {
+            crate::selfupdate::guard(&state_dir, pid)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { config } => check_config(&config),
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),
@@ -211,7 +250,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                     "{}",
                     serde_json::json!({
                         "version": AGENT_VERSION,
-                        "target": format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+                        "git_commit": env!("BACKUPY_BUILD_COMMIT"),
+                        "build_date": env!("BACKUPY_BUILD_DATE"),
+                        "target": env!("BACKUPY_BUILD_TARGET"),
+                        "update_key_id": crate::selfupdate::compiled_key_id(),
                         "engines": crate::drivers::capabilities()
                             .into_iter()
                             .map(|(e, detail)| (e.name().to_string(), serde_json::json!(detail)))
@@ -224,6 +266,38 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn self_update(
+    url: String,
+    sha256: String,
+    signature: &Path,
+    force: bool,
+    config: Option<&Path>,
+) -> Result<ExitCode> {
+    let state_dir = match config {
+        Some(c) => Config::load(c)?.state_dir,
+        None => std::env::var_os("BACKUPY_STATE_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/backupy")),
+    };
+    let signature = std::fs::read(signature)
+        .with_context(|| format!("cannot read the signature file {}", signature.display()))?;
+    let signature = crate::selfupdate::signature_from_file(&signature);
+    let req = crate::selfupdate::UpdateRequest { url, sha256, signature, version: None, force };
+    let settings = crate::selfupdate::Settings::from_env(&state_dir)?;
+    let applied = crate::selfupdate::apply(&req, &settings)?;
+    println!("installed {} over {} at {}", applied.version, applied.previous_version, applied.exe.display());
+    match crate::selfupdate::running_agent(&state_dir) {
+        Some(pid) => {
+            // SAFETY: kill(2) on the pid of the agent that owns this state directory.
+            unsafe { libc::kill(pid, libc::SIGHUP) };
+            println!("asked the running agent (pid {pid}) to re-execute into it");
+        }
+        None => println!("no agent is running on {}: the next start runs it", state_dir.display()),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {

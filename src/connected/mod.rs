@@ -145,9 +145,14 @@ pub fn capabilities() -> Vec<String> {
 /// Runs connected mode until SIGTERM/SIGINT.
 pub fn run() -> Result<()> {
     let settings = Settings::from_env()?;
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-            .context("cannot install signal handlers")?;
+    // SIGHUP (sent by `self-update` on this host): stop like SIGTERM, then run the
+    // installed binary.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot install signal handlers")?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     let signal_handle = signals.handle();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
@@ -188,10 +193,17 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
         })?;
     }
 
+    // After the log forwarder: a rollback that brought this binary back is a LogEvent.
+    match crate::selfupdate::on_start(&settings.state_dir) {
+        Some(o @ crate::selfupdate::Outcome::RolledBack { .. }) => log::error!("{o}"),
+        Some(o) => log::info!("{o}"),
+        None => {}
+    }
     let config_version = Arc::new(AtomicU64::new(0));
     let published = Arc::new(Mutex::new(Published::default()));
     let (run_tx, run_rx) = crossbeam_channel::unbounded();
     let (health_tx, health_rx) = crossbeam_channel::unbounded();
+    let (update_tx, update_rx) = crossbeam_channel::unbounded();
     let mut agent = Agent {
         run_settings: RunSettings {
             state_dir: settings.state_dir.clone(),
@@ -216,6 +228,10 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
         published: published.clone(),
         stopping: None,
         dry_run: false,
+        state_dir: settings.state_dir.clone(),
+        updating: false,
+        update_tx,
+        reexec: false,
     };
     match agent.store.load_config() {
         Ok(Some(config)) => {
@@ -296,10 +312,15 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
         settings.state_dir.display(),
         if settings.allow_hooks { "allowed" } else { "refused (BACKUPY_ALLOW_HOOKS is not true)" }
     );
-    let inputs = Inputs { events, runs: run_rx, health: health_rx, discovery, stop };
+    let inputs = Inputs { events, runs: run_rx, health: health_rx, discovery, updates: update_rx, stop };
     agent.serve(&inputs, settings.shutdown_grace);
+    let reexec = agent.reexec;
+    drop(agent); // closes the state database and releases its lock for the next binary
     session.shutdown();
     metrics.ready.store(false, Ordering::SeqCst);
+    if reexec {
+        return Err(crate::selfupdate::reexec(&settings.state_dir).into());
+    }
     log::info!("connected mode stopped");
     Ok(())
 }
@@ -358,6 +379,19 @@ struct Agent {
     stopping: Option<Instant>,
     /// Runs stay queued (the fuzz harness: no dump may reach a fuzzed host).
     dry_run: bool,
+    state_dir: PathBuf,
+    /// A SelfUpdate is downloading and checking on the `self-update` thread.
+    updating: bool,
+    update_tx: Sender<UpdateDone>,
+    /// An update is installed: once stopped, exec it.
+    reexec: bool,
+}
+
+/// The `self-update` thread's answer.
+#[derive(Debug)]
+struct UpdateDone {
+    correlation_id: String,
+    result: Result<crate::selfupdate::Applied, String>,
 }
 
 fn job_update(job_id: &str, run_id: &str, status: pb::JobStatus) -> pb::JobUpdate {
@@ -375,12 +409,13 @@ struct Inputs {
     runs: Receiver<RunEvent>,
     health: Receiver<ProbeResult>,
     discovery: Receiver<pb::DiscoveryReport>,
+    updates: Receiver<UpdateDone>,
     stop: Receiver<i32>,
 }
 
 impl Agent {
     fn serve(&mut self, inputs: &Inputs, grace: Duration) {
-        let Inputs { events, runs, health, discovery, stop } = inputs;
+        let Inputs { events, runs, health, discovery, updates, stop } = inputs;
         let mut next_tick = Instant::now() + TICK;
         loop {
             if let Some(at) = self.stopping {
@@ -418,7 +453,16 @@ impl Agent {
                         self.push(Payload::Discovery(report), "");
                     }
                 },
+                recv(updates) -> done => {
+                    if let Ok(done) = done {
+                        self.update_done(done, grace);
+                    }
+                },
                 recv(stop) -> sig => {
+                    if sig == Ok(signal_hook::consts::SIGHUP) {
+                        log::info!("SIGHUP: stopping to run the installed update");
+                        self.reexec = true;
+                    }
                     let first = self.stopping.is_none();
                     let grace = if first && sig.is_ok() { grace } else { Duration::ZERO };
                     log::info!(
@@ -472,6 +516,12 @@ impl Agent {
     fn session_event(&mut self, ev: SessionEvent) {
         match ev {
             SessionEvent::Connected { session_id, config } => {
+                // RegisterAck reached: an update waiting for proof is confirmed.
+                if let Some(outcome) = crate::selfupdate::confirm(&self.state_dir) {
+                    let message = outcome.to_string();
+                    log::info!("{message}");
+                    self.log_event(pb::LogLevel::Info, &message);
+                }
                 self.metrics.set_connection_state("connected");
                 self.metrics.ready.store(true, Ordering::SeqCst);
                 if let Err(e) = self.store.record_connected(&self.endpoint, &session_id) {
@@ -504,10 +554,7 @@ impl Agent {
             Some(Payload::RunBackup(cmd)) => self.run_backup(cmd, &cid),
             Some(Payload::CancelJob(c)) => self.cancel_job(&c.job_id, &cid),
             Some(Payload::RunHealthCheck(c)) => self.run_health_check(&c.check_id, &cid),
-            Some(Payload::SelfUpdate(u)) => {
-                log::warn!("self-update to {:?} refused: not supported by this build", u.target_version);
-                self.ack(&cid, false, "self-update is not supported by this build of the agent");
-            }
+            Some(Payload::SelfUpdate(u)) => self.self_update(u, &cid),
             other => {
                 log::warn!("ignoring an unexpected {} command", session::payload_name(other.as_ref()));
                 self.ack(&cid, false, "not a command this agent takes");
@@ -618,6 +665,12 @@ impl Agent {
         };
         if self.stopping.is_some() {
             return refuse(self, "the agent is shutting down".into());
+        }
+        if self.updating {
+            return refuse(
+                self,
+                "the agent is updating itself; send the run again after it reconnects".into(),
+            );
         }
         let Some(job) = self.config.jobs.iter().find(|j| j.id == cmd.job_id).cloned() else {
             return refuse(
@@ -951,6 +1004,90 @@ impl Agent {
         }
     }
 
+    // ---- self-update ----
+
+    /// SelfUpdate (agent.md "Self-update"): only with `auto_update_enabled` or `force`,
+    /// and only while no backup runs; the download and checks run on their own thread.
+    fn self_update(&mut self, u: pb::SelfUpdate, cid: &str) {
+        let auto = self.config.advanced.as_ref().is_some_and(|a| a.auto_update_enabled);
+        let refusal = if !auto && !u.force {
+            Some("auto_update_enabled is off in the config and the command is not forced".to_string())
+        } else if self.updating {
+            Some("a self-update is already in progress".into())
+        } else if self.stopping.is_some() {
+            Some("the agent is shutting down".into())
+        } else if !self.active.is_empty() || !self.queued.is_empty() {
+            Some(format!(
+                "{} backup(s) running or queued; send the update again when they are done",
+                self.active.len() + self.queued.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            log::warn!("self-update to {:?} refused: {reason}", u.target_version);
+            self.ack(cid, false, reason);
+            return;
+        }
+        let settings = match crate::selfupdate::Settings::from_env(&self.state_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                self.ack(cid, false, e.to_string());
+                return;
+            }
+        };
+        let req = crate::selfupdate::UpdateRequest {
+            url: u.binary_url,
+            sha256: u.sha256,
+            signature: crate::selfupdate::signature_from_file(&u.cosign_signature),
+            version: (!u.target_version.is_empty()).then_some(u.target_version),
+            force: u.force,
+        };
+        let (tx, correlation_id) = (self.update_tx.clone(), cid.to_string());
+        let spawned = std::thread::Builder::new().name("self-update".into()).spawn(move || {
+            let result = crate::selfupdate::apply(&req, &settings).map_err(|e| e.to_string());
+            let _ = tx.send(UpdateDone { correlation_id, result });
+        });
+        match spawned {
+            Ok(_) => self.updating = true,
+            Err(e) => self.ack(cid, false, format!("cannot start the self-update thread: {e}")),
+        }
+    }
+
+    fn update_done(&mut self, done: UpdateDone, grace: Duration) {
+        self.updating = false;
+        match done.result {
+            Ok(applied) => {
+                let message = format!(
+                    "self-update: installed {} (was {}); restarting into it",
+                    applied.version, applied.previous_version
+                );
+                // Stored before the exec: the new process delivers it.
+                self.log_event(pb::LogLevel::Info, &message);
+                log::info!("{message}");
+                self.ack(&done.correlation_id, true, message);
+                self.reexec = true;
+                self.stopping = Some(Instant::now() + grace);
+            }
+            Err(reason) => {
+                log::error!("self-update refused: {reason}");
+                self.ack(&done.correlation_id, false, reason);
+            }
+        }
+    }
+
+    /// A LogEvent straight into the outbox, whatever the forwarding level.
+    fn log_event(&self, level: pb::LogLevel, message: &str) {
+        let event = pb::LogEvent {
+            ts_ms: store::now_ms() as u64,
+            level: level as i32,
+            job_id: String::new(),
+            message: crate::secrets::redact(message),
+            fields: Default::default(),
+        };
+        self.push(Payload::Log(event), "");
+    }
+
     // ---- health ----
 
     fn run_health_check(&mut self, check_id: &str, cid: &str) {
@@ -1038,6 +1175,10 @@ impl Harness {
             published: Arc::new(Mutex::new(Published::default())),
             stopping: None,
             dry_run: true,
+            state_dir: state_dir.to_path_buf(),
+            updating: false,
+            update_tx: crossbeam_channel::unbounded().0,
+            reexec: false,
         };
         Ok(Harness { agent, _runs: runs, _health: health })
     }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds the agent that tests/selfupdate.rs updates: a build whose compiled-in update key
+# (BACKUPY_UPDATE_PUBKEY) is the public half of a P-256 key pair made here by openssl.
+# Prints the variables the test reads, for `eval`:
+#
+#   eval "$(scripts/selfupdate-test-build.sh)"            # debug build (seeded from
+#                                                        # target/debug, so only this crate
+#                                                        # is recompiled)
+#   eval "$(scripts/selfupdate-test-build.sh --musl)"     # the static release build
+#                                                        # (what CI does: scripts/test.sh)
+#
+# The key pair lives in target/selfupdate-test/keys and is reused, so repeated builds
+# stay incremental. It signs test binaries only; it is never a release key.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dir=target/selfupdate-test
+keys=$dir/keys
+mkdir -p "$keys"
+command -v openssl >/dev/null || { echo "openssl is missing: apt-get install openssl" >&2; exit 1; }
+if [[ ! -s $keys/update.key ]]; then
+    openssl ecparam -name prime256v1 -genkey -noout -out "$keys/update.key" 2>/dev/null
+    openssl ec -in "$keys/update.key" -pubout -out "$keys/update.pub.pem" 2>/dev/null
+fi
+BACKUPY_UPDATE_PUBKEY=$(cat "$keys/update.pub.pem")
+export BACKUPY_UPDATE_PUBKEY
+
+if [[ ${1:-} == --musl ]]; then
+    RELEASE_TARGETS=x86_64-unknown-linux-musl RELEASE_OUT=$dir/release scripts/release.sh >&2
+    agent=$dir/release/x86_64-unknown-linux-musl/backupy-agent
+else
+    # Its own target dir, so that the main one keeps the project's key; seeded from it so
+    # that the dependencies are not compiled again.
+    if [[ ! -d $dir/debug && -d target/debug ]]; then
+        mkdir -p "$dir/debug"
+        for d in build deps .fingerprint; do
+            [[ -d target/debug/$d ]] && cp -a --reflink=auto "target/debug/$d" "$dir/debug/"
+        done
+    fi
+    CARGO_TARGET_DIR=$dir cargo build --locked --quiet --bin backupy-agent >&2
+    agent=$dir/debug/backupy-agent
+fi
+printf 'export BACKUPY_TEST_UPDATE_AGENT=%q\n' "$PWD/$agent"
+printf 'export BACKUPY_TEST_UPDATE_KEY=%q\n' "$PWD/$keys/update.key"
