@@ -283,3 +283,40 @@ fn discovery_can_be_turned_off() {
     assert_eq!(standin.paths().len(), before, "a disabled watcher asked the daemon: {:?}", standin.paths());
     watcher.stop();
 }
+
+#[test]
+fn a_stalled_event_stream_neither_stops_rescans_nor_delays_stop() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let emptied = Arc::new(AtomicBool::new(false));
+    let inner = compose_daemon();
+    let flag = emptied.clone();
+    let standin = StandIn::start(&dir.path().join("docker.sock"), move |m, path| {
+        if path.contains("/events") {
+            return Reply { status: 0, headers: vec![], body: String::new() };
+        }
+        if flag.load(Ordering::SeqCst) && path.ends_with("/containers/json") {
+            return Reply::json(json!([]));
+        }
+        inner(m, path)
+    });
+    let client = Client::connect(&standin.socket).unwrap();
+    let options = discovery::Options { rescan_interval: Duration::from_millis(300), ..Default::default() };
+    let (watcher, reports) = discovery::start(client, options);
+    assert_eq!(reports.recv_timeout(Duration::from_secs(10)).unwrap().containers.len(), 3);
+    docker::wait_for("the watcher's event request", Duration::from_secs(5), || {
+        standin.paths().iter().any(|p| p.contains("/events"))
+    });
+    emptied.store(true, Ordering::SeqCst);
+    let report =
+        reports.recv_timeout(Duration::from_secs(5)).expect("periodic rescans go on while events stall");
+    assert!(report.containers.is_empty());
+    let t0 = std::time::Instant::now();
+    watcher.stop();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "stop took {:?} with a stalled event stream",
+        t0.elapsed()
+    );
+}

@@ -570,12 +570,14 @@ fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, id
         };
         let opened = unix_now();
         let result = client.get_stream(&endpoint, idle).map(|reader| {
-            use std::io::BufRead;
+            use std::io::{BufRead, Read};
             let mut lines = std::io::BufReader::new(reader);
             let mut line = String::new();
             loop {
                 line.clear();
-                match lines.read_line(&mut line) {
+                // One event is a few hundred bytes; a line without end is cut off, not
+                // buffered without bound.
+                match (&mut lines).take(1 << 20).read_line(&mut line) {
                     Ok(0) => return Ok(()),
                     Ok(_) => {
                         let relevant = serde_json::from_str::<Event>(&line)
