@@ -320,3 +320,33 @@ fn a_stalled_event_stream_neither_stops_rescans_nor_delays_stop() {
         t0.elapsed()
     );
 }
+
+/// Runs in a child process: it sets BACKUPY_DOCKER_SOCKET for itself.
+#[test]
+fn without_a_socket_the_watcher_warns_and_stays_silent() {
+    if std::env::var_os("BACKUPY_TEST_INNER_NO_SOCKET").is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["--exact", "without_a_socket_the_watcher_warns_and_stays_silent", "--nocapture"])
+            .env("BACKUPY_TEST_INNER_NO_SOCKET", "1")
+            .env("BACKUPY_DOCKER_SOCKET", dir.path().join("docker.sock"))
+            .env_remove("BACKUPY_DISABLE_DISCOVERY")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let (watcher, reports) = discovery::start_from_env(discovery::Options::default());
+    assert_eq!(
+        reports.recv_timeout(Duration::from_millis(500)),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout),
+        "no report, and the channel stays open"
+    );
+    watcher.stop();
+}
