@@ -350,3 +350,44 @@ fn without_a_socket_the_watcher_warns_and_stays_silent() {
     );
     watcher.stop();
 }
+
+fn parse_target(target: &str) -> Result<backupy_agent::drivers::TargetSpec, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "state_dir = \"./state\"\n[storage]\ndir = \"./b\"\n[encryption]\nrecipient = \"{}\"\n[[targets]]\nid = \"db\"\n{target}\n",
+        common::keygen(dir.path()).1
+    );
+    backupy_agent::config::Config::parse(&dir.path().join("backupy.toml"), &text)
+        .map(|c| c.targets["db"].clone())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn toml_targets_take_the_docker_exec_strategy_with_a_container() {
+    use backupy_agent::drivers::Strategy;
+    let spec = parse_target(
+        "type = \"postgresql\"\nstrategy = \"docker_exec\"\ncontainer = \"shop-db-1\"\ndatabase = \"orders\"",
+    )
+    .unwrap();
+    assert_eq!(spec.strategy, Strategy::DockerExec { container: "shop-db-1".into() });
+    assert_eq!(spec.database, "orders");
+    let spec = parse_target(
+        "type = \"sqlite\"\nstrategy = \"docker_exec\"\ncontainer = \"app\"\npath = \"/var/lib/app/app.db\"",
+    )
+    .unwrap();
+    assert_eq!(spec.database, "/var/lib/app/app.db", "the path inside the container is kept as written");
+
+    for (target, why) in [
+        ("type = \"postgresql\"\nstrategy = \"docker_exec\"\ndatabase = \"x\"", "needs container"),
+        ("type = \"postgresql\"\ncontainer = \"db\"\nhost = \"h\"", "container needs strategy"),
+        ("type = \"postgresql\"\nstrategy = \"ssh\"\ncontainer = \"db\"", "is not one of docker_exec"),
+        (
+            "type = \"postgresql\"\nstrategy = \"docker_exec\"\ncontainer = \"../x\"",
+            "is not a container name",
+        ),
+        ("type = \"sqlite\"\nstrategy = \"docker_exec\"\ncontainer = \"app\"\npath = \"app.db\"", "absolute"),
+    ] {
+        let err = parse_target(target).unwrap_err();
+        assert!(err.contains(why) && err.contains("backupy.toml"), "{target}: {err}");
+    }
+}
