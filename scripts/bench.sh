@@ -5,6 +5,8 @@
 #   scripts/bench.sh              # 1 GiB per pipeline run, RSS at 1 and 4 GiB
 #   BENCH_SIZE=256MiB scripts/bench.sh
 #   BENCH_SECTIONS="s3 pg" scripts/bench.sh     # pipeline | s3 | pg (default: all)
+#   BENCH_AGENT=target/debug/backupy-agent BENCH_SECTIONS=pg scripts/bench.sh
+#                                  # use a prebuilt agent (no release build); pg only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,12 +14,17 @@ size=${BENCH_SIZE:-1GiB}
 sections=" ${BENCH_SECTIONS:-pipeline s3 pg} "
 want() { [[ $sections == *" $1 "* ]]; }
 big=${BENCH_BIG_SIZE:-4GiB}
-scripts/install-deps.sh bench >/dev/null
+scripts/install-deps.sh bench docker >/dev/null
 
-echo "building (release)..." >&2
-cargo build --quiet --locked --release --example pipeline_bench --bins
 B=target/release/examples/pipeline_bench
-AGENT=$PWD/target/release/backupy-agent
+if [[ -n ${BENCH_AGENT:-} ]]; then
+    AGENT=$(realpath "$BENCH_AGENT")
+else
+    echo "building (release)..." >&2
+    cargo build --quiet --locked --release --example pipeline_bench --bins
+    AGENT=$PWD/target/release/backupy-agent
+fi
+echo "# agent: $AGENT"
 
 echo "# machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ), input: generated SQL-dump-like text"
@@ -119,5 +126,37 @@ PGD=$BACKUPY_TEST_PG_BIN/pg_dump
 plain "pg_dump -Fc > /dev/null" "$PGD -Fc bench > /dev/null"
 plain "agent: pg_dump -Fc -Z0 → zstd → v2 → S3 multipart" "BACKUPY_LOG_LEVEL=warn $AGENT backup --config $work/bench.toml > /dev/null"
 plain "pg_dump -Fc -Z0 | zstd -3 | openssl aes-256-ctr | env -u AWS_CA_BUNDLE rclone rcat" "$PGD -Fc -Z0 bench | zstd -3 -T1 -q -c | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench | env -u AWS_CA_BUNDLE rclone rcat --s3-chunk-size 16M --s3-upload-concurrency 4 bench:bench/pg-rclone"
+
+# DOCKER_EXEC: the same database dumped by the pg_dump inside a container (an image
+# FROM scratch with the host's binaries mounted, on the host network), streamed out
+# through the Engine API. pg_dump then runs under containerd, outside the agent's
+# process tree: its CPU is read from the container's cgroup, and the CPU that dockerd
+# and containerd spend relaying the stream from /proc, and added.
+services_start_dockerd >/dev/null
+tag="postgres:$("$PGD" --version | awk '{print $3}' | cut -d. -f1)"
+mkdir -p "$work/image"
+printf 'FROM scratch\nENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n' >"$work/image/Dockerfile"
+DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$work/image" >/dev/null 2>&1
+cid=$(docker run -d --network host -v /usr:/usr:ro -v /lib:/lib:ro -v /lib64:/lib64:ro \
+    -v /bin:/bin:ro -v /etc:/etc:ro --name bench-pg "$tag" sleep 86400)
+sed -e 's/^id = "pgbench"$/id = "pgbench-docker"/' -e 's/^target = "pgbench"$/target = "pgbench-docker"/' \
+    -e 's|^url = .*|strategy = "docker_exec"\ncontainer = "bench-pg"\nhost = "'"$PGHOST"'"\nport = '"$PGPORT"'\nusername = "'"$PGUSER"'"\ndatabase = "bench"|' \
+    "$work/bench.toml" >"$work/bench-docker.toml"
+ticks() { # utime + stime of the given pids, in seconds
+    local t=0 p
+    for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+    awk -v t="$t" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }'
+}
+dockerd_pid=$(cat "$BACKUPY_TEST_TMP/dockerd/docker.pid")
+containerd_pid=$(ps -o pid= --ppid "$dockerd_pid" | head -n1 | tr -d ' ')
+cg=/sys/fs/cgroup/cpuacct/docker/$cid/cpuacct.usage
+[[ -r $cg ]] || cg=/sys/fs/cgroup/docker/$cid/cpu.stat
+cg_cpu() { if [[ $cg == */cpu.stat ]]; then awk '/^usage_usec/ {printf "%.2f", $2 / 1e6}' "$cg"; else awk '{printf "%.2f", $1 / 1e9}' "$cg"; fi; }
+d0=$(ticks "$dockerd_pid" "$containerd_pid") c0=$(cg_cpu)
+plain "agent DOCKER_EXEC: pg_dump -Fc -Z0 in a container → zstd → v2 → S3 multipart" "BACKUPY_LOG_LEVEL=warn BACKUPY_DOCKER_SOCKET=$BACKUPY_TEST_DOCKER_SOCKET $AGENT backup --config $work/bench-docker.toml > /dev/null"
+d1=$(ticks "$dockerd_pid" "$containerd_pid") c1=$(cg_cpu)
+awk -v c="$(awk -v a="$c0" -v b="$c1" 'BEGIN{print b - a}')" -v d="$(awk -v a="$d0" -v b="$d1" 'BEGIN{print b - a}')" \
+    'BEGIN { printf "  + outside the agent: pg_dump in the container cpu_s=%.2f, dockerd+containerd relaying cpu_s=%.2f\n", c, d }'
+docker rm -f bench-pg >/dev/null
 rm -rf "$work"
 fi

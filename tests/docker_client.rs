@@ -283,3 +283,111 @@ fn discovery_can_be_turned_off() {
     assert_eq!(standin.paths().len(), before, "a disabled watcher asked the daemon: {:?}", standin.paths());
     watcher.stop();
 }
+
+#[test]
+fn a_stalled_event_stream_neither_stops_rescans_nor_delays_stop() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let emptied = Arc::new(AtomicBool::new(false));
+    let inner = compose_daemon();
+    let flag = emptied.clone();
+    let standin = StandIn::start(&dir.path().join("docker.sock"), move |m, path| {
+        if path.contains("/events") {
+            return Reply { status: 0, headers: vec![], body: String::new() };
+        }
+        if flag.load(Ordering::SeqCst) && path.ends_with("/containers/json") {
+            return Reply::json(json!([]));
+        }
+        inner(m, path)
+    });
+    let client = Client::connect(&standin.socket).unwrap();
+    let options = discovery::Options { rescan_interval: Duration::from_millis(300), ..Default::default() };
+    let (watcher, reports) = discovery::start(client, options);
+    assert_eq!(reports.recv_timeout(Duration::from_secs(10)).unwrap().containers.len(), 3);
+    docker::wait_for("the watcher's event request", Duration::from_secs(5), || {
+        standin.paths().iter().any(|p| p.contains("/events"))
+    });
+    emptied.store(true, Ordering::SeqCst);
+    let report =
+        reports.recv_timeout(Duration::from_secs(5)).expect("periodic rescans go on while events stall");
+    assert!(report.containers.is_empty());
+    let t0 = std::time::Instant::now();
+    watcher.stop();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "stop took {:?} with a stalled event stream",
+        t0.elapsed()
+    );
+}
+
+/// Runs in a child process: it sets BACKUPY_DOCKER_SOCKET for itself.
+#[test]
+fn without_a_socket_the_watcher_warns_and_stays_silent() {
+    if std::env::var_os("BACKUPY_TEST_INNER_NO_SOCKET").is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["--exact", "without_a_socket_the_watcher_warns_and_stays_silent", "--nocapture"])
+            .env("BACKUPY_TEST_INNER_NO_SOCKET", "1")
+            .env("BACKUPY_DOCKER_SOCKET", dir.path().join("docker.sock"))
+            .env_remove("BACKUPY_DISABLE_DISCOVERY")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let (watcher, reports) = discovery::start_from_env(discovery::Options::default());
+    assert_eq!(
+        reports.recv_timeout(Duration::from_millis(500)),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout),
+        "no report, and the channel stays open"
+    );
+    watcher.stop();
+}
+
+fn parse_target(target: &str) -> Result<backupy_agent::drivers::TargetSpec, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "state_dir = \"./state\"\n[storage]\ndir = \"./b\"\n[encryption]\nrecipient = \"{}\"\n[[targets]]\nid = \"db\"\n{target}\n",
+        common::keygen(dir.path()).1
+    );
+    backupy_agent::config::Config::parse(&dir.path().join("backupy.toml"), &text)
+        .map(|c| c.targets["db"].clone())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn toml_targets_take_the_docker_exec_strategy_with_a_container() {
+    use backupy_agent::drivers::Strategy;
+    let spec = parse_target(
+        "type = \"postgresql\"\nstrategy = \"docker_exec\"\ncontainer = \"shop-db-1\"\ndatabase = \"orders\"",
+    )
+    .unwrap();
+    assert_eq!(spec.strategy, Strategy::DockerExec { container: "shop-db-1".into() });
+    assert_eq!(spec.database, "orders");
+    let spec = parse_target(
+        "type = \"sqlite\"\nstrategy = \"docker_exec\"\ncontainer = \"app\"\npath = \"/var/lib/app/app.db\"",
+    )
+    .unwrap();
+    assert_eq!(spec.database, "/var/lib/app/app.db", "the path inside the container is kept as written");
+
+    for (target, why) in [
+        ("type = \"postgresql\"\nstrategy = \"docker_exec\"\ndatabase = \"x\"", "needs container"),
+        ("type = \"postgresql\"\ncontainer = \"db\"\nhost = \"h\"", "container needs strategy"),
+        ("type = \"postgresql\"\nstrategy = \"ssh\"\ncontainer = \"db\"", "is not one of docker_exec"),
+        (
+            "type = \"postgresql\"\nstrategy = \"docker_exec\"\ncontainer = \"../x\"",
+            "is not a container name",
+        ),
+        ("type = \"sqlite\"\nstrategy = \"docker_exec\"\ncontainer = \"app\"\npath = \"app.db\"", "absolute"),
+    ] {
+        let err = parse_target(target).unwrap_err();
+        assert!(err.contains(why) && err.contains("backupy.toml"), "{target}: {err}");
+    }
+}

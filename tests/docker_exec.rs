@@ -609,3 +609,70 @@ fn a_stopped_container_is_a_clear_error() {
         db::backup(&spec, &storage(dir.path()), dir.path(), &db::RunOpts::default()).map(|_| ()).unwrap_err();
     assert!(err.contains("No such container") || err.contains("no such container"), "{err}");
 }
+
+/// No MongoDB tools can be installed here, so the container gets stand-ins for
+/// `mongod`, `mongodump` and `mongorestore` that record how they were called and what
+/// their config file said. This pins the plumbing (argv without the password, the
+/// password in a 0600 file written through stdin and removed, the archive streamed out
+/// and fed back in), not the tools themselves.
+#[test]
+fn mongodb_tools_in_a_container_get_the_password_from_a_removed_config_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let _l = docker::shared_lock();
+    let tools = docker::open_tempdir();
+    let log = docker::open_tempdir();
+    let script = |name: &str, body: &str| {
+        let p = tools.path().join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    script("mongod", "echo 'db version v7.0.5'; echo 'Build Info: {}'");
+    let record = r#"echo "$@" > /srv/log/$(basename "$0").argv
+for a in "$@"; do case $a in --config=*) f=${a#--config=}; cp "$f" /srv/log/$(basename "$0").config; stat -c %a "$f" > /srv/log/$(basename "$0").mode;; esac; done"#;
+    script("mongodump", &format!("{record}\nprintf '\\155\\342\\231\\201archive-payload'"));
+    script("mongorestore", &format!("{record}\ncat > /srv/log/restored"));
+    docker::image(
+        "mongo:7",
+        "ENV PATH=/srv/tools:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    let tools_volume = format!("{}:/srv/tools:ro", tools.path().display());
+    let log_volume = format!("{}:/srv/log", log.path().display());
+    let container = docker::run(
+        &db::unique("mongo"),
+        "mongo:7",
+        &["--tmpfs", "/tmp", "-v", &tools_volume, "-v", &log_volume],
+        &["sleep", "3600"],
+    );
+    let password = format!("mongo-{}", db::unique("pw"));
+    let mut spec = TargetSpec::new("mongo-in-docker", Engine::MongoDb);
+    spec.strategy = Strategy::DockerExec { container: container.name.clone() };
+    spec.username = "backup".into();
+    spec.database = "shop".into();
+    spec.password = Some(Secret::new(password.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let b = db::backup(&spec, &storage(dir.path()), dir.path(), &db::RunOpts::default())
+        .expect("DOCKER_EXEC backup");
+    assert_eq!(b.engine_version, "MongoDB 7.0.5");
+    let mut dump = Vec::new();
+    db::open_dump(&b.path, Some(&db::raw_key().1)).read_to_end(&mut dump).unwrap();
+    assert_eq!(dump, b"\x6d\xe2\x99\x81archive-payload");
+    let read = |name: &str| std::fs::read_to_string(log.path().join(name)).unwrap();
+    let argv = read("mongodump.argv");
+    assert!(
+        argv.contains("--archive") && argv.contains("--username=backup") && argv.contains("--db=shop"),
+        "{argv}"
+    );
+    assert!(!argv.contains(&password), "the password is in mongodump's argv: {argv}");
+    assert_eq!(read("mongodump.config"), format!("password: \"{password}\"\n"));
+    assert_eq!(read("mongodump.mode").trim(), "600");
+    assert_eq!(docker_ok(&["exec", &container.name, "ls", "-A", "/tmp"]), "", "the config file was removed");
+
+    let mut input = std::io::Cursor::new(dump.clone());
+    docker_exec::restore(&spec, &container.name, &mut input, true).expect("restore through the container");
+    assert_eq!(std::fs::read(log.path().join("restored")).unwrap(), dump);
+    let argv = read("mongorestore.argv");
+    assert!(argv.contains("--drop") && argv.contains("--nsInclude=shop.*"), "{argv}");
+    assert!(!argv.contains(&password), "{argv}");
+    assert_eq!(read("mongorestore.config"), format!("password: \"{password}\"\n"));
+    assert_eq!(docker_ok(&["exec", &container.name, "ls", "-A", "/tmp"]), "");
+}

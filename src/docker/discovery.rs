@@ -430,23 +430,48 @@ impl Drop for Watcher {
     }
 }
 
+/// [`start`] with the client of `BACKUPY_DOCKER_SOCKET`. When the socket is missing or
+/// refuses us, that is logged once as a warning that says what to do, and the agent goes
+/// on without discovery: the watcher runs nothing and its channel stays silent.
+pub fn start_from_env(options: Options) -> (Watcher, Receiver<pb::DiscoveryReport>) {
+    if disabled_by_env() {
+        return idle_watcher(&format!("Docker discovery is off ({DISABLE_VAR}=true)"));
+    }
+    match Client::from_env() {
+        Ok(client) => start(client, options),
+        Err(e) => {
+            log::warn!("Docker discovery is off: {e}");
+            idle_watcher_quiet()
+        }
+    }
+}
+
+fn idle_watcher(why: &str) -> (Watcher, Receiver<pb::DiscoveryReport>) {
+    log::info!("{why}");
+    idle_watcher_quiet()
+}
+
+fn idle_watcher_quiet() -> (Watcher, Receiver<pb::DiscoveryReport>) {
+    let (report_tx, report_rx) = crossbeam_channel::bounded(1);
+    let watcher = Watcher {
+        stop_tx: None,
+        stopping: Arc::new(AtomicBool::new(false)),
+        events_client: None,
+        threads: Vec::new(),
+        _idle_tx: Some(report_tx),
+    };
+    (watcher, report_rx)
+}
+
 /// Starts the discovery watcher. Its channel carries a `DiscoveryReport` after the first
 /// scan and then whenever the result changed. With `BACKUPY_DISABLE_DISCOVERY=true`
 /// nothing runs and the channel stays silent.
 pub fn start(client: Client, options: Options) -> (Watcher, Receiver<pb::DiscoveryReport>) {
+    if disabled_by_env() {
+        return idle_watcher(&format!("Docker discovery is off ({DISABLE_VAR}=true)"));
+    }
     let (report_tx, report_rx) = crossbeam_channel::bounded(4);
     let stopping = Arc::new(AtomicBool::new(false));
-    if disabled_by_env() {
-        log::info!("Docker discovery is off ({DISABLE_VAR}=true)");
-        let watcher = Watcher {
-            stop_tx: None,
-            stopping,
-            events_client: None,
-            threads: Vec::new(),
-            _idle_tx: Some(report_tx),
-        };
-        return (watcher, report_rx);
-    }
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (event_tx, event_rx) = crossbeam_channel::bounded::<()>(64);
     let events_client = client.detached();
@@ -570,12 +595,14 @@ fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, id
         };
         let opened = unix_now();
         let result = client.get_stream(&endpoint, idle).map(|reader| {
-            use std::io::BufRead;
+            use std::io::{BufRead, Read};
             let mut lines = std::io::BufReader::new(reader);
             let mut line = String::new();
             loop {
                 line.clear();
-                match lines.read_line(&mut line) {
+                // One event is a few hundred bytes; a line without end is cut off, not
+                // buffered without bound.
+                match (&mut lines).take(1 << 20).read_line(&mut line) {
                     Ok(0) => return Ok(()),
                     Ok(_) => {
                         let relevant = serde_json::from_str::<Event>(&line)

@@ -143,6 +143,8 @@ pub fn source(client: &Client, cmd: &Command, name: &str) -> Result<Source, Dock
             format!("{} in container {} did not start: {e}{}", cmd.program(), cmd.container, suffix(&tail)),
         )
     })?;
+    // The dump may stay silent for as long as the tool thinks; a cancel ends it.
+    started.socket.set_read_timeout(None).map_err(|e| client.io_error("/exec/start", &e))?;
     let remote = Arc::new(Remote {
         client: client.clone(),
         container: cmd.container.clone(),
@@ -205,9 +207,7 @@ pub fn run(
         pid,
         finished: AtomicBool::new(false),
     };
-    if let Some(t) = timeout {
-        let _ = socket.set_read_timeout(Some(t));
-    }
+    socket.set_read_timeout(timeout).map_err(|e| client.io_error("/exec/start", &e))?;
     let tail = stream.tail.clone();
     // The output is read on its own thread so that a process writing much while its
     // stdin is fed can never block on us.
@@ -345,8 +345,8 @@ fn hijack(client: &Client, id: &str) -> Result<(UnixStream, Vec<u8>), DockerErro
             .unwrap_or_else(|| String::from_utf8_lossy(&rest).trim().chars().take(500).collect());
         return Err(DockerError::Api { socket: client.socket_name(), endpoint, status, message });
     }
-    // The stream may stay silent for as long as the dump tool thinks; a cancel ends it.
-    sock.set_read_timeout(None).map_err(|e| client.io_error(&endpoint, &e))?;
+    // The request timeout stays until the PID line has arrived (a paused container must
+    // not hang the run); the callers then set the stream's own.
     Ok((sock, rest))
 }
 

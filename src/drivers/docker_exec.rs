@@ -324,16 +324,35 @@ impl Docker<'_> {
         let version = self
             .helper(&self.cmd(&["mongod", "--version"]))
             .ok()
-            .and_then(|v| v.lines().next().and_then(|l| l.split('v').nth(1)).map(|n| n.trim().to_string()))
+            .and_then(|v| {
+                // "db version v7.0.5"
+                v.lines().next()?.split_whitespace().find_map(|w| {
+                    w.strip_prefix('v')
+                        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+                        .map(str::to_string)
+                })
+            })
             .map(|v| super::mongodb::engine_version(&v))
             .unwrap_or_else(|| "MongoDB".to_string());
-        let mut cmd = self.cmd(&["mongodump", "--archive", "--quiet"]);
+        let (cmd, cleanup) = self.mongo_tool(self.cmd(&["mongodump", "--archive", "--quiet"]))?;
+        let cmd = if spec.database.is_empty() { cmd } else { cmd.arg(format!("--db={}", spec.database)) };
+        let source = self.source(&cmd, "mongodump")?;
+        Ok((
+            match cleanup {
+                Some(c) => source.with_guard(c),
+                None => source,
+            },
+            version,
+        ))
+    }
+
+    /// A MongoDB tool's connection arguments, and with a password the 0600 config file
+    /// that carries it (removed when the returned guard is dropped).
+    fn mongo_tool(&self, mut cmd: Command) -> Result<(Command, Option<Cleanup>), DriverError> {
+        let spec = self.spec;
         let host = if spec.host.is_empty() { "127.0.0.1" } else { &spec.host };
         let port = if spec.port == 0 { 27017 } else { spec.port };
         cmd = cmd.arg(format!("--host={host}")).arg(format!("--port={port}"));
-        if !spec.database.is_empty() {
-            cmd = cmd.arg(format!("--db={}", spec.database));
-        }
         let mut cleanup = None;
         if let Some(pw) = spec.password.as_ref().filter(|p| !p.is_empty()) {
             let user = if spec.username.is_empty() { "root" } else { &spec.username };
@@ -362,14 +381,7 @@ impl Docker<'_> {
             }
             cmd = cmd.arg(format!("--config={path}"));
         }
-        let source = self.source(&cmd, "mongodump")?;
-        Ok((
-            match cleanup {
-                Some(c) => source.with_guard(c),
-                None => source,
-            },
-            version,
-        ))
+        Ok((cmd, cleanup))
     }
 }
 
@@ -421,6 +433,8 @@ pub fn restore(
     check_container_ref(container).map_err(err)?;
     let client = Client::from_env().map_err(|e| err(e.to_string()))?;
     let d = Docker { client: &client, spec, container };
+    // Kept until the tool has exited: it reads the password from there.
+    let _mongo_config: Option<Cleanup>;
     let cmd = match spec.engine {
         Engine::PostgreSql => {
             let db = if spec.database.is_empty() { "postgres" } else { &spec.database };
@@ -452,10 +466,15 @@ pub fn restore(
             cmd
         }
         Engine::MongoDb => {
-            return Err(err(
-                "restore into a MongoDB container is not supported yet: restore to mongodb://… instead"
-                    .into(),
-            ));
+            let (mut cmd, cleanup) = d.mongo_tool(d.cmd(&["mongorestore", "--archive", "--quiet"]))?;
+            if replace {
+                cmd = cmd.arg("--drop");
+            }
+            if !spec.database.is_empty() {
+                cmd = cmd.arg(format!("--nsInclude={}.*", spec.database));
+            }
+            _mongo_config = cleanup;
+            cmd
         }
         Engine::Redis | Engine::Sqlite => {
             return Err(err(format!(

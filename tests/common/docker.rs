@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// What the stand-in answers: status, extra headers, body.
+/// What the stand-in answers: status, extra headers, body. Status 0 answers nothing and
+/// keeps the connection open (a stalled stream).
 pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
@@ -133,6 +134,13 @@ fn serve(conn: UnixStream, requests: &Mutex<Vec<String>>, handler: &Handler, sto
         }
         requests.lock().unwrap().push(format!("{method} {path}"));
         let reply = handler(&method, &path);
+        if reply.status == 0 {
+            // A stalled answer: the connection stays open and silent.
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return;
+        }
         let mut out = format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\n", reply.status, reply.body.len());
         for (k, v) in &reply.headers {
             out.push_str(&format!("{k}: {v}\r\n"));
