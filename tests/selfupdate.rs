@@ -19,6 +19,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backupy_agent::wire::pb;
+use backupy_agent::wire::pb::envelope::Payload;
+use common::control_plane::{ControlPlane, Shared, envelope};
 use common::text;
 
 const CONFIRM_TIMEOUT_SEC: &str = "4";
@@ -528,4 +531,136 @@ fn an_update_installed_while_the_agent_is_stopped_is_confirmed_by_its_next_start
     std::thread::sleep(Duration::from_secs(CONFIRM_TIMEOUT_SEC.parse::<u64>().unwrap() + 1));
     assert_eq!(count(&log, "rolled back"), 0, "{}", std::fs::read_to_string(&log).unwrap());
     assert_eq!(std::fs::read(&f.exe).unwrap(), std::fs::read(&newer).unwrap());
+}
+
+// ---- connected mode: the SelfUpdate command through the test control plane ----
+
+impl Fixture {
+    /// Starts `run` in connected mode against `cp`; its log goes to a file.
+    fn start_connected(&mut self, cp: &ControlPlane) -> PathBuf {
+        let log = self.path("connected.log");
+        let mut c = self.agent_cmd();
+        c.arg("run")
+            .env("BACKUPY_SERVER_URL", cp.url("ws"))
+            .env("BACKUPY_AGENT_KEY", "selfupdate-test-agent-key")
+            .env("BACKUPY_STATE_DIR", self.state())
+            .env("BACKUPY_DOCKER_SOCKET", self.path("no-docker.sock"))
+            .env("BACKUPY_DEV_BACKOFF_BASE_SEC", "0.2")
+            .env("BACKUPY_DEV_WS_PING_SEC", "0.5")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
+        self.agents.push(c.spawn().unwrap());
+        log
+    }
+}
+
+fn auto_update(cp: &ControlPlane, enabled: bool) {
+    cp.state().ack_config = Some(pb::AgentConfig {
+        version: 3,
+        advanced: Some(pb::AdvancedSettings {
+            max_parallel_jobs: 0,
+            log_level: String::new(),
+            auto_update_enabled: enabled,
+        }),
+        ..Default::default()
+    });
+}
+
+fn update_cmd(url: &str, sha256: &str, signature: &Path, force: bool) -> Payload {
+    Payload::SelfUpdate(pb::SelfUpdate {
+        target_version: "0.2.0".into(),
+        binary_url: url.into(),
+        sha256: sha256.into(),
+        cosign_signature: std::fs::read(signature).unwrap(),
+        force,
+    })
+}
+
+fn wait_cp(cp: &ControlPlane, log: &Path, what: &str, limit: Duration, cond: impl Fn(&Shared) -> bool) {
+    assert!(
+        cp.wait_until(limit, cond),
+        "timed out waiting for {what}; agent log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+fn log_events(s: &Shared) -> Vec<String> {
+    s.logs().into_iter().map(|l| l.message).collect()
+}
+
+#[test]
+fn connected_self_update_installs_reconnects_and_reports_and_refusals_name_their_reason() {
+    let mut f = Fixture::new();
+    let original = std::fs::read(&f.exe).unwrap();
+    let cp = ControlPlane::plain();
+    auto_update(&cp, true);
+    let log = f.start_connected(&cp);
+    wait_cp(&cp, &log, "Register", Duration::from_secs(20), |s| !s.conns.is_empty());
+
+    // Refused: a wrong SHA-256, and a signature by another key.
+    let newer = f.newer();
+    let url = f.server.put("/newer", Body::Full(std::fs::read(&newer).unwrap()));
+    let sig = f.sign(&newer, &f.key);
+    cp.send(0, envelope("wrong-sha", update_cmd(&url, &sha256_hex(&f.exe), &sig, false)));
+    let other_key = f.path("other.key");
+    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", other_key.to_str().unwrap()]);
+    let other_sig = f.sign(&newer, &other_key);
+    let other_sig_file = f.path("other.sig");
+    std::fs::rename(&other_sig, &other_sig_file).unwrap();
+    cp.send(0, envelope("other-key", update_cmd(&url, &sha256_hex(&newer), &other_sig_file, false)));
+    wait_cp(&cp, &log, "two refusals", Duration::from_secs(20), |s| {
+        s.ack("wrong-sha").is_some() && s.ack("other-key").is_some()
+    });
+    {
+        let s = cp.state();
+        let a = s.ack("wrong-sha").unwrap();
+        assert!(!a.accepted && a.reason.contains("SHA-256 mismatch"), "{a:?}");
+        let b = s.ack("other-key").unwrap();
+        assert!(!b.accepted && b.reason.contains("signature"), "{b:?}");
+    }
+    assert_eq!(std::fs::read(&f.exe).unwrap(), original, "a refused update touched the binary");
+
+    // Accepted: installed, re-executed in place, registers again, confirms.
+    let sig = f.sign(&newer, &f.key);
+    cp.send(0, envelope("good", update_cmd(&url, &sha256_hex(&newer), &sig, false)));
+    wait_cp(&cp, &log, "the new process to register and confirm", Duration::from_secs(30), |s| {
+        s.conns.len() >= 2
+            && log_events(s).iter().any(|m| m.contains("self-update from 0.1.0 to 0.2.0 confirmed"))
+    });
+    let s = cp.state();
+    let ack = s.ack("good").expect("the Ack was delivered (by either process)");
+    assert!(ack.accepted && ack.reason.contains("installed 0.2.0"), "{ack:?}");
+    assert!(log_events(&s).iter().any(|m| m.contains("installed 0.2.0 (was 0.1.0)")), "{:?}", log_events(&s));
+    drop(s);
+    assert_eq!(std::fs::read(&f.exe).unwrap(), std::fs::read(&newer).unwrap());
+    assert_eq!(std::fs::read(f.path("bin/backupy-agent.previous")).unwrap(), original);
+}
+
+#[test]
+fn connected_self_update_needs_auto_update_or_force_and_a_silent_binary_is_rolled_back() {
+    let mut f = Fixture::new();
+    let original = std::fs::read(&f.exe).unwrap();
+    let cp = ControlPlane::plain();
+    auto_update(&cp, false);
+    let log = f.start_connected(&cp);
+    wait_cp(&cp, &log, "Register", Duration::from_secs(20), |s| !s.conns.is_empty());
+    let hangs = f.launcher("hangs", "0.2.0", "exec sleep 600");
+    let url = f.server.put("/hangs", Body::Full(std::fs::read(&hangs).unwrap()));
+    let sig = f.sign(&hangs, &f.key);
+    cp.send(0, envelope("not-allowed", update_cmd(&url, &sha256_hex(&hangs), &sig, false)));
+    wait_cp(&cp, &log, "the refusal", Duration::from_secs(20), |s| s.ack("not-allowed").is_some());
+    let a = cp.state().ack("not-allowed").unwrap();
+    assert!(!a.accepted && a.reason.contains("auto_update_enabled"), "{a:?}");
+
+    // Forced: installed, but the new binary never registers: rolled back after the
+    // (injected) confirmation timeout, and the previous binary reconnects and says so.
+    let t0 = Instant::now();
+    cp.send(0, envelope("forced", update_cmd(&url, &sha256_hex(&hangs), &sig, true)));
+    wait_cp(&cp, &log, "the rollback report", Duration::from_secs(40), |s| {
+        s.conns.len() >= 2 && log_events(s).iter().any(|m| m.contains("rolled back to 0.1.0"))
+    });
+    assert!(t0.elapsed() >= Duration::from_secs(4), "rolled back before the timeout");
+    assert!(cp.state().ack("forced").is_some_and(|a| a.accepted));
+    assert_eq!(std::fs::read(&f.exe).unwrap(), original, "the previous binary is not back");
 }
