@@ -3,8 +3,7 @@
 # (BACKUPY_UPDATE_PUBKEY) is the public half of a P-256 key pair made here by openssl.
 # Prints the variables the test reads, for `eval`:
 #
-#   eval "$(scripts/selfupdate-test-build.sh)"            # debug build (seeded from
-#                                                        # target/debug, so only this crate
+#   eval "$(scripts/selfupdate-test-build.sh)"            # debug build (only this crate
 #                                                        # is recompiled)
 #   eval "$(scripts/selfupdate-test-build.sh --musl)"     # the static release build
 #                                                        # (what CI does: scripts/test.sh)
@@ -29,16 +28,11 @@ if [[ ${1:-} == --musl ]]; then
     RELEASE_TARGETS=x86_64-unknown-linux-musl RELEASE_OUT=$dir/release scripts/release.sh >&2
     agent=$dir/release/x86_64-unknown-linux-musl/backupy-agent
 else
-    # Its own target dir, so that the main one keeps the project's key; seeded from it so
-    # that the dependencies are not compiled again.
-    if [[ ! -d $dir/debug && -d target/debug ]]; then
-        mkdir -p "$dir/debug"
-        for d in build deps .fingerprint; do
-            [[ -d target/debug/$d ]] && cp -a --reflink=auto "target/debug/$d" "$dir/debug/"
-        done
-    fi
-    CARGO_TARGET_DIR=$dir cargo build --locked --quiet --bin backupy-agent >&2
-    agent=$dir/debug/backupy-agent
+    # In the main target dir: only this crate is recompiled (cargo tracks the variable),
+    # and again by the next build without it. The copy keeps this build's binary.
+    cargo build --locked --quiet --bin backupy-agent >&2
+    agent=$dir/backupy-agent-debug
+    cp "${CARGO_TARGET_DIR:-target}/debug/backupy-agent" "$agent"
 fi
 printf 'export BACKUPY_TEST_UPDATE_AGENT=%q\n' "$PWD/$agent"
 printf 'export BACKUPY_TEST_UPDATE_KEY=%q\n' "$PWD/$keys/update.key"

@@ -606,6 +606,11 @@ fn spawn_guard(m: &Marker, state_dir: &Path) -> Result<(), UpdateError> {
         .map_err(io(format!("cannot start the rollback guard {}", m.previous.display())))
 }
 
+/// The version of an installed update still waiting for its first start or confirmation.
+pub fn pending(state_dir: &Path) -> Option<String> {
+    read_marker(&state_dir.join(MARKER)).map(|m| m.version)
+}
+
 /// Called early by `run`: records our pid (so `self-update` by hand can ask us to
 /// re-exec), reports a rollback that brought us back, and for a pending update starts
 /// the confirmation clock (and a guard, unless one already watches us) or, when the

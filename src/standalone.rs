@@ -104,7 +104,8 @@ pub fn run(config: &Path) -> Result<Summary> {
     ])
     .context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
-    // SIGHUP (sent by `self-update`): stop like SIGTERM, then exec the installed binary.
+    // SIGHUP (sent by `self-update`): stop like SIGTERM, then exec the installed binary
+    // when an update is pending.
     let reexec = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reexec_requested = reexec.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
@@ -132,7 +133,9 @@ pub fn run(config: &Path) -> Result<Summary> {
         summary.failed,
         summary.cancelled
     );
-    if reexec.load(std::sync::atomic::Ordering::SeqCst) {
+    if reexec.load(std::sync::atomic::Ordering::SeqCst)
+        && crate::selfupdate::pending(&cfg.state_dir).is_some()
+    {
         drop(state);
         return Err(crate::selfupdate::reexec(&cfg.state_dir).into());
     }

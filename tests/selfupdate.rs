@@ -135,9 +135,14 @@ impl Fixture {
         let bin = tmp.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         let exe = bin.join("backupy-agent");
-        std::fs::copy(&build, &exe).unwrap();
-        // The launchers run a separate copy, so that the installed one can be replaced.
-        std::fs::copy(&build, tmp.path().join("real-agent")).unwrap();
+        // Links, not copies (a debug build is large): self-update only ever renames over
+        // the installed path, it never writes into the file.
+        let place = |to: &Path| {
+            std::fs::hard_link(&build, to).or_else(|_| std::fs::copy(&build, to).map(|_| ())).unwrap()
+        };
+        place(&exe);
+        // The launchers run a separate path, so that the installed one can be replaced.
+        place(&tmp.path().join("real-agent"));
         let (_key, recipient) = common::keygen(tmp.path());
         let config = tmp.path().join("backupy.toml");
         std::fs::write(
