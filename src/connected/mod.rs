@@ -460,8 +460,13 @@ impl Agent {
                 },
                 recv(stop) -> sig => {
                     if sig == Ok(signal_hook::consts::SIGHUP) {
-                        log::info!("SIGHUP: stopping to run the installed update");
-                        self.reexec = true;
+                        match crate::selfupdate::pending(&self.state_dir) {
+                            Some(version) => {
+                                log::info!("SIGHUP: stopping to run the installed update {version}");
+                                self.reexec = true;
+                            }
+                            None => log::info!("SIGHUP with no installed update: stopping"),
+                        }
                     }
                     let first = self.stopping.is_none();
                     let grace = if first && sig.is_ok() { grace } else { Duration::ZERO };
