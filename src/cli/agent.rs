@@ -150,8 +150,9 @@ enum Command {
     },
     /// Download a signed release, check its SHA-256 and signature against the
     /// compiled-in update key, and install it (the previous binary is kept). A running
-    /// `run` on the same state directory re-executes into it and must start its
-    /// scheduler within 60 s, else the previous binary comes back.
+    /// `run` on the same state directory re-executes into it and must prove itself
+    /// within 60 s (standalone: its scheduler starts; connected: RegisterAck arrives),
+    /// else the previous binary comes back.
     #[command(
         after_help = "Example:\n  backupy-agent self-update --url https://example.com/backupy-agent-0.2.0 \\\n    --sha256 9f86d0…0f00a08 --signature backupy-agent-0.2.0.sig --config /etc/backupy/backupy.toml"
     )]

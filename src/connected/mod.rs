@@ -194,11 +194,8 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
     }
 
     // After the log forwarder: a rollback that brought this binary back is a LogEvent.
-    match crate::selfupdate::on_start(&settings.state_dir) {
-        Some(o @ crate::selfupdate::Outcome::RolledBack { .. }) => log::error!("{o}"),
-        Some(o) => log::info!("{o}"),
-        None => {}
-    }
+    // (on_start logs the outcome itself.)
+    let _ = crate::selfupdate::on_start(&settings.state_dir);
     let config_version = Arc::new(AtomicU64::new(0));
     let published = Arc::new(Mutex::new(Published::default()));
     let (run_tx, run_rx) = crossbeam_channel::unbounded();
@@ -523,9 +520,9 @@ impl Agent {
             SessionEvent::Connected { session_id, config } => {
                 // RegisterAck reached: an update waiting for proof is confirmed.
                 if let Some(outcome) = crate::selfupdate::confirm(&self.state_dir) {
-                    let message = outcome.to_string();
-                    log::info!("{message}");
-                    self.log_event(pb::LogLevel::Info, &message);
+                    // confirm() logged it locally; the control plane hears it whatever the
+                    // forwarding level.
+                    self.log_event(pb::LogLevel::Info, &outcome.to_string());
                 }
                 self.metrics.set_connection_state("connected");
                 self.metrics.ready.store(true, Ordering::SeqCst);
