@@ -20,7 +20,6 @@ use backupy_agent::wire::pb;
 use backupy_agent::wire::pb::envelope::Payload;
 use common::control_plane::{Action, ControlPlane, envelope};
 use common::s3::{Fault, FaultProxy, S3Env, new_bucket, open_uploads, s3_env};
-use rusty_s3::S3Action;
 use sha2::{Digest, Sha256};
 
 const KEY: &str = "bk_test_agent_key_0d5e1c2a9f";
@@ -133,18 +132,6 @@ fn config(version: u64, targets: Vec<pb::Target>, jobs: Vec<pb::BackupJobSpec>) 
     pb::AgentConfig { version, targets, jobs, ..Default::default() }
 }
 
-fn presign_put(env: &S3Env, bucket: &str, key: &str, ttl: Duration) -> String {
-    let b = rusty_s3::Bucket::new(
-        env.endpoint.parse().unwrap(),
-        rusty_s3::UrlStyle::Path,
-        bucket.to_string(),
-        env.region.clone(),
-    )
-    .unwrap();
-    let creds = rusty_s3::Credentials::new(env.access_key.clone(), env.secret_key.clone());
-    b.put_object(Some(&creds), key).sign(ttl).to_string()
-}
-
 fn multipart(env: &S3Env, endpoint: &str, bucket: &str, key: &str) -> pb::S3MultipartTarget {
     pb::S3MultipartTarget {
         endpoint: endpoint.into(),
@@ -161,7 +148,7 @@ fn multipart(env: &S3Env, endpoint: &str, bucket: &str, key: &str) -> pb::S3Mult
 
 fn presigned_creds(env: &S3Env, bucket: &str, key: &str) -> pb::S3UploadCreds {
     pb::S3UploadCreds {
-        presigned_put_url: presign_put(env, bucket, key, Duration::from_secs(600)),
+        presigned_put_url: common::s3::presign_put(env, bucket, key, Duration::from_secs(600)),
         expires_at_ms: 0,
         final_s3_key: key.into(),
         multipart: None,

@@ -14,7 +14,6 @@ use backupy_agent::secrets::Secret;
 use backupy_agent::storage::ObjectWriter;
 use backupy_agent::storage::s3::{PresignedPut, S3Error, S3Storage};
 use common::s3::*;
-use rusty_s3::S3Action;
 use sha2::Digest;
 
 const MIB: usize = 1 << 20;
@@ -227,23 +226,11 @@ fn an_upload_left_by_a_crash_is_aborted_by_the_next_agent() {
     assert!(common::files_under(&state.path().join("uploads")).is_empty());
 }
 
-fn presign_put(env: &common::s3::S3Env, bucket: &str, key: &str, ttl: Duration) -> String {
-    let b = rusty_s3::Bucket::new(
-        env.endpoint.parse().unwrap(),
-        rusty_s3::UrlStyle::Path,
-        bucket.to_string(),
-        env.region.clone(),
-    )
-    .unwrap();
-    let creds = rusty_s3::Credentials::new(env.access_key.clone(), env.secret_key.clone());
-    b.put_object(Some(&creds), key).sign(ttl).to_string()
-}
-
 #[test]
 fn presigned_put_uploads_the_spooled_object_and_removes_the_spool() {
     let env = s3_env();
     let bucket = new_bucket(&env, "presigned");
-    let url = presign_put(&env, &bucket, "run-1.bkpy", Duration::from_secs(600));
+    let url = common::s3::presign_put(&env, &bucket, "run-1.bkpy", Duration::from_secs(600));
     let spool = tempfile::tempdir().unwrap();
     let expires = (std::time::SystemTime::now() + Duration::from_secs(600))
         .duration_since(std::time::UNIX_EPOCH)
@@ -265,7 +252,7 @@ fn expired_presigned_url_is_refused_before_upload() {
     let spool = tempfile::tempdir().unwrap();
     let past =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 - 1000;
-    let url = presign_put(&env, "whatever", "k", Duration::from_secs(1));
+    let url = common::s3::presign_put(&env, "whatever", "k", Duration::from_secs(1));
     let err = PresignedPut::new(&url, "k", past, spool.path()).err().expect("refused");
     let msg = err.to_string();
     assert!(msg.contains("expired"), "{msg}");

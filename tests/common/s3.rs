@@ -62,6 +62,20 @@ pub fn target(env: &S3Env, endpoint: &str, bucket: &str) -> S3Target {
     t
 }
 
+/// A presigned single-PUT URL for `bucket/key`, as a control plane hands one out.
+pub fn presign_put(env: &S3Env, bucket: &str, key: &str, ttl: Duration) -> String {
+    use rusty_s3::S3Action as _;
+    let b = rusty_s3::Bucket::new(
+        env.endpoint.parse().unwrap(),
+        rusty_s3::UrlStyle::Path,
+        bucket.to_string(),
+        env.region.clone(),
+    )
+    .unwrap();
+    let creds = rusty_s3::Credentials::new(env.access_key.clone(), env.secret_key.clone());
+    b.put_object(Some(&creds), key).sign(ttl).to_string()
+}
+
 /// Multipart uploads s3s-fs still holds for `bucket`. It keeps `.upload-<id>.json` per
 /// open upload, and names the bucket (base64url) in the upload's metadata file
 /// `.bucket-<b64>.object-<b64>.upload-<id>.metadata.json`.
