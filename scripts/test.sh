@@ -14,7 +14,8 @@ if [[ ${1:-} == -- ]]; then
     filter=("$@")
 fi
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Each step says when it starts (minutes:seconds into the run): where CI time goes.
+step() { printf '\n==> [%d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 
 step "installing what is missing"
 scripts/install-deps.sh core s3 mongo docker ship
@@ -27,7 +28,8 @@ services_init
 step "static musl release build, in the background (its update key: a test key made by openssl)"
 # Built once: the self-update tests update it, the size test measures it, and the quick
 # start and the image smoke test run it. Its long single-threaded LTO step overlaps the
-# services' start, clippy and the test build (other build dirs, so no cargo lock).
+# services' start, clippy and the test build (other build dirs, so no cargo lock between
+# them); the tests run once it is done, on both cores.
 static_t0=$SECONDS
 setsid scripts/selfupdate-test-build.sh --musl >"$BACKUPY_TEST_TMP/static-build.env" \
     2>"$BACKUPY_TEST_TMP/static-build.log" &
@@ -49,6 +51,9 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 
+step "building the tests (beside the static build's single-threaded LTO step)"
+cargo nextest run --locked --no-run
+
 step "waiting for the static build"
 if ! wait "$static_pid"; then
     cat "$BACKUPY_TEST_TMP/static-build.log" >&2
@@ -68,10 +73,10 @@ cargo nextest run --locked --no-fail-fast "${filter[@]}"
 if [[ ${#filter[@]} -eq 0 ]]; then
     step "quick start (README), with the static binary"
     out=$(BACKUPY_BIN_DIR=$static_dir scripts/quickstart.sh 2>/dev/null)
-    cmd=$(printf '%s\n' "$out" | grep -E '^  .*backupy-decrypt ' | sed 's/^ *//')
+    decrypt_cmd=$(printf '%s\n' "$out" | grep -E '^  .*backupy-decrypt ' | sed 's/^ *//')
     restored="$BACKUPY_TEST_TMP/quickstart-restored.db"
     # Run the printed command, with the output redirected into the temp dir.
-    eval "${cmd/--out restored.db/--out $restored}"
+    eval "${decrypt_cmd/--out restored.db/--out $restored}"
     [[ $(sqlite3 "$restored" 'PRAGMA integrity_check') == ok ]] || { echo "quick start restore is corrupt" >&2; exit 1; }
     [[ $(sqlite3 "$restored" 'SELECT count(*) FROM orders') == 3000 ]] || { echo "quick start restore lost rows" >&2; exit 1; }
     echo "quick start (static binary): backup restored, integrity ok, 3000 orders" >&2

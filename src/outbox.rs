@@ -179,13 +179,10 @@ impl Outbox {
             message: e.to_string(),
         };
         std::fs::create_dir_all(state_dir).map_err(|e| db_err(state_dir, &e))?;
-        let path = state_dir.join("state.db");
-        let conn = Connection::open(&path).map_err(|e| db_err(&path, &e))?;
+        let path = crate::state::db_path(state_dir);
+        let conn = crate::state::open_connection(state_dir).map_err(|e| db_err(&path, &e))?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
-             PRAGMA busy_timeout=5000;
-             CREATE TABLE IF NOT EXISTS outbox_seq(
+            "CREATE TABLE IF NOT EXISTS outbox_seq(
                  id INTEGER PRIMARY KEY CHECK (id = 1),
                  reserved_through INTEGER NOT NULL
              );

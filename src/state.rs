@@ -65,6 +65,25 @@ pub struct RunRecord {
     pub error: String,
 }
 
+/// `state_dir/state.db`: the runs (here), the outbox and connected mode's tables.
+pub fn db_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("state.db")
+}
+
+/// A connection to `state_dir/state.db` with the settings every table in it relies on:
+/// WAL, so that `dump-state` reads while the agent writes; synchronous=FULL, so that a
+/// committed outbox entry or run record survives a power cut; and a busy timeout, as
+/// several connections of one process write to it.
+pub fn open_connection(state_dir: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(db_path(state_dir))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL;
+         PRAGMA synchronous=FULL;
+         PRAGMA busy_timeout=5000;",
+    )?;
+    Ok(conn)
+}
+
 pub struct StateDb {
     conn: Mutex<Connection>,
     path: PathBuf,
@@ -94,13 +113,10 @@ impl StateDb {
                 lock: lock_path.display().to_string(),
             });
         }
-        let path = state_dir.join("state.db");
-        let conn = Connection::open(&path).map_err(|e| db_err(&path, &e))?;
+        let path = db_path(state_dir);
+        let conn = open_connection(state_dir).map_err(|e| db_err(&path, &e))?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
-             PRAGMA busy_timeout=5000;
-             CREATE TABLE IF NOT EXISTS runs(
+            "CREATE TABLE IF NOT EXISTS runs(
                  run_id TEXT PRIMARY KEY,
                  job_id TEXT NOT NULL,
                  status TEXT NOT NULL,

@@ -488,7 +488,7 @@ fn cancel_job_stops_a_blocked_pg_dump_within_five_seconds() {
         0,
         envelope("c1", run_backup("pgjob", "run-cancel", presigned_creds(&env, &bucket, key), &[2; 32])),
     );
-    let pid = wait_pid("pg_dump", &name, Duration::from_secs(20))
+    let pid = db::find_child_of(agent.child.id() as i32, "pg_dump", &name, Duration::from_secs(20))
         .unwrap_or_else(|| panic!("no pg_dump:\n{}", agent.log_text()));
     std::thread::sleep(Duration::from_millis(500));
     let t0 = Instant::now();
@@ -505,28 +505,6 @@ fn cancel_job_stops_a_blocked_pg_dump_within_five_seconds() {
     let _ = admin("postgres").batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"));
     // Nothing was stored.
     assert!(!env.dir.join(&bucket).join(key).exists());
-}
-
-/// A process named `tool` with `needle` in its arguments, anywhere on the machine.
-fn wait_pid(tool: &str, needle: &str, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-            let args: Vec<String> =
-                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-            let is_tool =
-                args.first().is_some_and(|a| Path::new(a).file_name().and_then(|f| f.to_str()) == Some(tool));
-            if is_tool && args.iter().any(|a| a.contains(needle)) {
-                return Some(pid);
-            }
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn is_zombie(pid: i32) -> bool {

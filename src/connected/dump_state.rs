@@ -18,7 +18,7 @@ use crate::wire::pb;
 const MASK: &str = "***";
 
 pub fn dump(state_dir: &Path, agent_key: Option<&Secret>, allow_secrets: bool) -> Result<Value> {
-    let path = state_dir.join("state.db");
+    let path = crate::state::db_path(state_dir);
     if !path.exists() {
         anyhow::bail!(
             "{} does not exist: no agent has used the state directory {} yet (set BACKUPY_STATE_DIR to the agent's)",

@@ -61,15 +61,12 @@ const KEEP_DONE_RUNS: i64 = 2000;
 
 impl Store {
     pub fn open(state_dir: &Path, cipher: StateCipher) -> Result<Store, StoreError> {
-        let path = state_dir.join("state.db");
+        let path = crate::state::db_path(state_dir);
         let err =
             |e: rusqlite::Error| StoreError { path: path.display().to_string(), message: e.to_string() };
-        let conn = Connection::open(&path).map_err(err)?;
+        let conn = crate::state::open_connection(state_dir).map_err(err)?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
-             PRAGMA busy_timeout=5000;
-             CREATE TABLE IF NOT EXISTS connected_config(
+            "CREATE TABLE IF NOT EXISTS connected_config(
                  id INTEGER PRIMARY KEY CHECK (id = 1),
                  version INTEGER NOT NULL,
                  applied_at_ms INTEGER NOT NULL,

@@ -192,7 +192,11 @@ impl ObjectWriter for SlowSink {
 /// The pid of a child of this process whose program is `tool` and one of whose
 /// arguments contains `needle`, waiting up to `timeout` for it to appear.
 pub fn find_child(tool: &str, needle: &str, timeout: Duration) -> Option<i32> {
-    let me = std::process::id() as i32;
+    find_child_of(std::process::id() as i32, tool, needle, timeout)
+}
+
+/// [`find_child`] for the children of `parent` (an agent process the test started).
+pub fn find_child_of(parent: i32, tool: &str, needle: &str, timeout: Duration) -> Option<i32> {
     let deadline = Instant::now() + timeout;
     loop {
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -201,7 +205,7 @@ pub fn find_child(tool: &str, needle: &str, timeout: Duration) -> Option<i32> {
             let args: Vec<String> =
                 cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
             let is_tool = args.first().is_some_and(|a| Path::new(a).file_name() == Some(OsStr::new(tool)));
-            if is_tool && args.iter().any(|a| a.contains(needle)) && parent_of(pid) == Some(me) {
+            if is_tool && args.iter().any(|a| a.contains(needle)) && parent_of(pid) == Some(parent) {
                 return Some(pid);
             }
         }
