@@ -363,77 +363,66 @@ fn decrypts_stdin_to_file() {
 // Token claims
 // ---------------------------------------------------------------------------
 
-#[test]
-fn token_expired_beyond_leeway_is_refused() {
+/// A raw-key object decrypted with a valid token that `edit` changed, and `extra` flags:
+/// refused (exit 1) naming every needle, nothing left in the output directory.
+#[track_caller]
+fn token_refused(edit: impl FnOnce(&RawCase, &mut Value), extra: &[&str], needles: &[&str]) {
     let c = raw_case();
     let mut claims = valid_claims(&c.key);
-    claims["exp"] = json!(now() - 600);
-    assert_fails(&decrypt_with_token(&c, &claims, &[]), 1, &["expired"]);
+    edit(&c, &mut claims);
+    assert_fails(&decrypt_with_token(&c, &claims, extra), 1, needles);
     c.s.assert_out_empty();
+}
+
+/// As [`token_refused`], but the decryption must succeed and give back the dump.
+#[track_caller]
+fn token_accepted(edit: impl FnOnce(&RawCase, &mut Value), extra: &[&str]) {
+    let c = raw_case();
+    let mut claims = valid_claims(&c.key);
+    edit(&c, &mut claims);
+    assert_ok(&decrypt_with_token(&c, &claims, extra));
+    assert_eq!(fs::read(c.s.out_path("dump")).unwrap(), c.plain);
+}
+
+#[test]
+fn token_expired_beyond_leeway_is_refused() {
+    token_refused(|_, t| t["exp"] = json!(now() - 600), &[], &["expired"]);
 }
 
 #[test]
 fn token_expired_within_leeway_is_accepted() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
     // 60 s of leeway: 20 s past exp is still fine.
-    claims["exp"] = json!(now() - 20);
-    assert_ok(&decrypt_with_token(&c, &claims, &[]));
-    assert_eq!(fs::read(c.s.out_path("dump")).unwrap(), c.plain);
+    token_accepted(|_, t| t["exp"] = json!(now() - 20), &[]);
 }
 
 #[test]
 fn token_with_wrong_audience_is_refused() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims["aud"] = json!("backupy-agent");
-    assert_fails(&decrypt_with_token(&c, &claims, &[]), 1, &["aud"]);
-    c.s.assert_out_empty();
+    token_refused(|_, t| t["aud"] = json!("backupy-agent"), &[], &["aud"]);
 }
 
 #[test]
 fn token_with_wrong_issuer_is_refused() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims["iss"] = json!("someone-else");
-    assert_fails(&decrypt_with_token(&c, &claims, &[]), 1, &["iss"]);
-    c.s.assert_out_empty();
+    token_refused(|_, t| t["iss"] = json!("someone-else"), &[], &["iss"]);
 }
 
 #[test]
 fn token_without_run_id_is_refused() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims.as_object_mut().unwrap().remove("run_id");
-    assert_fails(&decrypt_with_token(&c, &claims, &[]), 1, &["run_id"]);
-    c.s.assert_out_empty();
+    token_refused(|_, t| drop(t.as_object_mut().unwrap().remove("run_id")), &[], &["run_id"]);
 }
 
 #[test]
 fn token_with_empty_company_id_is_refused() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims["company_id"] = json!("");
-    assert_fails(&decrypt_with_token(&c, &claims, &[]), 1, &["company_id"]);
-    c.s.assert_out_empty();
+    token_refused(|_, t| t["company_id"] = json!(""), &[], &["company_id"]);
 }
 
 #[test]
 fn token_for_another_format_is_refused() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims["alg"] = json!("AES-128-CBC");
-    assert_fails(&decrypt_with_token(&c, &claims, &[]), 1, &["another format"]);
-    c.s.assert_out_empty();
+    token_refused(|_, t| t["alg"] = json!("AES-128-CBC"), &[], &["another format"]);
 }
 
 #[test]
 fn token_without_format_version_is_accepted() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims.as_object_mut().unwrap().remove("format_version");
-    assert_ok(&decrypt_with_token(&c, &claims, &[]));
-    assert_eq!(fs::read(c.s.out_path("dump")).unwrap(), c.plain);
+    token_accepted(|_, t| drop(t.as_object_mut().unwrap().remove("format_version")), &[]);
 }
 
 #[test]
@@ -447,21 +436,12 @@ fn token_that_is_not_a_jwt_is_refused() {
 
 #[test]
 fn token_sha256_claim_matching_in_upper_case_is_accepted() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims["sha256"] = json!(sha256_hex(&c.object).to_uppercase());
-    assert_ok(&decrypt_with_token(&c, &claims, &[]));
-    assert_eq!(fs::read(c.s.out_path("dump")).unwrap(), c.plain);
+    token_accepted(|c, t| t["sha256"] = json!(sha256_hex(&c.object).to_uppercase()), &[]);
 }
 
 #[test]
 fn token_sha256_mismatch_removes_the_output() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims["sha256"] = json!(sha256_hex(b"some other object"));
-    assert_fails(&decrypt_with_token(&c, &claims, &[]), 1, &["SHA-256 mismatch"]);
-    assert!(!c.s.out_path("dump").exists());
-    c.s.assert_out_empty();
+    token_refused(|_, t| t["sha256"] = json!(sha256_hex(b"some other object")), &[], &["SHA-256 mismatch"]);
 }
 
 #[test]
@@ -476,21 +456,17 @@ fn sha256_flag_overrides_a_wrong_token_claim() {
 
 #[test]
 fn sha256_flag_takes_precedence_over_a_correct_token_claim() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims["sha256"] = json!(sha256_hex(&c.object));
     let wrong = sha256_hex(b"some other object");
-    assert_fails(&decrypt_with_token(&c, &claims, &["--sha256", &wrong]), 1, &["SHA-256 mismatch"]);
-    c.s.assert_out_empty();
+    token_refused(
+        |c, t| t["sha256"] = json!(sha256_hex(&c.object)),
+        &["--sha256", &wrong],
+        &["SHA-256 mismatch"],
+    );
 }
 
 #[test]
 fn no_verify_sha256_ignores_a_wrong_token_claim() {
-    let c = raw_case();
-    let mut claims = valid_claims(&c.key);
-    claims["sha256"] = json!(sha256_hex(b"some other object"));
-    assert_ok(&decrypt_with_token(&c, &claims, &["--no-verify-sha256"]));
-    assert_eq!(fs::read(c.s.out_path("dump")).unwrap(), c.plain);
+    token_accepted(|_, t| t["sha256"] = json!(sha256_hex(b"some other object")), &["--no-verify-sha256"]);
 }
 
 #[test]
