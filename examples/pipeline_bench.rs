@@ -10,8 +10,9 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
+use backupy_agent::cancel::Cancel;
 use backupy_agent::crypto::{DataKey, Encryption, Identity};
-use backupy_agent::pipeline::{self, Cancel, Compression, Progress, Source};
+use backupy_agent::pipeline::{self, Compression, Progress, Source};
 use backupy_agent::secrets::Secret;
 use backupy_agent::storage::s3::{S3Storage, S3Target};
 use backupy_agent::storage::{Discard, ObjectWriter};

@@ -160,3 +160,49 @@ fn jitter(interval: Duration) -> Duration {
         .unwrap_or(0);
     if max.is_zero() { Duration::ZERO } else { Duration::from_nanos(nanos as u64 % max.as_nanos() as u64) }
 }
+
+/// What connected mode asks of its health thread.
+#[derive(Debug)]
+pub enum HealthCommand {
+    /// Probe these checks from now on, in place of the previous ones.
+    Configure(Vec<HealthCheck>),
+    /// Probe this check once now (RunHealthCheck).
+    ProbeNow(HealthCheck),
+}
+
+/// Starts the `health-config` thread, which owns the probe threads of [`start`]: each
+/// `Configure` replaces them, each `ProbeNow` probes once on a `health-now` thread. Every
+/// result goes to `results`. The thread ends, and its probes stop, when the command
+/// channel closes.
+pub fn supervise(
+    metrics: Arc<Metrics>,
+    ca_file: Option<PathBuf>,
+    results: Sender<ProbeResult>,
+) -> std::io::Result<Sender<HealthCommand>> {
+    let (tx, commands) = crossbeam_channel::unbounded::<HealthCommand>();
+    std::thread::Builder::new().name("health-config".into()).spawn(move || {
+        let mut running: Option<Sender<()>> = None;
+        for command in commands {
+            match command {
+                HealthCommand::Configure(checks) => {
+                    running = None; // stops the previous probe threads
+                    match start(checks, metrics.clone(), ca_file.clone(), Some(results.clone())) {
+                        Ok(stop) => running = Some(stop),
+                        Err(e) => log::error!("cannot start the health-probe threads: {e}"),
+                    }
+                }
+                HealthCommand::ProbeNow(check) => {
+                    let (tx, ca) = (results.clone(), ca_file.clone());
+                    let spawned = std::thread::Builder::new().name("health-now".into()).spawn(move || {
+                        let _ = tx.send(probe(&check, ca.as_deref()));
+                    });
+                    if let Err(e) = spawned {
+                        log::error!("cannot start a health probe: {e}");
+                    }
+                }
+            }
+        }
+        drop(running);
+    })?;
+    Ok(tx)
+}

@@ -13,8 +13,8 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
 use crate::drivers::exec::tool_command;
-use crate::pipeline::Cancel;
 use crate::pipeline::source::tail_of;
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);

@@ -9,6 +9,7 @@
 //! backups back, `config` parses the standalone TOML, `secrets` resolves password
 //! references, `wire` holds the control-plane protocol types, `cli` the two binaries.
 
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod connected;
@@ -34,3 +35,6 @@ pub mod state;
 pub mod storage;
 pub mod verify;
 pub mod wire;
+
+/// This build's version, as Register, the manifest, `version` and the Docker user agent report it.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

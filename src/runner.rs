@@ -1,182 +1,368 @@
-//! One backup run of a standalone job: resolve the job's target and key, take the dump,
-//! stream it through the pipeline into storage, then write the manifest.
+//! One backup run, written once for both modes: pre-hooks, the dump, the pipeline into
+//! the run's destination, the destination's seal (standalone writes the manifest there),
+//! post-hooks and notifications.
 //!
-//! Runs on the calling thread (the `backup` command's run thread, or a scheduler worker
-//! under `run`); the pipeline it starts owns its own stage threads.
+//! Each mode only builds a [`RunPlan`] (standalone from its TOML, connected mode from a
+//! RunBackup) and turns the [`RunOutcome`] into its own report: a manifest and a state
+//! record, or JobUpdate/BackupCompleted. Runs on the calling thread (a scheduler worker in
+//! both modes, or the `backup` command's run thread); the pipeline it starts owns its own
+//! stage threads. What the run does is told to the mode through an [`Observer`], called
+//! on this thread.
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
-use crate::config::{Config, Job};
-use crate::pipeline::{self, Cancel, Progress};
-use crate::storage::{self, Manifest};
-use crate::{drivers, hooks, notify};
+use crate::cancel::{Cancel, CancelReason};
+use crate::crypto::Encryption;
+use crate::drivers::{self, Engine, TargetSpec};
+use crate::hooks;
+use crate::metrics::Metrics;
+use crate::notify::{self, Notify};
+use crate::pipeline::{self, Compression, Progress};
+use crate::state::{RunStatus, StateDb};
+use crate::storage::ObjectWriter;
 
-pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Everything one run works from, resolved before it starts.
+pub struct RunPlan {
+    pub job_id: String,
+    pub run_id: String,
+    pub target: TargetSpec,
+    pub compression: Compression,
+    pub encryption: Encryption,
+    pub hooks: Hooks,
+    /// Standalone's ping and webhook; connected mode leaves them to the control plane.
+    pub notify: Notify,
+    /// Where snapshot and secret files of the dump go.
+    pub temp_dir: PathBuf,
+    pub destination: Box<dyn Destination>,
+}
 
-/// A failed run, with the job named; `message` says what to do where it can.
+/// Shell commands around the run (`hooks`).
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    pub pre: Vec<String>,
+    pub post: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// What a destination needs to name the object.
+pub struct ObjectName<'a> {
+    pub target_id: &'a str,
+    pub job_id: &'a str,
+    pub run_id: &'a str,
+    pub started: DateTime<Utc>,
+    /// "pgdump.zst.bkpy": the dump's extension, then compression's and encryption's.
+    pub extension: &'a str,
+}
+
+/// Where a run's object goes: a key in the standalone storage, or the control plane's
+/// multipart upload or presigned PUT.
+pub trait Destination: Send {
+    /// Starts writing the object; returns the writer and the object's key.
+    fn create(
+        &mut self,
+        name: &ObjectName<'_>,
+        cancel: &Cancel,
+    ) -> Result<(Box<dyn ObjectWriter>, String), String>;
+    /// Where `key` is, for people: a path or an s3:// URL.
+    fn describe(&self, key: &str) -> String;
+    /// Called once the object is committed; an error fails the run, and the destination
+    /// removes the object it cannot complete.
+    fn seal(&mut self, stored: &Stored) -> Result<(), String>;
+}
+
+/// What a successful run stored.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub key: String,
+    pub location: String,
+    pub engine: Engine,
+    pub engine_version: String,
+    pub stored_bytes: u64,
+    pub dump_bytes: u64,
+    pub sha256: String,
+    pub compression: Compression,
+    /// "none", "v1" or "v2".
+    pub encryption: &'static str,
+    pub key_id: String,
+    pub encrypted_dek: Vec<u8>,
+    pub started: DateTime<Utc>,
+    pub finished: DateTime<Utc>,
+    /// The backup itself, hooks not included.
+    pub elapsed: Duration,
+}
+
+/// What went wrong, so each mode can report it without parsing a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The plan could not be built: an unknown target, a bad key, a refused setting.
+    Config,
+    /// A pre-hook failed; the backup did not start.
+    Hook,
+    /// Encryption could not be prepared.
+    Encryption,
+    /// The dump could not start or failed.
+    Dump,
+    /// The destination refused the object or its seal.
+    Store,
+    /// A pipeline stage failed.
+    Pipeline,
+    /// The run was stopped from outside.
+    Cancelled(CancelReason),
+}
+
+/// A failed run, with the job named; the message says what to do where it can.
 #[derive(Debug, thiserror::Error)]
 #[error("job {job}: {message}")]
 pub struct RunError {
     pub job: String,
-    pub message: String,
+    pub kind: ErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
-pub struct RunResult {
-    pub manifest: Manifest,
-    /// Where the object is, for people: a path or an s3:// URL.
-    pub location: String,
-    pub elapsed: std::time::Duration,
+impl RunError {
+    pub fn new(job: &str, kind: ErrorKind, message: impl Into<String>) -> RunError {
+        RunError { job: job.to_string(), kind, message: message.into(), source: None }
+    }
+
+    /// An error from `source`, as `kind`, unless `cancel` says the run was stopped from
+    /// outside (then whatever broke, broke because of it).
+    fn from_source<E>(job: &str, kind: ErrorKind, source: E, cancel: &Cancel) -> RunError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let kind = cancel.reason().map(ErrorKind::Cancelled).unwrap_or(kind);
+        RunError { job: job.to_string(), kind, message: source.to_string(), source: Some(Box::new(source)) }
+    }
+
+    /// The message without the job's name (connected mode reports it per job anyway).
+    pub fn detail(&self) -> &str {
+        &self.message
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self.kind, ErrorKind::Cancelled(_))
+    }
 }
 
-/// Runs `job` once. Nothing is left in storage unless the run succeeds completely.
-pub fn run_job(
-    cfg: &Config,
-    job: &Job,
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub job_id: String,
+    pub run_id: String,
+    /// The whole run, hooks included.
+    pub elapsed: Duration,
+    pub result: Result<Stored, RunError>,
+}
+
+impl RunOutcome {
+    /// A run that failed before it started (its plan could not be built).
+    pub fn refused(job_id: &str, run_id: &str, error: RunError) -> RunOutcome {
+        RunOutcome {
+            job_id: job_id.to_string(),
+            run_id: run_id.to_string(),
+            elapsed: Duration::ZERO,
+            result: Err(error),
+        }
+    }
+
+    /// The status recorded in `state.db`, the metrics and post-hooks: a timed-out run
+    /// failed, any other stop from outside is a cancel.
+    pub fn status(&self) -> RunStatus {
+        match &self.result {
+            Ok(_) => RunStatus::Success,
+            Err(e) if e.kind == ErrorKind::Cancelled(CancelReason::TimedOut) => RunStatus::Failed,
+            Err(e) if e.is_cancelled() => RunStatus::Cancelled,
+            Err(_) => RunStatus::Failed,
+        }
+    }
+}
+
+/// Steps of a run, as wire-v1.md names them in `JobUpdate.current_step`.
+pub mod step {
+    pub const PRE_HOOKS: &str = "pre_hooks";
+    pub const DUMPING: &str = "dumping";
+    pub const UPLOADING: &str = "uploading";
+    pub const POST_HOOKS: &str = "post_hooks";
+}
+
+/// What the run tells its mode while it works; every method has a do-nothing default.
+pub trait Observer {
+    /// The run entered `step` (see [`step`]).
+    fn step(&self, _step: &'static str) {}
+    /// The dump's expected size in bytes, for a percentage.
+    fn estimate(&self, _bytes: u64) {}
+}
+
+impl Observer for () {}
+
+/// Runs `plan` to its end on this thread. Nothing is left in the destination unless the
+/// run succeeds completely.
+pub fn execute(
+    mut plan: RunPlan,
     cancel: &Cancel,
     progress: Arc<Progress>,
-) -> Result<RunResult, RunError> {
-    run_job_as(cfg, job, &uuid::Uuid::new_v4().to_string(), cancel, progress)
-}
-
-/// Runs `job` once as run `run_id` (the scheduler chooses the id, so the state database
-/// and the stored object name the same run).
-pub fn run_job_as(
-    cfg: &Config,
-    job: &Job,
-    run_id: &str,
-    cancel: &Cancel,
-    progress: Arc<Progress>,
-) -> Result<RunResult, RunError> {
-    let fail = |message: String| RunError { job: job.id.clone(), message };
-    let hook_ctx =
-        |run_status| hooks::HookContext { job_id: &job.id, run_id, target_id: &job.target, run_status };
+    observer: &dyn Observer,
+) -> RunOutcome {
     let t0 = Instant::now();
-    notify::started(&job.notify);
+    notify::started(&plan.notify);
     let mut result = Ok(());
-    for hook in &job.pre_hooks {
-        log::info!("job {}: pre-hook {hook:?}", job.id);
-        if let Err(e) = hooks::run(hook, &hook_ctx(None), job.hook_timeout, cancel) {
-            result = Err(fail(format!("{e}; the backup did not start")));
+    if !plan.hooks.pre.is_empty() {
+        observer.step(step::PRE_HOOKS);
+    }
+    for hook in &plan.hooks.pre {
+        log::info!("job {}: pre-hook {hook:?}", plan.job_id);
+        if let Err(e) = hooks::run(hook, &hook_ctx(&plan, None), plan.hooks.timeout, cancel) {
+            let kind = cancel.reason().map(ErrorKind::Cancelled).unwrap_or(ErrorKind::Hook);
+            result = Err(RunError::new(&plan.job_id, kind, format!("{e}; the backup did not start")));
             break;
         }
     }
-    let result = result.and_then(|()| backup_once(cfg, job, run_id, cancel, progress));
+    let result = result.and_then(|()| backup(&mut plan, cancel, progress, observer));
+    let outcome = RunOutcome {
+        job_id: plan.job_id.clone(),
+        run_id: plan.run_id.clone(),
+        elapsed: Duration::ZERO,
+        result,
+    };
     // Post-hooks run whenever pre-hooks ran, after a failure or a cancel too; their own
     // failure is reported but does not change the backup's outcome.
-    let status = match &result {
-        Ok(_) => "success",
-        Err(_) if cancel.is_cancelled() => "cancelled",
-        Err(_) => "failed",
-    };
-    for hook in &job.post_hooks {
-        log::info!("job {}: post-hook {hook:?} (run {status})", job.id);
-        if let Err(e) = hooks::run(hook, &hook_ctx(Some(status)), job.hook_timeout, &Cancel::default()) {
-            log::warn!("job {}: {e}", job.id);
+    let status = outcome.status().as_str();
+    if !plan.hooks.post.is_empty() {
+        observer.step(step::POST_HOOKS);
+    }
+    for hook in &plan.hooks.post {
+        log::info!("job {}: post-hook {hook:?} (run {status})", plan.job_id);
+        if let Err(e) =
+            hooks::run(hook, &hook_ctx(&plan, Some(status)), plan.hooks.timeout, &Cancel::default())
+        {
+            log::warn!("job {}: {e}", plan.job_id);
         }
     }
-    let error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
-    let (size_bytes, object) = match &result {
-        Ok(r) => (r.manifest.size_bytes, r.location.as_str()),
+    let elapsed = t0.elapsed();
+    let error = outcome.result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+    let (size_bytes, object) = match &outcome.result {
+        Ok(s) => (s.stored_bytes, s.location.as_str()),
         Err(_) => (0, ""),
     };
     notify::finished(
-        &job.notify,
+        &plan.notify,
         &notify::Summary {
-            job: &job.id,
-            target: &job.target,
-            run_id,
+            job: &plan.job_id,
+            target: &plan.target.id,
+            run_id: &plan.run_id,
             status,
             size_bytes,
-            duration_seconds: t0.elapsed().as_secs_f64(),
+            duration_seconds: elapsed.as_secs_f64(),
             error: &error,
             object,
         },
     );
-    result
+    RunOutcome { elapsed, ..outcome }
 }
 
-/// The backup itself: dump, pipeline, manifest.
-fn backup_once(
-    cfg: &Config,
-    job: &Job,
-    run_id: &str,
+fn hook_ctx<'a>(plan: &'a RunPlan, run_status: Option<&'a str>) -> hooks::HookContext<'a> {
+    hooks::HookContext { job_id: &plan.job_id, run_id: &plan.run_id, target_id: &plan.target.id, run_status }
+}
+
+/// The backup itself: encryption, dump, pipeline, seal.
+fn backup(
+    plan: &mut RunPlan,
     cancel: &Cancel,
     progress: Arc<Progress>,
-) -> Result<RunResult, RunError> {
-    let fail = |message: String| RunError { job: job.id.clone(), message };
+    observer: &dyn Observer,
+) -> Result<Stored, RunError> {
+    let job = plan.job_id.as_str();
     let t0 = Instant::now();
     let started = Utc::now();
-    let run_id = run_id.to_string();
-    let target = cfg
-        .targets
-        .get(&job.target)
-        .ok_or_else(|| fail(format!("target {:?} is not defined", job.target)))?;
-
-    let encryption = cfg.encryption_for(job).map_err(fail)?;
-    let prepared = encryption
-        .prepare(job.compression.header_code())
-        .map_err(|e| fail(format!("cannot prepare encryption: {e}")))?;
-    let storage = cfg.open_storage().map_err(fail)?;
-
+    let prepared = plan
+        .encryption
+        .prepare(plan.compression.header_code())
+        .map_err(|e| RunError::new(job, ErrorKind::Encryption, format!("cannot prepare encryption: {e}")))?;
+    observer.step(step::DUMPING);
     let ctx = drivers::DumpContext {
-        temp_dir: cfg.state_dir.join("tmp"),
-        pipeline_compresses: job.compression != pipeline::Compression::None,
+        temp_dir: plan.temp_dir.clone(),
+        pipeline_compresses: plan.compression != Compression::None,
     };
-    let drivers::Dump { source, engine_version } =
-        drivers::dump(target, &ctx).map_err(|e| fail(e.to_string()))?;
+    let drivers::Dump { source, engine_version } = drivers::dump(&plan.target, &ctx)
+        .map_err(|e| RunError::from_source(job, ErrorKind::Dump, e, cancel))?;
+    if let Some(bytes) = source.size_hint {
+        observer.estimate(bytes);
+    }
 
-    let mut ext = vec![target.engine.dump_extension()];
-    ext.extend(job.compression.extension());
-    ext.extend(encryption.extension());
-    let key = storage::object_key(&target.id, &job.id, started, &run_id, &ext.join("."));
-    let writer = storage.create(&key, cancel).map_err(|e| fail(e.to_string()))?;
+    let mut ext = vec![plan.target.engine.dump_extension()];
+    ext.extend(plan.compression.extension());
+    ext.extend(plan.encryption.extension());
+    let extension = ext.join(".");
+    let name = ObjectName {
+        target_id: &plan.target.id,
+        job_id: job,
+        run_id: &plan.run_id,
+        started,
+        extension: &extension,
+    };
+    let (writer, key) =
+        plan.destination.create(&name, cancel).map_err(|e| RunError::new(job, ErrorKind::Store, e))?;
+    let location = plan.destination.describe(&key);
     log::info!(
-        "job {}: backing up target {} ({}) to {}",
-        job.id,
-        target.id,
-        engine_version,
-        storage.describe(&key)
+        "job {job}: run {} backing up target {} ({engine_version}) to {location}",
+        plan.run_id,
+        plan.target.id
     );
-
-    let key_id = prepared.key_id.clone();
-    let opts = pipeline::Options::new(job.compression, prepared);
-    let out = pipeline::run(source, opts, writer, cancel, progress).map_err(|e| fail(e.to_string()))?;
-
-    let manifest = Manifest {
-        manifest_version: 1,
-        id: run_id,
-        job: job.id.clone(),
-        target: target.id.clone(),
-        engine: target.engine.name().to_string(),
+    let (key_id, encrypted_dek) = (prepared.key_id.clone(), prepared.encrypted_dek.clone());
+    let opts = pipeline::Options::new(plan.compression, prepared);
+    let out = pipeline::run(source, opts, writer, cancel, progress)
+        .map_err(|e| RunError::from_source(job, ErrorKind::Pipeline, e, cancel))?;
+    let stored = Stored {
+        key,
+        location,
+        engine: plan.target.engine,
         engine_version,
-        object_key: key.clone(),
-        size_bytes: out.stored_bytes,
+        stored_bytes: out.stored_bytes,
         dump_bytes: out.dump_bytes,
         sha256: out.sha256,
-        compression: job.compression.name().to_string(),
-        encryption: encryption.label().to_string(),
+        compression: plan.compression,
+        encryption: plan.encryption.label(),
         key_id,
-        started_at: storage::rfc3339(started),
-        finished_at: storage::rfc3339(Utc::now()),
-        agent_version: AGENT_VERSION.to_string(),
+        encrypted_dek,
+        started,
+        finished: Utc::now(),
+        elapsed: t0.elapsed(),
     };
-    let json =
-        serde_json::to_vec_pretty(&manifest).map_err(|e| fail(format!("cannot encode the manifest: {e}")))?;
-    if let Err(e) = storage.put(&storage::manifest_key(&key), &json) {
-        // Without its manifest the object is an incomplete backup: do not leave it behind.
-        let _ = storage.delete(&key);
-        return Err(fail(format!("cannot write the manifest: {e}")));
-    }
+    plan.destination.seal(&stored).map_err(|e| RunError::new(job, ErrorKind::Store, e))?;
     log::info!(
-        "job {}: stored {} ({} bytes, dump {} bytes, sha256 {})",
-        job.id,
-        key,
-        manifest.size_bytes,
-        manifest.dump_bytes,
-        manifest.sha256
+        "job {job}: run {} stored {} ({} bytes, dump {} bytes, sha256 {})",
+        plan.run_id,
+        stored.key,
+        stored.stored_bytes,
+        stored.dump_bytes,
+        stored.sha256
     );
-    Ok(RunResult { location: storage.describe(&key), manifest, elapsed: t0.elapsed() })
+    Ok(stored)
+}
+
+/// A run's start in `state.db`, the same in both modes.
+pub fn record_start(state: &StateDb, job_id: &str, run_id: &str, attempt: u32) {
+    if let Err(e) = state.record_start(run_id, job_id, attempt, Utc::now()) {
+        log::warn!("{e}");
+    }
+}
+
+/// A run's end in `state.db` and the metrics, the same in both modes; `error` is the
+/// mode's own words for a failure.
+pub fn record_finish(state: &StateDb, metrics: &Metrics, outcome: &RunOutcome, error: &str) {
+    let status = outcome.status();
+    let (size, key) = match &outcome.result {
+        Ok(s) => (Some(s.stored_bytes), s.key.as_str()),
+        Err(_) => (None, ""),
+    };
+    if let Err(e) = state.record_finish(&outcome.run_id, status, size.unwrap_or(0), key, error) {
+        log::warn!("{e}");
+    }
+    metrics.record_run(&outcome.job_id, status.as_str(), outcome.elapsed, size);
 }

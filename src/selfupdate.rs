@@ -41,7 +41,7 @@ use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::runner::AGENT_VERSION;
+use crate::AGENT_VERSION;
 
 /// The public key release binaries are signed with. A build with `BACKUPY_UPDATE_PUBKEY`
 /// set (PEM text of a P-256 SubjectPublicKeyInfo) trusts that key instead.

@@ -12,17 +12,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use chrono::Utc;
 
-use crate::config::Config;
+use crate::cancel::Cancel;
+use crate::config::{Config, Job};
 use crate::metrics::Metrics;
-use crate::pipeline::{Cancel, Progress};
+use crate::pipeline::Progress;
+use crate::runner::{Destination, ErrorKind, Hooks, ObjectName, RunError, RunOutcome, RunPlan, Stored};
 use crate::scheduler::{
-    CronSchedule, JobSchedule, MaintenanceWindow, RetryPolicy, RunOutcome, RunRequest, Scheduler,
-    SchedulerCommand, SchedulerOptions, Summary,
+    CronSchedule, JobSchedule, MaintenanceWindow, RetryPolicy, RunOutcome as SchedulerOutcome, RunRequest,
+    Scheduler, SchedulerCommand, SchedulerOptions, Summary,
 };
-use crate::state::{RunStatus, StateDb};
-use crate::storage::Storage;
+use crate::state::StateDb;
+use crate::storage::{self, Manifest, ObjectWriter, Storage};
 use crate::{retention, runner};
 
 /// The scheduled jobs of a configuration (jobs without `cron` run only by hand).
@@ -142,7 +143,88 @@ pub fn run(config: &Path) -> Result<Summary> {
     Ok(summary)
 }
 
-/// One scheduled run on a worker thread: state record, pipeline, retention.
+/// A job's run as the runner takes it, from the TOML: the target, key and storage are
+/// resolved here, so a job that cannot run fails before its hooks do.
+pub fn plan(cfg: &Config, job: &Job, run_id: &str) -> Result<RunPlan, RunError> {
+    let fail = |message: String| RunError::new(&job.id, ErrorKind::Config, message);
+    let target = cfg
+        .targets
+        .get(&job.target)
+        .ok_or_else(|| fail(format!("target {:?} is not defined", job.target)))?;
+    let encryption = cfg.encryption_for(job).map_err(fail)?;
+    let storage = cfg.open_storage().map_err(fail)?;
+    Ok(RunPlan {
+        job_id: job.id.clone(),
+        run_id: run_id.to_string(),
+        target: target.clone(),
+        compression: job.compression,
+        encryption,
+        hooks: Hooks { pre: job.pre_hooks.clone(), post: job.post_hooks.clone(), timeout: job.hook_timeout },
+        notify: job.notify.clone(),
+        temp_dir: cfg.state_dir.join("tmp"),
+        destination: Box::new(StoreDestination { storage, object: None }),
+    })
+}
+
+/// The configured storage as a run's destination: the object under its dated key, then
+/// the manifest, written last so that an object without one is an incomplete backup.
+struct StoreDestination {
+    storage: Storage,
+    /// The object being written and the ids its manifest names: (key, target, job, run).
+    object: Option<(String, String, String, String)>,
+}
+
+impl Destination for StoreDestination {
+    fn create(
+        &mut self,
+        name: &ObjectName<'_>,
+        cancel: &Cancel,
+    ) -> Result<(Box<dyn ObjectWriter>, String), String> {
+        let key = storage::object_key(name.target_id, name.job_id, name.started, name.run_id, name.extension);
+        let writer = self.storage.create(&key, cancel).map_err(|e| e.to_string())?;
+        self.object =
+            Some((key.clone(), name.target_id.to_string(), name.job_id.to_string(), name.run_id.to_string()));
+        Ok((writer, key))
+    }
+
+    fn describe(&self, key: &str) -> String {
+        self.storage.describe(key)
+    }
+
+    fn seal(&mut self, stored: &Stored) -> Result<(), String> {
+        let Some((key, target, job, run_id)) = self.object.take() else {
+            return Err("internal error: sealing an object that was never created".into());
+        };
+        let manifest = Manifest {
+            manifest_version: 1,
+            id: run_id,
+            job,
+            target,
+            engine: stored.engine.name().to_string(),
+            engine_version: stored.engine_version.clone(),
+            object_key: key.clone(),
+            size_bytes: stored.stored_bytes,
+            dump_bytes: stored.dump_bytes,
+            sha256: stored.sha256.clone(),
+            compression: stored.compression.name().to_string(),
+            encryption: stored.encryption.to_string(),
+            key_id: stored.key_id.clone(),
+            started_at: storage::rfc3339(stored.started),
+            finished_at: storage::rfc3339(stored.finished),
+            agent_version: crate::AGENT_VERSION.to_string(),
+        };
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| format!("cannot encode the manifest: {e}"))?;
+        if let Err(e) = self.storage.put(&storage::manifest_key(&key), &json) {
+            // Without its manifest the object is an incomplete backup: do not leave it behind.
+            let _ = self.storage.delete(&key);
+            return Err(format!("cannot write the manifest: {e}"));
+        }
+        Ok(())
+    }
+}
+
+/// One scheduled run on a worker thread: state record, the run, retention.
 fn run_once(
     cfg: &Config,
     state: &StateDb,
@@ -150,64 +232,50 @@ fn run_once(
     metrics: &Metrics,
     req: RunRequest,
     cancel: &Cancel,
-) -> RunOutcome {
-    let t0 = std::time::Instant::now();
+) -> SchedulerOutcome {
     let run_id = req.run_id.to_string();
     let Some(job) = cfg.job(&req.job_id) else {
-        return RunOutcome::Failed(format!("unknown job {}", req.job_id));
+        return SchedulerOutcome::Failed(format!("unknown job {}", req.job_id));
     };
-    if let Err(e) = state.record_start(&run_id, &job.id, req.attempt, Utc::now()) {
-        log::warn!("{e}");
-    }
+    runner::record_start(state, &job.id, &run_id, req.attempt);
     log::info!("job {}: run {} (attempt {}) starting", job.id, run_id, req.attempt);
-    let result = runner::run_job_as(cfg, job, &run_id, cancel, Arc::new(Progress::default()));
-    let (status, outcome) = match &result {
-        Ok(r) => {
+    let outcome = match plan(cfg, job, &run_id) {
+        Ok(plan) => runner::execute(plan, cancel, Arc::new(Progress::default()), &()),
+        Err(e) => RunOutcome::refused(&job.id, &run_id, e),
+    };
+    let error = outcome.result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+    runner::record_finish(state, metrics, &outcome, &error);
+    match &outcome.result {
+        Ok(stored) => {
             log::info!(
                 "job {}: run {} stored {} ({} bytes)",
                 job.id,
                 run_id,
-                r.location,
-                r.manifest.size_bytes
+                stored.location,
+                stored.stored_bytes
             );
-            (RunStatus::Success, RunOutcome::Success)
+            // A failure to prune is reported, never fatal to the backup that just succeeded.
+            match retention::apply(storage, &job.target, &job.id, job.retention) {
+                Ok(deleted) if !deleted.is_empty() => {
+                    log::info!(
+                        "job {}: retention deleted {} old backup(s): {}",
+                        job.id,
+                        deleted.len(),
+                        deleted.join(", ")
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("job {}: retention failed: {e}", job.id),
+            }
+            SchedulerOutcome::Success
         }
-        Err(_) if cancel.is_cancelled() => {
+        Err(e) if e.is_cancelled() => {
             log::warn!("job {}: run {} cancelled", job.id, run_id);
-            (RunStatus::Cancelled, RunOutcome::Cancelled)
+            SchedulerOutcome::Cancelled
         }
         Err(e) => {
             log::error!("{e}");
-            (RunStatus::Failed, RunOutcome::Failed(e.to_string()))
-        }
-    };
-    let (size, key, error) = match &result {
-        Ok(r) => (r.manifest.size_bytes, r.manifest.object_key.clone(), String::new()),
-        Err(e) => (0, String::new(), e.to_string()),
-    };
-    if let Err(e) = state.record_finish(&run_id, status, size, &key, &error) {
-        log::warn!("{e}");
-    }
-    metrics.record_run(
-        &job.id,
-        status.as_str(),
-        t0.elapsed(),
-        (status == RunStatus::Success).then_some(size),
-    );
-    if status == RunStatus::Success {
-        // A failure to prune is reported, never fatal to the backup that just succeeded.
-        match retention::apply(storage, &job.target, &job.id, job.retention) {
-            Ok(deleted) if !deleted.is_empty() => {
-                log::info!(
-                    "job {}: retention deleted {} old backup(s): {}",
-                    job.id,
-                    deleted.len(),
-                    deleted.join(", ")
-                )
-            }
-            Ok(_) => {}
-            Err(e) => log::warn!("job {}: retention failed: {e}", job.id),
+            SchedulerOutcome::Failed(e.to_string())
         }
     }
-    outcome
 }

@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use backupy_agent::cancel::Cancel;
 use backupy_agent::crypto::Encryption;
 use backupy_agent::drivers::mysql::{self as my_driver, MySqlRestoreOptions};
 use backupy_agent::drivers::{Engine, Strategy, TargetSpec};
-use backupy_agent::pipeline::{Cancel, Compression, Progress};
+use backupy_agent::pipeline::{Compression, Progress};
 use backupy_agent::secrets::Secret;
 use backupy_agent::storage::DirStorage;
 use db::RunOpts;

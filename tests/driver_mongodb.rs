@@ -21,11 +21,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use backupy_agent::cancel::Cancel;
 use backupy_agent::crypto::{self, Encryption, Identity, KeySource};
 use backupy_agent::drivers::mongodb::{self as mongo_driver, RestoreOptions, archive};
 use backupy_agent::drivers::{self, DumpContext, Engine, TargetSpec};
 use backupy_agent::pipeline::compress::decompress_by_magic;
-use backupy_agent::pipeline::{self, Cancel, Compression, Progress};
+use backupy_agent::pipeline::{self, Compression, Progress};
 use backupy_agent::secrets::Secret;
 use backupy_agent::storage::DirStorage;
 use mongodb::bson::spec::BinarySubtype;

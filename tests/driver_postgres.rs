@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use backupy_agent::cancel::Cancel;
 use backupy_agent::crypto::{Encryption, Identity, KeySource};
 use backupy_agent::drivers::postgres::{self as pg_driver, PgRestoreOptions};
 use backupy_agent::drivers::{Engine, Strategy, TargetSpec};
-use backupy_agent::pipeline::{Cancel, Compression, Progress};
+use backupy_agent::pipeline::{Compression, Progress};
 use backupy_agent::secrets::Secret;
 use backupy_agent::storage::DirStorage;
 use db::{Backup, RunOpts};

@@ -19,11 +19,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use backupy_agent::cancel::Cancel;
 use backupy_agent::crypto::{self, Encryption, Identity, KeySource};
 use backupy_agent::drivers::redis::{ReplayOptions, restore_replay, restore_to_dir};
 use backupy_agent::drivers::{self, DumpContext, Engine, Strategy, TargetSpec};
 use backupy_agent::pipeline::compress::decompress_by_magic;
-use backupy_agent::pipeline::{self, Cancel, Compression, PipelineError, Progress, Stage};
+use backupy_agent::pipeline::{self, Compression, PipelineError, Progress, Stage};
 use backupy_agent::secrets::Secret;
 use backupy_agent::storage::{DirStorage, ObjectWriter, StoredObject};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo, Value};

@@ -7,10 +7,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backupy_agent::cancel::Cancel;
 use backupy_agent::crypto::{self, DataKey, Encryption, Identity, KeySource};
 use backupy_agent::drivers::{Engine, MAGIC_LEN, check_magic};
 use backupy_agent::pipeline::compress::decompress_by_magic;
-use backupy_agent::pipeline::{self, Cancel, Compression, PipelineError, Progress, Source, Stage};
+use backupy_agent::pipeline::{self, Compression, PipelineError, Progress, Source, Stage};
 use backupy_agent::storage::{DirStorage, ObjectWriter, StoredObject};
 use sha2::Digest;
 

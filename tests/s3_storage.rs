@@ -8,8 +8,9 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backupy_agent::cancel::Cancel;
 use backupy_agent::crypto::{DataKey, Encryption};
-use backupy_agent::pipeline::{self, Cancel, Compression, Progress, Source};
+use backupy_agent::pipeline::{self, Compression, Progress, Source};
 use backupy_agent::secrets::Secret;
 use backupy_agent::storage::ObjectWriter;
 use backupy_agent::storage::s3::{PresignedPut, S3Error, S3Storage};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use backupy_agent::pipeline::Cancel;
+use backupy_agent::cancel::Cancel;
 use backupy_agent::scheduler::{
     Clock, CronSchedule, JobSchedule, MaintenanceWindow, ManualClock, PlannedJob, RetryPolicy, RunOutcome,
     RunRequest, Scheduler, SchedulerCommand, SchedulerEvent, SchedulerHandle, SchedulerOptions, SkipReason,

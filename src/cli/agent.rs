@@ -13,11 +13,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use crate::cancel::Cancel;
 use crate::config::Config;
 use crate::crypto::{Identity, KeySource};
-use crate::pipeline::{Cancel, Progress};
-use crate::runner::{self, AGENT_VERSION};
+use crate::pipeline::Progress;
 use crate::storage::Manifest;
+use crate::{AGENT_VERSION, runner};
 
 #[derive(Parser)]
 #[command(name = "backupy-agent", version = AGENT_VERSION, about = "Database backup agent: dump, compress, encrypt and store in constant memory")]
@@ -321,8 +322,12 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
             b.set_message(format!("job {}", job.id));
         }
         let cancel = Cancel::default();
+        let run_id = uuid::Uuid::new_v4().to_string();
         let result = std::thread::scope(|s| {
-            let h = s.spawn(|| runner::run_job(&cfg, job, &cancel, progress.clone()));
+            let h = s.spawn(|| {
+                let plan = crate::standalone::plan(&cfg, job, &run_id)?;
+                runner::execute(plan, &cancel, progress.clone(), &()).result
+            });
             while !h.is_finished() {
                 if let Some(b) = &bar {
                     b.set_position(progress.dump_bytes.load(Ordering::Relaxed));
@@ -330,7 +335,7 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
                 std::thread::sleep(Duration::from_millis(100));
             }
             h.join().unwrap_or_else(|_| {
-                Err(runner::RunError { job: job.id.clone(), message: "the run panicked".into() })
+                Err(runner::RunError::new(&job.id, runner::ErrorKind::Pipeline, "the run panicked"))
             })
         });
         if let Some(b) = bar {
@@ -341,9 +346,9 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
                 "{}\tok\t{}\t{} bytes\t{:.1}s\tsha256:{}",
                 job.id,
                 r.location,
-                r.manifest.size_bytes,
+                r.stored_bytes,
                 r.elapsed.as_secs_f64(),
-                r.manifest.sha256
+                r.sha256
             ),
             Err(e) => {
                 failed += 1;

@@ -1,29 +1,38 @@
-//! One RunBackup of connected mode, from the control plane's job spec and target to the
-//! `BackupCompleted` it reports: pushed hooks (only with `BACKUPY_ALLOW_HOOKS=true`), the
-//! key decision of wire-v1.md (raw 32-byte data key, or the recipient extension), the
-//! dump, and the pipeline into the multipart extension or the presigned PUT.
+//! One RunBackup of connected mode: the plan built from the control plane's job spec,
+//! target and command (pushed hooks only with `BACKUPY_ALLOW_HOOKS=true`, the key decision
+//! of wire-v1.md, the multipart extension or the presigned PUT as destination), run by
+//! [`runner::execute`] like every other run.
 //!
-//! Runs on a `run-…` worker thread started by the connected main loop; it reports its
-//! step and size estimate as [`RunEvent`]s on the main loop's channel and returns its
-//! outcome the same way. The pipeline it starts owns its own stage threads.
+//! The main loop submits a [`ConnectedRun`] to the scheduler, whose pool runs it on a
+//! `worker-N` thread under the job's timeout. The run reports on the main loop's channel
+//! as [`RunEvent`]s: started, its steps and size estimate, and its outcome (or that it was
+//! dropped before it started). It records itself in `state.db` and the metrics, as a
+//! standalone run does.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
-use crate::crypto::{DataKey, Encryption, Recipient};
-use crate::drivers::{self, Engine, Strategy, TargetSpec};
-use crate::pipeline::{self, Cancel, Compression, Progress};
+use super::convert;
+use crate::cancel::Cancel;
+use crate::metrics::Metrics;
+use crate::pipeline::{Compression, Progress};
+use crate::runner::{self, Destination, ErrorKind, Hooks, ObjectName, RunError, RunOutcome, RunPlan, Stored};
+use crate::scheduler::{self, SkipReason, Work};
+use crate::state::StateDb;
 use crate::storage::ObjectWriter;
 use crate::storage::s3::{PresignedPut, S3Storage, S3Target};
 use crate::wire::pb;
-use crate::{hooks, secrets};
 
 /// What a run tells the main loop while it works.
 #[derive(Debug)]
 pub enum RunEvent {
+    /// A worker took the run.
+    Started {
+        run_id: String,
+    },
     Step {
         run_id: String,
         step: &'static str,
@@ -33,9 +42,16 @@ pub enum RunEvent {
         run_id: String,
         bytes: u64,
     },
+    /// The final JobUpdate and, after a success, the BackupCompleted (boxed: they are
+    /// large and every other event is small).
     Finished {
         run_id: String,
-        result: Result<pb::BackupCompleted, String>,
+        reports: Box<(pb::JobUpdate, Option<pb::BackupCompleted>)>,
+    },
+    /// Dropped before a worker took it.
+    Dropped {
+        run_id: String,
+        reason: SkipReason,
     },
 }
 
@@ -51,78 +67,162 @@ pub struct RunSettings {
 }
 
 /// Everything one run works from, resolved by the main loop when RunBackup arrived.
+#[derive(Debug, Clone)]
 pub struct RunInput {
     pub job: pb::BackupJobSpec,
     pub target: pb::Target,
     pub command: pb::RunBackup,
 }
 
-/// The engine of a wire `DbType`.
-pub fn engine_of(db_type: i32) -> Result<Engine, String> {
-    Ok(match pb::DbType::try_from(db_type) {
-        Ok(pb::DbType::Postgresql) => Engine::PostgreSql,
-        Ok(pb::DbType::Mysql) => Engine::MySql,
-        Ok(pb::DbType::Mariadb) => Engine::MariaDb,
-        Ok(pb::DbType::Mongodb) => Engine::MongoDb,
-        Ok(pb::DbType::Redis) => Engine::Redis,
-        Ok(pb::DbType::Sqlite) => Engine::Sqlite,
-        Ok(pb::DbType::DbUnspecified) => return Err("the target has no database type".into()),
-        Err(_) => return Err(format!("unknown database type {db_type} (a newer control plane?)")),
+/// A RunBackup as the scheduler's pool runs it.
+pub struct ConnectedRun {
+    pub input: RunInput,
+    pub settings: RunSettings,
+    pub progress: Arc<Progress>,
+    pub events: Sender<RunEvent>,
+    pub state: Arc<StateDb>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Work for ConnectedRun {
+    fn run(self: Box<Self>, cancel: Cancel) -> scheduler::RunOutcome {
+        let (job_id, run_id) = (self.input.job.id.clone(), self.input.command.run_id.clone());
+        let _ = self.events.send(RunEvent::Started { run_id: run_id.clone() });
+        crate::logfwd::set_job(Some(&job_id));
+        runner::record_start(&self.state, &job_id, &run_id, 1);
+        let observer = Observer { run_id: run_id.clone(), events: self.events.clone() };
+        let outcome = match plan(&self.settings, &self.input, &self.events) {
+            Ok(plan) => runner::execute(plan, &cancel, self.progress.clone(), &observer),
+            Err(e) => RunOutcome::refused(&job_id, &run_id, e),
+        };
+        let reports = Box::new(convert::final_reports(&outcome, self.input.job.timeout_sec));
+        let update = &reports.0;
+        runner::record_finish(&self.state, &self.metrics, &outcome, &update.error_message);
+        crate::logfwd::set_job(None);
+        let result = match &outcome.result {
+            Ok(_) => scheduler::RunOutcome::Success,
+            Err(e) if e.is_cancelled() => scheduler::RunOutcome::Cancelled,
+            Err(_) => scheduler::RunOutcome::Failed(update.error_message.clone()),
+        };
+        let _ = self.events.send(RunEvent::Finished { run_id, reports });
+        result
+    }
+
+    fn dropped(self: Box<Self>, reason: SkipReason) {
+        let _ = self.events.send(RunEvent::Dropped { run_id: self.input.command.run_id.clone(), reason });
+    }
+}
+
+/// Steps and the size estimate, as RunEvents.
+struct Observer {
+    run_id: String,
+    events: Sender<RunEvent>,
+}
+
+impl runner::Observer for Observer {
+    fn step(&self, step: &'static str) {
+        let _ = self.events.send(RunEvent::Step { run_id: self.run_id.clone(), step });
+    }
+
+    fn estimate(&self, bytes: u64) {
+        let _ = self.events.send(RunEvent::Estimate { run_id: self.run_id.clone(), bytes });
+    }
+}
+
+/// The run's plan from the wire; everything the control plane could get wrong fails here,
+/// before a hook or a dump starts.
+fn plan(settings: &RunSettings, input: &RunInput, events: &Sender<RunEvent>) -> Result<RunPlan, RunError> {
+    let (job, cmd) = (&input.job, &input.command);
+    let fail = |message: String| RunError::new(&job.id, ErrorKind::Config, message);
+    if (!job.pre_hooks.is_empty() || !job.post_hooks.is_empty()) && !settings.allow_hooks {
+        return Err(fail(format!(
+            "job {} has {} pre-hook(s) and {} post-hook(s) pushed by the control plane; this host runs pushed hooks only with BACKUPY_ALLOW_HOOKS=true",
+            job.id,
+            job.pre_hooks.len(),
+            job.post_hooks.len()
+        )));
+    }
+    let target = convert::target_spec(&input.target).map_err(fail)?;
+    let compression =
+        Compression::parse(&job.compression).map_err(|e| fail(format!("job {}: {e}", job.id)))?;
+    let encryption = convert::encryption_for(job, cmd).map_err(fail)?;
+    let destination = upload(settings, cmd, events).map_err(fail)?;
+    Ok(RunPlan {
+        job_id: job.id.clone(),
+        run_id: cmd.run_id.clone(),
+        target,
+        compression,
+        encryption,
+        hooks: Hooks {
+            pre: job.pre_hooks.clone(),
+            post: job.post_hooks.clone(),
+            timeout: settings.hook_timeout,
+        },
+        notify: Default::default(),
+        temp_dir: settings.state_dir.join("tmp"),
+        destination,
     })
 }
 
-/// A control plane `Target` as the drivers take it. The password reference is resolved
-/// here (agent.md "Secrets"), so it is only ever in memory for the run.
-pub fn target_spec(target: &pb::Target) -> Result<TargetSpec, String> {
-    let engine = engine_of(target.r#type).map_err(|e| format!("target {}: {e}", target.id))?;
-    let c = target.connection.clone().unwrap_or_default();
-    let mut spec = TargetSpec::new(&target.id, engine);
-    spec.strategy = match pb::ConnectionStrategy::try_from(c.strategy) {
-        Ok(pb::ConnectionStrategy::Tcp) => Strategy::Tcp,
-        Ok(pb::ConnectionStrategy::UnixSocket) => Strategy::UnixSocket,
-        Ok(pb::ConnectionStrategy::DockerExec) => {
-            if c.container_id.is_empty() {
-                return Err(format!("target {}: DOCKER_EXEC needs a container_id", target.id));
-            }
-            Strategy::DockerExec { container: c.container_id.clone() }
-        }
-        Err(_) => return Err(format!("target {}: unknown connection strategy {}", target.id, c.strategy)),
-    };
-    spec.host = c.host;
-    spec.port = u16::try_from(c.port)
-        .map_err(|_| format!("target {}: port {} is out of range", target.id, c.port))?;
-    spec.database = c.database;
-    spec.username = c.username;
-    if !c.password_secret_ref.is_empty() {
-        let password = secrets::resolve(&c.password_secret_ref)
-            .map_err(|e| format!("target {}: password: {e}", target.id))?;
-        spec.password = Some(password);
+/// The control plane's upload target: its multipart extension, else the presigned PUT.
+fn upload(
+    settings: &RunSettings,
+    cmd: &pb::RunBackup,
+    events: &Sender<RunEvent>,
+) -> Result<Box<dyn Destination>, String> {
+    let creds = cmd.upload_creds.clone().unwrap_or_default();
+    if let Some(mp) = &creds.multipart {
+        let mut target = S3Target::from_wire(mp, settings.allow_insecure).map_err(|e| e.to_string())?;
+        target.ca_file = settings.ca_file.clone();
+        let storage = S3Storage::new(target, Some(&settings.state_dir)).map_err(|e| e.to_string())?;
+        return Ok(Box::new(Upload::Multipart { storage, key: mp.key.clone() }));
     }
-    Ok(spec)
+    if creds.presigned_put_url.is_empty() {
+        return Err("RunBackup carried no upload target (neither multipart nor presigned_put_url)".into());
+    }
+    let mut put = PresignedPut::new(
+        &creds.presigned_put_url,
+        &creds.final_s3_key,
+        creds.expires_at_ms,
+        &settings.state_dir.join("spool"),
+    )
+    .map_err(|e| e.to_string())?;
+    if let Some(ca) = &settings.ca_file {
+        put = put.with_ca_file(ca).map_err(|e| e.to_string())?;
+    }
+    let writer = StepOnCommit { inner: Box::new(put), run_id: cmd.run_id.clone(), events: events.clone() };
+    Ok(Box::new(Upload::Presigned { writer: Some(writer), key: creds.final_s3_key.clone() }))
 }
 
-/// The key decision of wire-v1.md and agent.md "Encryption fails closed".
-pub fn encryption_for(job: &pb::BackupJobSpec, cmd: &pb::RunBackup) -> Result<Encryption, String> {
-    let chunk_size = crate::crypto::v2::DEFAULT_CHUNK;
-    if !cmd.recipient_public_key.is_empty() {
-        let bytes: [u8; 32] = cmd.recipient_public_key.as_slice().try_into().map_err(|_| {
-            format!(
-                "recipient_public_key has {} bytes; an X25519 public key has 32",
-                cmd.recipient_public_key.len()
-            )
-        })?;
-        return Ok(Encryption::V2Recipient { recipient: Recipient::from_bytes(bytes), chunk_size });
-    }
-    match cmd.encrypted_dek.len() {
-        0 if job.encryption_enabled => {
-            Err("no data key: the job requires encryption but RunBackup carried no encrypted_dek".into())
+/// Where the control plane said the object goes; the key is its, not the agent's.
+enum Upload {
+    Multipart { storage: S3Storage, key: String },
+    Presigned { writer: Option<StepOnCommit>, key: String },
+}
+
+impl Destination for Upload {
+    fn create(
+        &mut self,
+        _: &ObjectName<'_>,
+        cancel: &Cancel,
+    ) -> Result<(Box<dyn ObjectWriter>, String), String> {
+        match self {
+            Upload::Multipart { storage, key } => {
+                Ok((Box::new(storage.create_cancellable(key, cancel.clone())), key.clone()))
+            }
+            Upload::Presigned { writer, key } => match writer.take() {
+                Some(w) => Ok((Box::new(w), key.clone())),
+                None => Err("internal error: the presigned PUT was already used".into()),
+            },
         }
-        0 => Ok(Encryption::None),
-        32 => Ok(Encryption::V2Raw {
-            key: DataKey::from_slice(&cmd.encrypted_dek).map_err(|e| e.to_string())?,
-            chunk_size,
-        }),
-        n => Err(format!("encrypted_dek has {n} bytes; a raw data key has 32")),
+    }
+
+    fn describe(&self, key: &str) -> String {
+        key.to_string()
+    }
+
+    fn seal(&mut self, _: &Stored) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -145,159 +245,8 @@ impl std::io::Write for StepOnCommit {
 
 impl ObjectWriter for StepOnCommit {
     fn commit(self: Box<Self>) -> std::io::Result<crate::storage::StoredObject> {
-        let _ = self.events.send(RunEvent::Step { run_id: self.run_id.clone(), step: "uploading" });
+        let step = runner::step::UPLOADING;
+        let _ = self.events.send(RunEvent::Step { run_id: self.run_id.clone(), step });
         self.inner.commit()
     }
-}
-
-/// Runs one backup to completion on this thread and reports through `events`.
-pub fn run(
-    settings: &RunSettings,
-    input: RunInput,
-    cancel: Cancel,
-    progress: Arc<Progress>,
-    events: Sender<RunEvent>,
-) {
-    let run_id = input.command.run_id.clone();
-    crate::logfwd::set_job(Some(&input.job.id));
-    let result = run_with_hooks(settings, &input, &cancel, progress, &events)
-        .map_err(|e| secrets::redact(&crate::storage::s3::redact_urls(&e)));
-    crate::logfwd::set_job(None);
-    let _ = events.send(RunEvent::Finished { run_id, result });
-}
-
-fn run_with_hooks(
-    settings: &RunSettings,
-    input: &RunInput,
-    cancel: &Cancel,
-    progress: Arc<Progress>,
-    events: &Sender<RunEvent>,
-) -> Result<pb::BackupCompleted, String> {
-    let (job, cmd) = (&input.job, &input.command);
-    let step = |step| {
-        let _ = events.send(RunEvent::Step { run_id: cmd.run_id.clone(), step });
-    };
-    if (!job.pre_hooks.is_empty() || !job.post_hooks.is_empty()) && !settings.allow_hooks {
-        return Err(format!(
-            "job {} has {} pre-hook(s) and {} post-hook(s) pushed by the control plane; this host runs pushed hooks only with BACKUPY_ALLOW_HOOKS=true",
-            job.id,
-            job.pre_hooks.len(),
-            job.post_hooks.len()
-        ));
-    }
-    let ctx = |run_status| hooks::HookContext {
-        job_id: &job.id,
-        run_id: &cmd.run_id,
-        target_id: &job.target_id,
-        run_status,
-    };
-    let mut result = Ok(());
-    if !job.pre_hooks.is_empty() {
-        step("pre_hooks");
-        for hook in &job.pre_hooks {
-            if let Err(e) = hooks::run(hook, &ctx(None), settings.hook_timeout, cancel) {
-                log::error!("job {}: {e}", job.id);
-                result = Err(format!("{e}; the backup did not start"));
-                break;
-            }
-        }
-    }
-    let result = result.and_then(|()| backup(settings, input, cancel, progress, &step, events));
-    if !job.post_hooks.is_empty() {
-        step("post_hooks");
-        let status = match &result {
-            Ok(_) => "success",
-            Err(_) if cancel.is_cancelled() => "cancelled",
-            Err(_) => "failed",
-        };
-        for hook in &job.post_hooks {
-            if let Err(e) = hooks::run(hook, &ctx(Some(status)), settings.hook_timeout, &Cancel::default()) {
-                log::warn!("job {}: {e}", job.id);
-            }
-        }
-    }
-    result
-}
-
-fn backup(
-    settings: &RunSettings,
-    input: &RunInput,
-    cancel: &Cancel,
-    progress: Arc<Progress>,
-    step: &dyn Fn(&'static str),
-    events: &Sender<RunEvent>,
-) -> Result<pb::BackupCompleted, String> {
-    let (job, cmd) = (&input.job, &input.command);
-    let t0 = Instant::now();
-    let spec = target_spec(&input.target)?;
-    let compression = Compression::parse(&job.compression).map_err(|e| format!("job {}: {e}", job.id))?;
-    let encryption = encryption_for(job, cmd)?;
-    let prepared = encryption
-        .prepare(compression.header_code())
-        .map_err(|e| format!("cannot prepare encryption: {e}"))?;
-    let creds = cmd.upload_creds.clone().unwrap_or_default();
-    let (writer, s3_key): (Box<dyn ObjectWriter>, String) = match &creds.multipart {
-        Some(mp) => {
-            let mut target = S3Target::from_wire(mp, settings.allow_insecure).map_err(|e| e.to_string())?;
-            target.ca_file = settings.ca_file.clone();
-            let storage = S3Storage::new(target, Some(&settings.state_dir)).map_err(|e| e.to_string())?;
-            (Box::new(storage.create_cancellable(&mp.key, cancel.clone())), mp.key.clone())
-        }
-        None if !creds.presigned_put_url.is_empty() => {
-            let mut put = PresignedPut::new(
-                &creds.presigned_put_url,
-                &creds.final_s3_key,
-                creds.expires_at_ms,
-                &settings.state_dir.join("spool"),
-            )
-            .map_err(|e| e.to_string())?;
-            if let Some(ca) = &settings.ca_file {
-                put = put.with_ca_file(ca).map_err(|e| e.to_string())?;
-            }
-            let writer =
-                StepOnCommit { inner: Box::new(put), run_id: cmd.run_id.clone(), events: events.clone() };
-            (Box::new(writer), creds.final_s3_key.clone())
-        }
-        None => {
-            return Err("RunBackup carried no upload target (neither multipart nor presigned_put_url)".into());
-        }
-    };
-    step("dumping");
-    let ctx = drivers::DumpContext {
-        temp_dir: settings.state_dir.join("tmp"),
-        pipeline_compresses: compression != Compression::None,
-    };
-    let drivers::Dump { source, engine_version } = drivers::dump(&spec, &ctx).map_err(|e| e.to_string())?;
-    if let Some(bytes) = source.size_hint {
-        let _ = events.send(RunEvent::Estimate { run_id: cmd.run_id.clone(), bytes });
-    }
-    log::info!(
-        "job {}: run {} backing up target {} ({engine_version}) to {s3_key}",
-        job.id,
-        cmd.run_id,
-        spec.id
-    );
-    let key_id = prepared.key_id.clone();
-    let encrypted_dek = prepared.encrypted_dek.clone();
-    let opts = pipeline::Options::new(compression, prepared);
-    let out = pipeline::run(source, opts, writer, cancel, progress).map_err(|e| e.to_string())?;
-    log::info!(
-        "job {}: run {} stored {s3_key} ({} bytes, dump {} bytes)",
-        job.id,
-        cmd.run_id,
-        out.stored_bytes,
-        out.dump_bytes
-    );
-    Ok(pb::BackupCompleted {
-        job_id: job.id.clone(),
-        run_id: cmd.run_id.clone(),
-        s3_key,
-        size_bytes: out.stored_bytes,
-        sha256: out.sha256,
-        duration_ms: t0.elapsed().as_millis() as u64,
-        dek_kms_id: key_id,
-        encrypted_dek,
-        compression: compression.name().to_string(),
-        db_engine_version: engine_version,
-    })
 }

@@ -357,7 +357,7 @@ fn new_agent(socket: &Path) -> ureq::Agent {
         .http_status_as_error(false)
         .timeout_global(Some(REQUEST_TIMEOUT))
         .timeout_connect(Some(CONNECT_TIMEOUT))
-        .user_agent(format!("backupy-agent/{}", crate::runner::AGENT_VERSION))
+        .user_agent(format!("backupy-agent/{}", crate::AGENT_VERSION))
         .build();
     ureq::Agent::with_parts(config, UnixConnector { socket: socket.to_path_buf() }, NoResolver)
 }

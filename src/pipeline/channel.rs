@@ -8,7 +8,7 @@ use std::io::{self, Write};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::Cancel;
+use crate::cancel::Cancel;
 
 pub enum Msg {
     Data(Vec<u8>),

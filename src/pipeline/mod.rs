@@ -15,13 +15,14 @@ pub mod source;
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use sha2::{Digest, Sha256};
 
+use crate::cancel::Cancel;
 use crate::crypto::PreparedEncryption;
 use crate::storage::{ObjectWriter, StoredObject};
 use channel::{ChannelWriter, Msg, recv};
@@ -32,20 +33,6 @@ pub use source::Source;
 pub const DEFAULT_BUFFER_SIZE: usize = 1 << 20;
 /// Buffers each channel may hold.
 pub const DEFAULT_CHANNEL_DEPTH: usize = 4;
-
-/// A cancellation flag shared by the stages of one run (and whoever may cancel it).
-#[derive(Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
-
-impl Cancel {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 /// Live byte counters for progress displays; written by the stages, read by anyone.
 #[derive(Default)]

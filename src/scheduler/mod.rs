@@ -33,10 +33,17 @@
 //!   between its last success and now, runs once (not once per missed fire).
 //! - A job's timeout counts from the moment a worker takes the run. When it elapses the
 //!   scheduler sets the run's [`Cancel`]; the run then counts as failed ("timed out").
+//! - [`SchedulerCommand::Submit`] queues a run from outside the cron schedule (connected
+//!   mode's RunBackup) behind the others: the same workers, the same parallel limit, its
+//!   own timeout. It is never retried and never skipped; [`SchedulerCommand::CancelRun`]
+//!   drops it while it is queued ([`Work::dropped`]) or cancels it while it runs.
+//! - [`SchedulerCommand::SetMaxParallel`] changes the number of runs at a time (connected
+//!   mode's pushed `max_parallel_jobs`); runs in flight are never stopped for it.
 //! - [`SchedulerCommand::Shutdown`] drops queued runs and pending retries, lets running
 //!   ones finish within the grace period, then cancels them, waits for them (run
 //!   functions must stop promptly once cancelled) and for the workers, and the thread
-//!   returns the [`Summary`].
+//!   returns the [`Summary`]. A [`Cancel`] set by the scheduler says why: a timeout or
+//!   the shutdown.
 
 pub mod clock;
 pub mod cron;
@@ -55,7 +62,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use crossbeam_channel::{Receiver, Sender};
 use uuid::Uuid;
 
-use crate::pipeline::Cancel;
+use crate::cancel::{Cancel, CancelReason};
 pub use clock::{Clock, ManualClock, Sleeper, SystemClock};
 pub use cron::CronSchedule;
 use pool::{Dispatch, Pool};
@@ -128,6 +135,35 @@ pub enum RunOutcome {
     Cancelled,
 }
 
+/// A run handed to the scheduler from outside its cron schedule.
+pub trait Work: Send {
+    /// Runs on a worker thread; must return promptly once `cancel` is set.
+    fn run(self: Box<Self>, cancel: Cancel) -> RunOutcome;
+    /// Called on the scheduler thread instead of [`Work::run`] when the run is dropped
+    /// before a worker took it: cancelled while queued, or the scheduler shutting down.
+    fn dropped(self: Box<Self>, reason: SkipReason);
+}
+
+/// A run from outside the cron schedule (connected mode's RunBackup).
+pub struct Submission {
+    pub job_id: String,
+    /// Chosen by the caller, so it can cancel the run with [`SchedulerCommand::CancelRun`].
+    pub run_id: Uuid,
+    /// The whole run, counted from the moment a worker takes it; `None`: no limit.
+    pub timeout: Option<Duration>,
+    pub work: Box<dyn Work>,
+}
+
+impl fmt::Debug for Submission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Submission")
+            .field("job_id", &self.job_id)
+            .field("run_id", &self.run_id)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Everything the scheduler thread can be asked to do.
 #[derive(Debug)]
 pub enum SchedulerCommand {
@@ -138,6 +174,12 @@ pub enum SchedulerCommand {
     /// Stop new runs, give running ones `grace` to finish, then cancel them. A second
     /// `Shutdown` can only shorten the grace.
     Shutdown { grace: Duration },
+    /// Queue a run from outside the cron schedule.
+    Submit(Submission),
+    /// Drop a submitted run that waits for a worker, or cancel it if it runs.
+    CancelRun { run_id: Uuid },
+    /// Run at most this many at a time from now on (0 counts as 1).
+    SetMaxParallel(usize),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -150,6 +192,8 @@ pub enum SkipReason {
     UnknownJob,
     /// The scheduler is shutting down.
     ShuttingDown,
+    /// A submitted run was cancelled before a worker took it.
+    Cancelled,
 }
 
 impl fmt::Display for SkipReason {
@@ -159,6 +203,7 @@ impl fmt::Display for SkipReason {
             SkipReason::MaintenanceWindow => "inside the maintenance window",
             SkipReason::UnknownJob => "no such job",
             SkipReason::ShuttingDown => "the scheduler is shutting down",
+            SkipReason::Cancelled => "cancelled before it started",
         })
     }
 }
@@ -319,8 +364,8 @@ pub struct Scheduler {
     events: Option<Sender<SchedulerEvent>>,
     commands: Receiver<SchedulerCommand>,
     pool: Pool,
-    /// Runs waiting for a worker: (job index, request).
-    queue: VecDeque<(usize, RunRequest)>,
+    /// Runs waiting for a worker.
+    queue: VecDeque<Queued>,
     running: HashMap<Uuid, Running>,
     shutting_down: bool,
     summary: Summary,
@@ -341,10 +386,20 @@ struct Pending {
     attempt: u32,
 }
 
+/// A run waiting for a worker: a cron job's (`job` set) or a submitted one (`work` set).
+struct Queued {
+    job: Option<usize>,
+    request: RunRequest,
+    timeout: Option<Duration>,
+    work: Option<Box<dyn Work>>,
+}
+
 struct Running {
-    job: usize,
+    /// `None` for a submitted run.
+    job: Option<usize>,
     request: RunRequest,
     cancel: Cancel,
+    timeout: Option<Duration>,
     deadline: Option<DateTime<Utc>>,
     timed_out: bool,
 }
@@ -366,7 +421,7 @@ impl Scheduler {
         }
         let max_parallel = max_parallel_jobs.max(1);
         let (commands_tx, commands) = crossbeam_channel::unbounded();
-        let pool = Pool::start(max_parallel, Arc::new(run), &commands_tx)?;
+        let pool = Pool::start(max_parallel, Arc::new(run), commands_tx.clone())?;
         let now = clock.now();
         let jobs = jobs
             .into_iter()
@@ -405,7 +460,53 @@ impl Scheduler {
                 Some(SchedulerCommand::RunFinished { job_id, run_id, outcome }) => {
                     self.finished(&job_id, run_id, outcome)
                 }
+                Some(SchedulerCommand::Submit(submission)) => self.submit(submission),
+                Some(SchedulerCommand::CancelRun { run_id }) => self.cancel_run(run_id),
+                Some(SchedulerCommand::SetMaxParallel(n)) => self.set_max_parallel(n),
             }
+        }
+    }
+
+    fn submit(&mut self, s: Submission) {
+        if self.shutting_down {
+            log::warn!("job {}: submitted run {} dropped: {}", s.job_id, s.run_id, SkipReason::ShuttingDown);
+            self.summary.skipped_shutting_down += 1;
+            return s.work.dropped(SkipReason::ShuttingDown);
+        }
+        let request = RunRequest {
+            job_id: s.job_id,
+            run_id: s.run_id,
+            attempt: 1,
+            scheduled_for: self.clock.now(),
+            manual: true,
+        };
+        if self.running.len() + self.queue.len() >= self.max_parallel {
+            log::info!("job {}: waiting for one of the {} workers", request.job_id, self.max_parallel);
+        }
+        self.queue.push_back(Queued { job: None, request, timeout: s.timeout, work: Some(s.work) });
+    }
+
+    fn cancel_run(&mut self, run_id: Uuid) {
+        if let Some(at) = self.queue.iter().position(|q| q.request.run_id == run_id) {
+            if let Some(Queued { request, work, .. }) = self.queue.remove(at) {
+                log::info!("job {}: run {run_id} cancelled before it started", request.job_id);
+                if let Some(work) = work {
+                    work.dropped(SkipReason::Cancelled);
+                }
+            }
+        } else if let Some(run) = self.running.get(&run_id) {
+            run.cancel.cancel();
+        }
+    }
+
+    fn set_max_parallel(&mut self, n: usize) {
+        let n = n.max(1);
+        if n != self.max_parallel {
+            log::info!("max_parallel_jobs: {} → {n}", self.max_parallel);
+        }
+        self.max_parallel = n;
+        if let Err(e) = self.pool.grow(n) {
+            log::error!("cannot start more worker threads: {e}");
         }
     }
 
@@ -494,14 +595,14 @@ impl Scheduler {
         if self.running.len() + self.queue.len() >= self.max_parallel {
             log::info!("job {}: waiting for one of the {} workers", request.job_id, self.max_parallel);
         }
-        self.queue.push_back((i, request));
+        let timeout = job.spec.timeout;
+        self.queue.push_back(Queued { job: Some(i), request, timeout, work: None });
     }
 
     /// Hands queued runs to idle workers.
     fn dispatch(&mut self, now: DateTime<Utc>) {
-        while self.running.len() < self.max_parallel {
-            let Some((job, request)) = self.queue.pop_front() else { return };
-            let timeout = self.jobs[job].spec.timeout;
+        while self.running.len() < self.max_parallel.min(self.pool.size()) {
+            let Some(Queued { job, request, timeout, work }) = self.queue.pop_front() else { return };
             let deadline = timeout.and_then(|t| now.checked_add_signed(TimeDelta::from_std(t).ok()?));
             let cancel = Cancel::default();
             let kind = if request.manual { "manual run" } else { "run" };
@@ -514,10 +615,16 @@ impl Scheduler {
             self.summary.started += 1;
             self.emit(SchedulerEvent::RunStarted(request.clone()));
             let (job_id, run_id) = (request.job_id.clone(), request.run_id);
-            let running =
-                Running { job, request: request.clone(), cancel: cancel.clone(), deadline, timed_out: false };
+            let running = Running {
+                job,
+                request: request.clone(),
+                cancel: cancel.clone(),
+                timeout,
+                deadline,
+                timed_out: false,
+            };
             self.running.insert(run_id, running);
-            if self.pool.dispatch(Dispatch { request, cancel }).is_err() {
+            if self.pool.dispatch(Dispatch { request, cancel, work }).is_err() {
                 self.finished(&job_id, run_id, RunOutcome::Failed("no worker thread is left".to_string()));
             }
         }
@@ -527,7 +634,7 @@ impl Scheduler {
         for run in self.running.values_mut() {
             if !run.timed_out && run.deadline.is_some_and(|d| d <= now) {
                 run.timed_out = true;
-                run.cancel.cancel();
+                run.cancel.cancel_because(CancelReason::TimedOut);
                 let (job_id, run_id) = (run.request.job_id.clone(), run.request.run_id);
                 log::warn!("job {job_id}: run {run_id} timed out; cancelling it");
                 if let Some(events) = &self.events {
@@ -542,16 +649,14 @@ impl Scheduler {
             log::warn!("job {job_id}: ignoring the end of run {run_id}, which is not running");
             return;
         };
-        let job = &mut self.jobs[run.job];
-        job.busy = false;
+        if let Some(job) = run.job {
+            self.jobs[job].busy = false;
+        }
         let outcome = match outcome {
             RunOutcome::Success => RunOutcome::Success,
             _ if run.timed_out => {
                 self.summary.timed_out += 1;
-                RunOutcome::Failed(format!(
-                    "timed out after {}",
-                    seconds(job.spec.timeout.unwrap_or_default())
-                ))
+                RunOutcome::Failed(format!("timed out after {}", seconds(run.timeout.unwrap_or_default())))
             }
             other => other,
         };
@@ -570,17 +675,17 @@ impl Scheduler {
                 log::error!("job {job_id}: run {run_id} (attempt {}) failed: {error}", request.attempt);
             }
         }
-        let retry = match outcome {
-            RunOutcome::Failed(_) if !request.manual && !self.shutting_down => {
-                job.spec.retry.delay_after(request.attempt)
+        let retry = match (run.job, &outcome) {
+            (Some(job), RunOutcome::Failed(_)) if !request.manual && !self.shutting_down => {
+                self.jobs[job].spec.retry.delay_after(request.attempt).map(|delay| (job, delay))
             }
             _ => None,
         };
         let attempt = request.attempt + 1;
         self.emit(SchedulerEvent::RunFinished { request, outcome });
-        if let Some(delay) = retry {
+        if let Some((job, delay)) = retry {
             let at = self.clock.now() + TimeDelta::from_std(delay).unwrap_or(TimeDelta::MAX);
-            self.jobs[run.job].pending = Some(Pending { at, attempt });
+            self.jobs[job].pending = Some(Pending { at, attempt });
             self.summary.retries_scheduled += 1;
             log::info!("job {job_id}: attempt {attempt} at {at}");
             self.emit(SchedulerEvent::RetryScheduled { job_id: job_id.to_string(), attempt, at });
@@ -597,6 +702,7 @@ impl Scheduler {
             SkipReason::MaintenanceWindow => self.summary.skipped_maintenance_window += 1,
             SkipReason::UnknownJob => self.summary.skipped_unknown_job += 1,
             SkipReason::ShuttingDown => self.summary.skipped_shutting_down += 1,
+            SkipReason::Cancelled => {}
         }
         self.emit(SchedulerEvent::RunSkipped { job_id, scheduled_for, manual, reason });
     }
@@ -612,9 +718,20 @@ impl Scheduler {
         let now = self.clock.now();
         log::info!("shutting down: {} run(s) in flight get {} to finish", self.running.len(), seconds(grace));
         self.emit(SchedulerEvent::ShutdownStarted { running: self.running.len() });
-        for (i, request) in std::mem::take(&mut self.queue) {
-            self.jobs[i].busy = false;
-            self.skip(i, request.scheduled_for, request.manual, SkipReason::ShuttingDown);
+        for Queued { job, request, work, .. } in std::mem::take(&mut self.queue) {
+            if let Some(i) = job {
+                self.jobs[i].busy = false;
+                self.skip(i, request.scheduled_for, request.manual, SkipReason::ShuttingDown);
+            } else if let Some(work) = work {
+                log::warn!(
+                    "job {}: run {} dropped: {}",
+                    request.job_id,
+                    request.run_id,
+                    SkipReason::ShuttingDown
+                );
+                self.summary.skipped_shutting_down += 1;
+                work.dropped(SkipReason::ShuttingDown);
+            }
         }
         for job in &mut self.jobs {
             job.next_fire = None;
@@ -629,7 +746,7 @@ impl Scheduler {
                 cancelled = true;
                 log::warn!("grace period over: cancelling {} run(s)", self.running.len());
                 for run in self.running.values() {
-                    run.cancel.cancel();
+                    run.cancel.cancel_because(CancelReason::Shutdown);
                 }
             }
             let wake = if cancelled { None } else { earliest(self.next_wake(), grace_end) };
@@ -642,6 +759,9 @@ impl Scheduler {
                 Some(SchedulerCommand::RunFinished { job_id, run_id, outcome }) => {
                     self.finished(&job_id, run_id, outcome)
                 }
+                Some(SchedulerCommand::Submit(submission)) => self.submit(submission),
+                Some(SchedulerCommand::CancelRun { run_id }) => self.cancel_run(run_id),
+                Some(SchedulerCommand::SetMaxParallel(n)) => self.max_parallel = n.max(1),
             }
         }
         let Scheduler { pool, summary, .. } = self;

@@ -3,10 +3,12 @@
 //!
 //! Each worker takes a [`Dispatch`] from the dispatch channel (written only by the
 //! scheduler thread, which hands out no more runs than there are workers), calls the
-//! caller's run function with the run's [`Cancel`], and sends the outcome back on the
+//! caller's run function (or the submitted run's [`Work`]) with the run's [`Cancel`],
+//! and sends the outcome back on the
 //! scheduler's command channel as [`SchedulerCommand::RunFinished`]. A panicking run
 //! is reported as failed and the worker lives on. Workers know nothing about time,
-//! timeouts or other jobs: the scheduler cancels a run by setting its `Cancel`.
+//! timeouts or other jobs: the scheduler cancels a run by setting its `Cancel`. The pool
+//! only grows ([`Pool::grow`]): a worker more than the limit needs just stays idle.
 
 use std::any::Any;
 use std::io;
@@ -16,8 +18,8 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::{RunOutcome, RunRequest, SchedulerCommand};
-use crate::pipeline::Cancel;
+use super::{RunOutcome, RunRequest, SchedulerCommand, Work};
+use crate::cancel::Cancel;
 
 /// The caller's run function, shared by every worker.
 pub(super) type RunFn = dyn Fn(RunRequest, Cancel) -> RunOutcome + Send + Sync;
@@ -25,25 +27,40 @@ pub(super) type RunFn = dyn Fn(RunRequest, Cancel) -> RunOutcome + Send + Sync;
 pub(super) struct Dispatch {
     pub request: RunRequest,
     pub cancel: Cancel,
+    /// A submitted run; `None`: a cron job's, for the run function.
+    pub work: Option<Box<dyn Work>>,
 }
 
 pub(super) struct Pool {
     dispatch: Option<Sender<Dispatch>>,
+    work: Receiver<Dispatch>,
+    run: Arc<RunFn>,
+    done: Sender<SchedulerCommand>,
     workers: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
-    pub fn start(size: usize, run: Arc<RunFn>, done: &Sender<SchedulerCommand>) -> io::Result<Pool> {
+    pub fn start(size: usize, run: Arc<RunFn>, done: Sender<SchedulerCommand>) -> io::Result<Pool> {
         let (dispatch, work) = crossbeam_channel::unbounded::<Dispatch>();
-        let mut workers = Vec::with_capacity(size);
-        for n in 1..=size {
-            let (work, run, done) = (work.clone(), run.clone(), done.clone());
+        let mut pool = Pool { dispatch: Some(dispatch), work, run, done, workers: Vec::with_capacity(size) };
+        pool.grow(size)?;
+        Ok(pool)
+    }
+
+    /// Starts workers until there are `size`.
+    pub fn grow(&mut self, size: usize) -> io::Result<()> {
+        while self.workers.len() < size {
+            let (work, run, done) = (self.work.clone(), self.run.clone(), self.done.clone());
             let worker = thread::Builder::new()
-                .name(format!("worker-{n}"))
+                .name(format!("worker-{}", self.workers.len() + 1))
                 .spawn(move || work_loop(&work, &*run, &done))?;
-            workers.push(worker);
+            self.workers.push(worker);
         }
-        Ok(Pool { dispatch: Some(dispatch), workers })
+        Ok(())
+    }
+
+    pub fn size(&self) -> usize {
+        self.workers.len()
     }
 
     /// Hands a run to an idle worker; gives it back if no worker is left.
@@ -64,12 +81,13 @@ impl Pool {
 }
 
 fn work_loop(work: &Receiver<Dispatch>, run: &RunFn, done: &Sender<SchedulerCommand>) {
-    for Dispatch { request, cancel } in work.iter() {
+    for Dispatch { request, cancel, work } in work.iter() {
         let (job_id, run_id) = (request.job_id.clone(), request.run_id);
-        let outcome =
-            panic::catch_unwind(AssertUnwindSafe(|| run(request, cancel))).unwrap_or_else(|payload| {
-                RunOutcome::Failed(format!("run panicked: {}", panic_message(&*payload)))
-            });
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| match work {
+            Some(work) => work.run(cancel),
+            None => run(request, cancel),
+        }))
+        .unwrap_or_else(|payload| RunOutcome::Failed(format!("run panicked: {}", panic_message(&*payload))));
         if done.send(SchedulerCommand::RunFinished { job_id, run_id, outcome }).is_err() {
             return;
         }

@@ -33,7 +33,7 @@ impl Storage {
     }
 
     /// Starts writing `key`; a cancelled run's writer stops waiting on slow storage.
-    pub fn create(&self, key: &str, cancel: &crate::pipeline::Cancel) -> io::Result<Box<dyn ObjectWriter>> {
+    pub fn create(&self, key: &str, cancel: &crate::cancel::Cancel) -> io::Result<Box<dyn ObjectWriter>> {
         Ok(match self {
             Storage::Dir(d) => Box::new(d.create(key)?),
             Storage::S3(s) => Box::new(s.create_cancellable(key, cancel.clone())),

@@ -29,7 +29,7 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use serde::{Deserialize, Serialize};
 
 use super::{ObjectWriter, StoredObject};
-use crate::pipeline::Cancel;
+use crate::cancel::Cancel;
 use crate::secrets::Secret;
 
 pub const MIB: u64 = 1 << 20;

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use backupy_agent::cancel::Cancel;
 use backupy_agent::crypto::{self, DataKey, Encryption, KeySource};
 use backupy_agent::drivers::{self, DumpContext, TargetSpec};
 use backupy_agent::pipeline::compress::decompress_by_magic;
-use backupy_agent::pipeline::{self, Cancel, Compression, Progress};
+use backupy_agent::pipeline::{self, Compression, Progress};
 use backupy_agent::storage::{DirStorage, ObjectWriter, StoredObject};
 
 /// The marker a test sets when it re-runs one of its `#[ignore]`d helpers in a child
