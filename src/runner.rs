@@ -366,3 +366,33 @@ pub fn record_finish(state: &StateDb, metrics: &Metrics, outcome: &RunOutcome, e
     }
     metrics.record_run(&outcome.job_id, status.as_str(), outcome.elapsed, size);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(kind: ErrorKind) -> RunOutcome {
+        RunOutcome::refused("j", "r", RunError::new("j", kind, "x"))
+    }
+
+    #[test]
+    fn a_timeout_is_a_failure_and_other_stops_are_cancels() {
+        assert_eq!(failed(ErrorKind::Cancelled(CancelReason::TimedOut)).status(), RunStatus::Failed);
+        assert_eq!(failed(ErrorKind::Cancelled(CancelReason::Requested)).status(), RunStatus::Cancelled);
+        assert_eq!(failed(ErrorKind::Cancelled(CancelReason::Shutdown)).status(), RunStatus::Cancelled);
+        assert_eq!(failed(ErrorKind::Dump).status(), RunStatus::Failed);
+    }
+
+    #[test]
+    fn an_error_while_cancelled_takes_the_cancel_as_its_kind_and_keeps_its_source() {
+        let cancel = Cancel::default();
+        let io = || std::io::Error::other("broken pipe");
+        let e = RunError::from_source("j", ErrorKind::Pipeline, io(), &cancel);
+        assert_eq!(e.kind, ErrorKind::Pipeline);
+        cancel.cancel_because(CancelReason::TimedOut);
+        let e = RunError::from_source("j", ErrorKind::Pipeline, io(), &cancel);
+        assert_eq!(e.kind, ErrorKind::Cancelled(CancelReason::TimedOut));
+        assert_eq!(e.to_string(), "job j: broken pipe");
+        assert_eq!(std::error::Error::source(&e).map(|s| s.to_string()), Some("broken pipe".into()));
+    }
+}

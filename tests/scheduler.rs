@@ -9,14 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use backupy_agent::cancel::Cancel;
+use backupy_agent::cancel::{Cancel, CancelReason};
 use backupy_agent::scheduler::{
     Clock, CronSchedule, JobSchedule, MaintenanceWindow, ManualClock, PlannedJob, RetryPolicy, RunOutcome,
     RunRequest, Scheduler, SchedulerCommand, SchedulerEvent, SchedulerHandle, SchedulerOptions, SkipReason,
-    Sleeper, Summary, SystemClock, plan,
+    Sleeper, Submission, Summary, SystemClock, Work, plan,
 };
 use chrono::{DateTime, Utc};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use uuid::Uuid;
 
 /// Real time allowed for the scheduler to react to one step of a test.
 const WAIT: Duration = Duration::from_secs(10);
@@ -220,6 +221,13 @@ impl Harness {
     /// The scheduler is asleep until `until` and has nothing more to report.
     fn asleep_until(&self, until: &str) {
         assert_eq!(self.clock.wait_for_sleeper(WAIT), Some(Sleeper::Until(t(until))));
+        let extra: Vec<SchedulerEvent> = self.events.try_iter().collect();
+        assert!(extra.is_empty(), "unexpected events: {extra:?}");
+    }
+
+    /// The scheduler is asleep with no timer at all and has nothing more to report.
+    fn asleep_until_nothing(&self) {
+        assert_eq!(self.clock.wait_for_sleeper(WAIT), Some(Sleeper::Indefinitely));
         let extra: Vec<SchedulerEvent> = self.events.try_iter().collect();
         assert!(extra.is_empty(), "unexpected events: {extra:?}");
     }
@@ -591,4 +599,175 @@ fn the_system_clock_fires_a_seconds_schedule() {
     }
     let summary = handle.shutdown(Duration::from_secs(5));
     assert!(summary.started >= 1);
+}
+
+// ---------------------------------------------------------------- submitted runs
+// Connected mode's RunBackups: the same workers, limit and timeouts as cron runs.
+
+/// What a submitted run saw: that it started, why it was cancelled, or that it was
+/// dropped before it started.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Started(&'static str),
+    Cancelled(&'static str, Option<CancelReason>),
+    Dropped(&'static str, SkipReason),
+}
+
+/// A submitted run that waits for its gate (or its cancel) and reports what it saw.
+struct GatedWork {
+    name: &'static str,
+    gate: Receiver<RunOutcome>,
+    seen: Sender<Seen>,
+}
+
+impl Work for GatedWork {
+    fn run(self: Box<Self>, cancel: Cancel) -> RunOutcome {
+        let _ = self.seen.send(Seen::Started(self.name));
+        loop {
+            if cancel.is_cancelled() {
+                let _ = self.seen.send(Seen::Cancelled(self.name, cancel.reason()));
+                return RunOutcome::Cancelled;
+            }
+            match self.gate.recv_timeout(Duration::from_millis(2)) {
+                Ok(outcome) => return outcome,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return RunOutcome::Failed("test ended".into()),
+            }
+        }
+    }
+
+    fn dropped(self: Box<Self>, reason: SkipReason) {
+        let _ = self.seen.send(Seen::Dropped(self.name, reason));
+    }
+}
+
+/// Submits `name` with `timeout`; returns its scheduler id and its gate.
+fn submit(
+    h: &Harness,
+    seen: &Sender<Seen>,
+    name: &'static str,
+    timeout: Option<Duration>,
+) -> (Uuid, Sender<RunOutcome>) {
+    let (gate_tx, gate) = crossbeam_channel::unbounded();
+    let run_id = Uuid::new_v4();
+    let work = Box::new(GatedWork { name, gate, seen: seen.clone() });
+    h.send(SchedulerCommand::Submit(Submission { job_id: name.into(), run_id, timeout, work }));
+    (run_id, gate_tx)
+}
+
+fn next_seen(seen: &Receiver<Seen>) -> Seen {
+    seen.recv_timeout(WAIT).unwrap_or_else(|e| panic!("no submitted run reported within {WAIT:?}: {e}"))
+}
+
+fn no_cron_jobs(max_parallel: usize) -> SchedulerOptions {
+    let mut o = options(Vec::new(), &[]);
+    o.max_parallel_jobs = max_parallel;
+    o
+}
+
+#[test]
+fn submitted_runs_wait_for_a_worker_in_order_and_a_cancel_drops_a_queued_one() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T10:00:00Z")));
+    let h = Harness::start(clock, no_cron_jobs(1), |_, _| RunOutcome::Failed("no cron runs here".into()));
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let (a, gate_a) = submit(&h, &seen_tx, "a", None);
+    let (b, _gate_b) = submit(&h, &seen_tx, "b", None);
+    let (c, gate_c) = submit(&h, &seen_tx, "c", None);
+
+    assert_eq!(h.started().run_id, a);
+    assert_eq!(next_seen(&seen), Seen::Started("a"));
+    h.send(SchedulerCommand::CancelRun { run_id: b });
+    assert_eq!(next_seen(&seen), Seen::Dropped("b", SkipReason::Cancelled));
+    // One worker: c waits for a, and b never runs.
+    assert!(seen.try_recv().is_err());
+
+    gate_a.send(RunOutcome::Success).unwrap();
+    let (request, outcome) = h.finished();
+    assert_eq!((request.run_id, request.manual, outcome), (a, true, RunOutcome::Success));
+    assert_eq!(h.started().run_id, c);
+    assert_eq!(next_seen(&seen), Seen::Started("c"));
+    gate_c.send(RunOutcome::Failed("dump failed".into())).unwrap();
+    // A submitted run is never retried.
+    assert_eq!(h.finished().1, RunOutcome::Failed("dump failed".into()));
+    let summary = h.shutdown(Duration::ZERO);
+    assert_eq!((summary.started, summary.succeeded, summary.failed, summary.retries_scheduled), (2, 1, 1, 0));
+}
+
+#[test]
+fn a_running_submitted_run_is_cancelled_as_requested() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T10:00:00Z")));
+    let h = Harness::start(clock, no_cron_jobs(2), |_, _| RunOutcome::Failed("no cron runs here".into()));
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let (a, _gate) = submit(&h, &seen_tx, "a", None);
+    assert_eq!(h.started().run_id, a);
+    assert_eq!(next_seen(&seen), Seen::Started("a"));
+    h.send(SchedulerCommand::CancelRun { run_id: a });
+    assert_eq!(next_seen(&seen), Seen::Cancelled("a", Some(CancelReason::Requested)));
+    assert_eq!(h.finished().1, RunOutcome::Cancelled);
+    assert_eq!(h.shutdown(Duration::ZERO).cancelled, 1);
+}
+
+#[test]
+fn a_submitted_run_past_its_timeout_is_cancelled_as_timed_out() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T10:00:00Z")));
+    let h = Harness::start(clock, no_cron_jobs(2), |_, _| RunOutcome::Failed("no cron runs here".into()));
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let (a, _gate) = submit(&h, &seen_tx, "a", Some(Duration::from_secs(30)));
+    let request = h.started();
+    assert_eq!(request.run_id, a);
+    h.asleep_until("2028-01-03T10:00:30Z");
+
+    h.set("2028-01-03T10:00:30Z");
+    assert_eq!(h.event(), SchedulerEvent::RunTimedOut { job_id: "a".into(), run_id: a });
+    assert_eq!(next_seen(&seen), Seen::Started("a"));
+    assert_eq!(next_seen(&seen), Seen::Cancelled("a", Some(CancelReason::TimedOut)));
+    assert_eq!(h.finished(), (request, RunOutcome::Failed("timed out after 30s".into())));
+    assert_eq!(h.shutdown(Duration::ZERO).timed_out, 1);
+}
+
+#[test]
+fn a_higher_max_parallel_starts_waiting_runs_at_once() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T10:00:00Z")));
+    let h = Harness::start(clock, no_cron_jobs(1), |_, _| RunOutcome::Failed("no cron runs here".into()));
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let gates: Vec<_> = ["a", "b", "c"].into_iter().map(|n| submit(&h, &seen_tx, n, None).1).collect();
+    h.started();
+    assert_eq!(next_seen(&seen), Seen::Started("a"));
+    h.asleep_until_nothing();
+
+    h.send(SchedulerCommand::SetMaxParallel(3));
+    h.started();
+    h.started();
+    let mut started = vec![next_seen(&seen), next_seen(&seen)];
+    started.sort_by_key(|s| format!("{s:?}"));
+    assert_eq!(started, vec![Seen::Started("b"), Seen::Started("c")]);
+    for gate in gates {
+        gate.send(RunOutcome::Success).unwrap();
+    }
+    for _ in 0..3 {
+        assert_eq!(h.finished().1, RunOutcome::Success);
+    }
+    assert_eq!(h.shutdown(Duration::ZERO).succeeded, 3);
+}
+
+#[test]
+fn shutdown_drops_queued_submissions_and_cancels_running_ones_as_shutdown() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T10:00:00Z")));
+    let h = Harness::start(clock, no_cron_jobs(1), |_, _| RunOutcome::Failed("no cron runs here".into()));
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let (_a, _gate_a) = submit(&h, &seen_tx, "a", None);
+    let (_b, _gate_b) = submit(&h, &seen_tx, "b", None);
+    h.started();
+    assert_eq!(next_seen(&seen), Seen::Started("a"));
+
+    h.send(SchedulerCommand::Shutdown { grace: Duration::from_secs(60) });
+    assert_eq!(next_seen(&seen), Seen::Dropped("b", SkipReason::ShuttingDown));
+    // Submitted during the grace period: dropped at once, never run.
+    let (_c, _gate_c) = submit(&h, &seen_tx, "c", None);
+    assert_eq!(next_seen(&seen), Seen::Dropped("c", SkipReason::ShuttingDown));
+
+    h.set("2028-01-03T10:01:00Z");
+    assert_eq!(next_seen(&seen), Seen::Cancelled("a", Some(CancelReason::Shutdown)));
+    let summary = h.handle.join();
+    assert_eq!((summary.cancelled, summary.skipped_shutting_down), (1, 2));
 }
