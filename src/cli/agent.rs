@@ -93,17 +93,8 @@ enum Command {
         after_help = "Example:\n  backupy-agent verify --config backupy.toml --backup latest --job app-nightly"
     )]
     Verify {
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
-        /// A backup ID (the run id from `list`), or `latest`.
-        #[arg(long, value_name = "ID|latest")]
-        backup: String,
-        /// With `latest`: the newest backup of this job.
-        #[arg(long, value_name = "ID")]
-        job: Option<String>,
-        /// The private key (default: [encryption] identity, else backupy.key beside the config).
-        #[arg(long, value_name = "FILE")]
-        identity: Option<PathBuf>,
+        #[command(flatten)]
+        stored: StoredBackup,
     },
     /// Restore a backup: SQLite to a file, Redis to a data directory or a server, the
     /// other engines into a server (password from the URL or BACKUPY_RESTORE_PASSWORD,
@@ -113,20 +104,11 @@ enum Command {
         BACKUPY_RESTORE_PASSWORD=env:PGPASS backupy-agent restore --config backupy.toml --backup 3f2c… --to postgres://postgres@127.0.0.1/app_restored"
     )]
     Restore {
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
-        /// A backup ID (the run id from `list`), or `latest`.
-        #[arg(long, value_name = "ID|latest")]
-        backup: String,
-        /// With `latest`: the newest backup of this job.
-        #[arg(long, value_name = "ID")]
-        job: Option<String>,
+        #[command(flatten)]
+        stored: StoredBackup,
         /// Destination: a file path (SQLite), a directory (Redis RDB) or a server URL.
         #[arg(long, value_name = "URL|PATH")]
         to: String,
-        /// The private key (default: [encryption] identity, else backupy.key beside the config).
-        #[arg(long, value_name = "FILE")]
-        identity: Option<PathBuf>,
         /// Replace an existing file, or existing tables/collections/keys on the server.
         #[arg(long)]
         force: bool,
@@ -190,6 +172,22 @@ enum Command {
     },
 }
 
+/// Which stored backup `verify` and `restore` work on, and the key that opens it.
+#[derive(clap::Args, Debug)]
+pub struct StoredBackup {
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// A backup ID (the run id from `list`), or `latest`.
+    #[arg(long, value_name = "ID|latest")]
+    backup: String,
+    /// With `latest`: the newest backup of this job.
+    #[arg(long, value_name = "ID")]
+    job: Option<String>,
+    /// The private key (default: [encryption] identity, else backupy.key beside the config).
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     super::init_logging("info");
@@ -240,11 +238,11 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),
         Command::List { config, job, json } => list(&config, job.as_deref(), json),
-        Command::Restore { config, backup, job, to, identity, force } => {
-            restore(&config, &backup, job.as_deref(), &to, identity.as_deref(), force)
+        Command::Restore { stored: s, to, force } => {
+            restore(&s.config, &s.backup, s.job.as_deref(), &to, s.identity.as_deref(), force)
         }
-        Command::Verify { config, backup, job, identity } => {
-            verify(&config, &backup, job.as_deref(), identity.as_deref())
+        Command::Verify { stored: s } => {
+            verify(&s.config, &s.backup, s.job.as_deref(), s.identity.as_deref())
         }
         Command::Version { json } => {
             if json {
