@@ -16,6 +16,7 @@ pub mod connected;
 pub mod crypto;
 pub mod docker;
 pub mod drivers;
+pub mod env;
 pub mod health;
 pub mod hooks;
 pub mod logfwd;
