@@ -86,7 +86,7 @@ fn docker_target(engine: Engine, rest: &str) -> Result<drivers::TargetSpec, Stri
         None => ("", rest),
     };
     let (container, database) = rest.split_once('/').unwrap_or((rest, ""));
-    drivers::docker_exec::check_container_ref(container)?;
+    crate::docker::names::check_container_ref(container)?;
     let mut spec = drivers::TargetSpec::new("restore", engine);
     spec.strategy = drivers::Strategy::DockerExec { container: container.to_string() };
     spec.username = user.to_string();
