@@ -88,7 +88,7 @@ fn http(check: &HealthCheck, ca_file: Option<&std::path::Path>) -> (bool, u32, S
             };
             (ok, status, error)
         }
-        Err(e) => (false, 0, crate::storage::s3::redact_urls(&e.to_string())),
+        Err(e) => (false, 0, crate::secrets::redact_urls(&e.to_string())),
     }
 }
 

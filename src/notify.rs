@@ -64,7 +64,7 @@ fn send(method: &str, url: &str, body: Option<&[u8]>) {
         .timeout_global(Some(TIMEOUT))
         .build()
         .new_agent();
-    let shown = crate::storage::s3::redact_urls(url);
+    let shown = crate::secrets::redact_urls(url);
     for attempt in 1..=ATTEMPTS {
         let result = match body {
             Some(b) => agent.post(url).header("Content-Type", "application/json").send(b),
@@ -78,7 +78,7 @@ fn send(method: &str, url: &str, body: Option<&[u8]>) {
             ),
             Err(e) => log::warn!(
                 "notification {method} {shown}: {} (attempt {attempt})",
-                crate::storage::s3::redact_urls(&e.to_string())
+                crate::secrets::redact_urls(&e.to_string())
             ),
         }
         if attempt < ATTEMPTS {

@@ -313,14 +313,9 @@ fn check_url(url: &str, allow_insecure: bool) -> Result<(), UpdateError> {
     match parsed.scheme() {
         "https" => Ok(()),
         "http" if allow_insecure => Ok(()),
-        "http" => Err(UpdateError::Insecure { url: redact(url) }),
+        "http" => Err(UpdateError::Insecure { url: crate::secrets::redact_url(url) }),
         other => Err(UpdateError::BadRequest(format!("unsupported URL scheme {other:?}"))),
     }
-}
-
-/// Presigned download URLs carry credentials in their query string.
-fn redact(url: &str) -> String {
-    url.split('?').next().unwrap_or(url).to_string()
 }
 
 /// Fails early (before any download) where the binary cannot be replaced, e.g. a
@@ -345,7 +340,8 @@ fn check_writable(exe: &Path) -> Result<(), UpdateError> {
 
 /// Streams the body into `part`, hashing it; returns the SHA-256.
 fn download(url: &str, part: &Path, settings: &Settings) -> Result<[u8; 32], UpdateError> {
-    let shown = redact(url);
+    // Presigned download URLs carry credentials in their query string.
+    let shown = crate::secrets::redact_url(url);
     let err = |message: String| UpdateError::Download { url: shown.clone(), message };
     let mut cfg = ureq::Agent::config_builder()
         .http_status_as_error(false)

@@ -160,8 +160,8 @@ pub fn run(
 ) {
     let run_id = input.command.run_id.clone();
     crate::logfwd::set_job(Some(&input.job.id));
-    let result = run_with_hooks(settings, &input, &cancel, progress, &events)
-        .map_err(|e| secrets::redact(&crate::storage::s3::redact_urls(&e)));
+    let result =
+        run_with_hooks(settings, &input, &cancel, progress, &events).map_err(|e| secrets::redact(&e));
     crate::logfwd::set_job(None);
     let _ = events.send(RunEvent::Finished { run_id, result });
 }

@@ -193,34 +193,6 @@ impl From<S3Error> for io::Error {
     }
 }
 
-/// Removes the query string of every http(s) URL in `s` (presigned URLs carry the
-/// signature and credential scope there).
-pub fn redact_urls(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(pos) = rest.find("http") {
-        out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        if tail.starts_with("http://") || tail.starts_with("https://") {
-            let end = tail.find(|c: char| c.is_whitespace() || c == '"' || c == '\'').unwrap_or(tail.len());
-            let url = &tail[..end];
-            match url.find('?') {
-                Some(q) => {
-                    out.push_str(&url[..q]);
-                    out.push_str("?<redacted>");
-                }
-                None => out.push_str(url),
-            }
-            rest = &tail[end..];
-        } else {
-            out.push_str("http");
-            rest = &tail[4..];
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// The part-size rule: part `n` (1-based) is `base × 2^((n-1) / step)`, capped at 5 GiB,
 /// with the largest `step` whose `max_parts` parts still hold the largest object the
 /// part count allows (5 TiB, or `max_parts × 5 GiB` when that is less). Small objects
@@ -469,7 +441,7 @@ fn read_body(resp: &mut Response, op: &str, key: &str) -> Result<String, S3Error
     resp.body_mut().with_config().limit(16 * MIB).read_to_string().map_err(|e| S3Error::Transport {
         op: op.into(),
         key: key.into(),
-        message: redact_urls(&format!("reading the response: {e}")),
+        message: crate::secrets::redact_urls(&format!("reading the response: {e}")),
     })
 }
 
@@ -512,9 +484,11 @@ fn send_with_retry(
                     message: xml_field(&body, "Message"),
                 }
             }
-            Err(e) => {
-                S3Error::Transport { op: op.into(), key: key.into(), message: redact_urls(&e.to_string()) }
-            }
+            Err(e) => S3Error::Transport {
+                op: op.into(),
+                key: key.into(),
+                message: crate::secrets::redact_urls(&e.to_string()),
+            },
         };
         if !result.retryable() || attempt >= policy.attempts {
             return Err(result);
@@ -1142,12 +1116,5 @@ mod tests {
         w.write_all(b"ab").unwrap();
         let err = w.write_all(b"c").unwrap_err().to_string();
         assert!(err.contains("5 GiB") && !err.contains("X-Amz"), "{err}");
-    }
-
-    #[test]
-    fn redaction_removes_query_strings_only() {
-        let s =
-            "PUT https://s3.example.com/b/k?X-Amz-Signature=abc&X-Amz-Credential=AK failed; see http://x/y";
-        assert_eq!(redact_urls(s), "PUT https://s3.example.com/b/k?<redacted> failed; see http://x/y");
     }
 }
