@@ -154,9 +154,6 @@ fn schedule(checks: Vec<HealthCheck>, jobs: &Sender<HealthCheck>, stop: &Receive
 /// Up to 5 % of the interval (at most 3 s), from the clock's nanoseconds.
 fn jitter(interval: Duration) -> Duration {
     let max = (interval / 20).min(Duration::from_secs(3));
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos = crate::clock::since_epoch().subsec_nanos();
     if max.is_zero() { Duration::ZERO } else { Duration::from_nanos(nanos as u64 % max.as_nanos() as u64) }
 }

@@ -10,6 +10,7 @@
 //! references, `wire` holds the control-plane protocol types, `cli` the two binaries.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod connected;
 pub mod crypto;

@@ -33,7 +33,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
@@ -549,10 +549,6 @@ fn write_marker(path: &Path, m: &Marker) -> Result<(), UpdateError> {
     Ok(())
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 fn env_true(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
@@ -577,7 +573,7 @@ pub fn reexec(state_dir: &Path) -> UpdateError {
         return UpdateError::BadRequest("no installed update to run".into());
     };
     m.args = args.clone();
-    m.deadline_ms = Some(now_ms() + m.confirm_timeout_sec * 1000);
+    m.deadline_ms = Some(crate::clock::now_ms() + m.confirm_timeout_sec * 1000);
     if let Err(e) = write_marker(&marker_path, &m) {
         return e;
     }
@@ -628,7 +624,7 @@ pub fn on_start(state_dir: &Path) -> Option<Outcome> {
     let path = state_dir.join(MARKER);
     let mut m = read_marker(&path)?;
     match m.deadline_ms {
-        Some(deadline) if now_ms() >= deadline => {
+        Some(deadline) if crate::clock::now_ms() >= deadline => {
             let reason = format!("not confirmed within {} s", m.confirm_timeout_sec);
             if let Err(e) = roll_back(state_dir, &path, &mut m, &reason, None) {
                 log::error!("self-update: rollback failed: {e}");
@@ -642,7 +638,7 @@ pub fn on_start(state_dir: &Path) -> Option<Outcome> {
         None => {
             // Installed by hand and started by a supervisor: the clock starts now.
             m.args = std::env::args_os().collect();
-            m.deadline_ms = Some(now_ms() + m.confirm_timeout_sec * 1000);
+            m.deadline_ms = Some(crate::clock::now_ms() + m.confirm_timeout_sec * 1000);
             if let Err(e) = write_marker(&path, &m).and_then(|_| spawn_guard(&m, state_dir)) {
                 log::error!("self-update: cannot arm the rollback guard: {e}");
             }
@@ -737,13 +733,13 @@ pub fn guard(state_dir: &Path, pid: i32) -> Result<(), UpdateError> {
         let Some(mut m) = read_marker(&path) else {
             return Ok(()); // confirmed
         };
-        let deadline = m
-            .deadline_ms
-            .unwrap_or_else(|| *fallback_deadline.get_or_insert(now_ms() + m.confirm_timeout_sec * 1000));
+        let deadline = m.deadline_ms.unwrap_or_else(|| {
+            *fallback_deadline.get_or_insert(crate::clock::now_ms() + m.confirm_timeout_sec * 1000)
+        });
         if !alive(pid) || is_zombie(pid) {
             return roll_back(state_dir, &path, &mut m, "the new process exited before confirming", None);
         }
-        if now_ms() >= deadline {
+        if crate::clock::now_ms() >= deadline {
             let reason = format!("not confirmed within {} s", m.confirm_timeout_sec);
             return roll_back(state_dir, &path, &mut m, &reason, Some(pid));
         }

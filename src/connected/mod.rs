@@ -1081,7 +1081,7 @@ impl Agent {
     /// A LogEvent straight into the outbox, whatever the forwarding level.
     fn log_event(&self, level: pb::LogLevel, message: &str) {
         let event = pb::LogEvent {
-            ts_ms: store::now_ms() as u64,
+            ts_ms: crate::clock::now_ms(),
             level: level as i32,
             job_id: String::new(),
             message: crate::secrets::redact(message),
@@ -1125,7 +1125,7 @@ impl Agent {
     fn health_result(&mut self, r: ProbeResult) {
         let result = pb::HealthCheckResult {
             check_id: r.check_id,
-            ts_ms: store::now_ms() as u64,
+            ts_ms: crate::clock::now_ms(),
             ok: r.ok,
             latency_ms: r.latency.as_millis().min(u32::MAX as u128) as u32,
             error: r.error,

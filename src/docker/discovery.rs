@@ -593,7 +593,7 @@ fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, id
             Some(s) => format!("/events?{query}&since={s}"),
             None => format!("/events?{query}"),
         };
-        let opened = unix_now();
+        let opened = crate::clock::now_secs();
         let result = client.get_stream(&endpoint, idle).map(|reader| {
             use std::io::{BufRead, Read};
             let mut lines = std::io::BufReader::new(reader);
@@ -660,10 +660,6 @@ fn sleep_unless_stopping(d: Duration, stopping: &AtomicBool) {
     while Instant::now() < until && !stopping.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The report as a JSON value with sorted keys, for `discover --json` and tests.

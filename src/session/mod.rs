@@ -29,12 +29,13 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use prost::Message as _;
 use rustls::ClientConfig;
 
+use crate::clock::now_ms;
 use crate::outbox::{Outbox, PingMarker};
 use crate::secrets::Secret;
 use crate::wire::pb;
@@ -240,10 +241,6 @@ pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration, jitter: f64) -
 fn random_jitter() -> f64 {
     let r = getrandom::u64().unwrap_or(1 << 52);
     (r >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Why one connection ended, and whether it got as far as RegisterAck.

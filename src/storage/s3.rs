@@ -932,7 +932,7 @@ impl PresignedPut {
     pub fn new(url: &str, key: &str, expires_at_ms: u64, spool_dir: &Path) -> Result<Self, S3Error> {
         let invalid =
             |m: String| S3Error::Invalid { op: "PutObject (presigned)".into(), key: key.into(), message: m };
-        if expires_at_ms != 0 && now_ms() >= expires_at_ms {
+        if expires_at_ms != 0 && crate::clock::now_ms() >= expires_at_ms {
             return Err(invalid("the presigned URL has expired; ask the control plane for a new run".into()));
         }
         std::fs::create_dir_all(spool_dir)
@@ -985,13 +985,6 @@ impl PresignedPut {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Write for PresignedPut {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.size + data.len() as u64 > MAX_SINGLE_PUT {
@@ -1018,7 +1011,7 @@ impl ObjectWriter for PresignedPut {
         let spool = self.spool.take().ok_or_else(|| io::Error::other("spool file already closed"))?;
         spool.as_file().sync_all()?;
         let op = "PutObject (presigned)";
-        if self.expires_at_ms != 0 && now_ms() >= self.expires_at_ms {
+        if self.expires_at_ms != 0 && crate::clock::now_ms() >= self.expires_at_ms {
             return Err(S3Error::Invalid {
                 op: op.into(),
                 key: self.key.clone(),
