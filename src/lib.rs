@@ -25,6 +25,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod restore;
 pub mod retention;
+pub mod retry;
 pub mod runner;
 pub mod scheduler;
 pub mod secrets;

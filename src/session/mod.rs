@@ -234,8 +234,7 @@ pub fn hostname() -> String {
 /// Backoff before reconnect attempt `attempt` (0-based): base·2^attempt capped at `cap`,
 /// then scaled by `jitter` ∈ [-1, 1] times 20 %.
 pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration, jitter: f64) -> Duration {
-    let exp = base.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX));
-    exp.min(cap).mul_f64(1.0 + 0.2 * jitter.clamp(-1.0, 1.0))
+    crate::retry::Backoff::new(base, cap).delay(attempt).mul_f64(1.0 + 0.2 * jitter.clamp(-1.0, 1.0))
 }
 
 fn random_jitter() -> f64 {

@@ -465,39 +465,36 @@ fn send_with_retry(
     key: &str,
     mut send: impl FnMut() -> Result<Response, ureq::Error>,
 ) -> Result<Response, S3Error> {
-    let mut attempt = 1;
-    loop {
-        let result = match send() {
-            Ok(resp) if resp.status().is_success() => return Ok(resp),
-            Ok(mut resp) => {
-                let status = resp.status().as_u16();
-                let body = if op == "HeadObject" {
-                    String::new()
-                } else {
-                    read_body(&mut resp, op, key).unwrap_or_default()
-                };
-                S3Error::Status {
-                    op: op.into(),
-                    key: key.into(),
-                    status,
-                    code: xml_field(&body, "Code"),
-                    message: xml_field(&body, "Message"),
-                }
-            }
-            Err(e) => S3Error::Transport {
+    let backoff = crate::retry::Backoff::new(policy.base_delay, policy.max_delay);
+    let attempt = |_| match send() {
+        Ok(resp) if resp.status().is_success() => Ok(resp),
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            let body = if op == "HeadObject" {
+                String::new()
+            } else {
+                read_body(&mut resp, op, key).unwrap_or_default()
+            };
+            Err(S3Error::Status {
                 op: op.into(),
                 key: key.into(),
-                message: crate::secrets::redact_urls(&e.to_string()),
-            },
-        };
-        if !result.retryable() || attempt >= policy.attempts {
-            return Err(result);
+                status,
+                code: xml_field(&body, "Code"),
+                message: xml_field(&body, "Message"),
+            })
         }
-        let delay = policy.base_delay.saturating_mul(1 << (attempt - 1).min(16)).min(policy.max_delay);
-        log::warn!("{result}; retrying in {delay:?} (attempt {}/{})", attempt + 1, policy.attempts);
-        std::thread::sleep(delay);
-        attempt += 1;
-    }
+        Err(e) => Err(S3Error::Transport {
+            op: op.into(),
+            key: key.into(),
+            message: crate::secrets::redact_urls(&e.to_string()),
+        }),
+    };
+    crate::retry::run(policy.attempts, backoff, attempt, |error, next, delay| {
+        if error.retryable() {
+            log::warn!("{error}; retrying in {delay:?} (attempt {next}/{})", policy.attempts);
+        }
+        error.retryable()
+    })
 }
 
 impl Inner {
