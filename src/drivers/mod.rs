@@ -195,7 +195,8 @@ pub fn capabilities() -> Vec<(Engine, Option<String>)> {
     ]
 }
 
-/// Starts a dump of `spec`.
+/// Starts a dump of `spec`. DOCKER_EXEC targets of every engine go to `docker_exec`
+/// here (restores: in `restore`), so the engine files only know TCP and UNIX sockets.
 pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     if let Strategy::DockerExec { container } = &spec.strategy {
         return docker_exec::dump(spec, ctx, container);

@@ -121,17 +121,14 @@ fn connection_uri(spec: &TargetSpec) -> Result<Uri, String> {
         None => {
             let port = if spec.port == 0 { DEFAULT_PORT } else { spec.port };
             let host = match &spec.strategy {
-                Strategy::Tcp => {
+                Strategy::UnixSocket => pct(&spec.host),
+                _ => {
                     let h = if spec.host.is_empty() { "127.0.0.1" } else { spec.host.as_str() };
                     if h.contains(':') && !h.starts_with('[') {
                         format!("[{h}]:{port}")
                     } else {
                         format!("{h}:{port}")
                     }
-                }
-                Strategy::UnixSocket => pct(&spec.host),
-                Strategy::DockerExec { .. } => {
-                    return Err("the docker exec strategy is not supported for MongoDB yet".into());
                 }
             };
             format!("mongodb://{host}/")

@@ -63,7 +63,6 @@ pub struct MySqlRestoreOptions {
 /// directory as its guard.
 pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    check_strategy(spec)?;
     let names = dump_tools(spec.engine);
     let tool = find_mysql_tool(&names).ok_or_else(|| err(missing_tool(&names)))?;
     let (version, size) = {
@@ -104,7 +103,6 @@ pub fn restore(
     opts: &MySqlRestoreOptions,
 ) -> Result<(), DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    check_strategy(spec)?;
     let names = client_tools(spec.engine);
     let tool = find_mysql_tool(&names).ok_or_else(|| err(missing_tool(&names)))?;
     if opts.create_database && !spec.database.is_empty() {
@@ -194,15 +192,6 @@ fn missing_tool(names: &[&str]) -> String {
          mariadb-client, or mysql-client for MySQL; Alpine: apk add mariadb-client; RHEL: dnf install mariadb)",
         names.join(" nor ")
     )
-}
-
-fn check_strategy(spec: &TargetSpec) -> Result<(), DriverError> {
-    match &spec.strategy {
-        Strategy::Tcp | Strategy::UnixSocket => Ok(()),
-        Strategy::DockerExec { .. } => {
-            Err(DriverError::new(&spec.id, "the DOCKER_EXEC strategy is not supported by this build yet"))
-        }
-    }
 }
 
 fn host(spec: &TargetSpec) -> &str {
