@@ -686,7 +686,7 @@ fn docker_container(
     match (&rt.strategy, &rt.container) {
         (None, None) => Ok(None),
         (Some(s), container) if s.get_ref() == "docker_exec" => match container {
-            Some(c) => crate::drivers::docker_exec::check_container_ref(c.get_ref())
+            Some(c) => crate::docker::names::check_container_ref(c.get_ref())
                 .map(|()| Some(c.get_ref().clone()))
                 .map_err(|m| fail(Some(c.span()), format!("target {id:?}: container: {m}"))),
             None => Err(fail(

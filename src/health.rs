@@ -88,7 +88,7 @@ fn http(check: &HealthCheck, ca_file: Option<&std::path::Path>) -> (bool, u32, S
             };
             (ok, status, error)
         }
-        Err(e) => (false, 0, crate::storage::s3::redact_urls(&e.to_string())),
+        Err(e) => (false, 0, crate::secrets::redact_urls(&e.to_string())),
     }
 }
 
@@ -154,10 +154,7 @@ fn schedule(checks: Vec<HealthCheck>, jobs: &Sender<HealthCheck>, stop: &Receive
 /// Up to 5 % of the interval (at most 3 s), from the clock's nanoseconds.
 fn jitter(interval: Duration) -> Duration {
     let max = (interval / 20).min(Duration::from_secs(3));
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos = crate::clock::since_epoch().subsec_nanos();
     if max.is_zero() { Duration::ZERO } else { Duration::from_nanos(nanos as u64 % max.as_nanos() as u64) }
 }
 

@@ -11,6 +11,7 @@
 
 pub mod cancel;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod connected;
 pub mod crypto;
@@ -26,6 +27,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod restore;
 pub mod retention;
+pub mod retry;
 pub mod runner;
 pub mod scheduler;
 pub mod secrets;

@@ -13,11 +13,12 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{Level, LevelFilter};
 
+use crate::clock::now_ms;
 use crate::wire::pb;
 
 pub const RATE_PER_SEC: f64 = 20.0;
@@ -201,10 +202,6 @@ pub fn forward(records: Receiver<Captured>, mut push: impl FnMut(pb::LogEvent)) 
             fields: fields.into_iter().collect(),
         });
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -122,10 +122,7 @@ impl Metrics {
         if let Some(bytes) = stored_bytes {
             self.backup_size_bytes.with_label_values(&[job_id]).observe(bytes as f64);
             self.bytes_uploaded_total.inc_by(bytes);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
+            let now = crate::clock::since_epoch().as_secs_f64();
             self.last_success_timestamp_seconds.with_label_values(&[job_id]).set(now);
         }
     }

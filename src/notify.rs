@@ -10,6 +10,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 const ATTEMPTS: u32 = 3;
+/// 0.5 s after the first failure, 1 s after the second.
+const BACKOFF: crate::retry::Backoff =
+    crate::retry::Backoff::new(Duration::from_millis(500), Duration::from_secs(1));
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,25 +67,28 @@ fn send(method: &str, url: &str, body: Option<&[u8]>) {
         .timeout_global(Some(TIMEOUT))
         .build()
         .new_agent();
-    let shown = crate::storage::s3::redact_urls(url);
-    for attempt in 1..=ATTEMPTS {
-        let result = match body {
-            Some(b) => agent.post(url).header("Content-Type", "application/json").send(b),
-            None => agent.get(url).call(),
-        };
-        match result {
-            Ok(resp) if resp.status().is_success() => return,
-            Ok(resp) => log::warn!(
-                "notification {method} {shown}: HTTP {} (attempt {attempt})",
-                resp.status().as_u16()
-            ),
-            Err(e) => log::warn!(
-                "notification {method} {shown}: {} (attempt {attempt})",
-                crate::storage::s3::redact_urls(&e.to_string())
-            ),
-        }
-        if attempt < ATTEMPTS {
-            std::thread::sleep(Duration::from_millis(500 * u64::from(attempt)));
-        }
-    }
+    let shown = crate::secrets::redact_urls(url);
+    let _ = crate::retry::run(
+        ATTEMPTS,
+        BACKOFF,
+        |attempt| {
+            let result = match body {
+                Some(b) => agent.post(url).header("Content-Type", "application/json").send(b),
+                None => agent.get(url).call(),
+            };
+            match result {
+                Ok(resp) if resp.status().is_success() => return Ok(()),
+                Ok(resp) => log::warn!(
+                    "notification {method} {shown}: HTTP {} (attempt {attempt})",
+                    resp.status().as_u16()
+                ),
+                Err(e) => log::warn!(
+                    "notification {method} {shown}: {} (attempt {attempt})",
+                    crate::secrets::redact_urls(&e.to_string())
+                ),
+            }
+            Err(())
+        },
+        |_, _, _| true,
+    );
 }

@@ -22,11 +22,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use crate::clock::now_ms;
 use crate::crypto::at_rest::StateCipher;
 use crate::wire::pb::{self, envelope::Payload};
 
@@ -523,10 +524,6 @@ fn sql_int(v: u64) -> i64 {
 
 fn column_u64(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<u64> {
     row.get::<_, i64>(index).map(|v| v.max(0) as u64)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// QUEUED and RUNNING are progress; every other status (unknown values included) is kept

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use crate::config;
 use crate::crypto::KeySource;
 use crate::drivers::{self, Engine};
+use crate::secrets::redact_url;
 use crate::storage::{Manifest, Storage};
 use crate::verify::{Digested, OpenedBackup, check_digest, describe, open_backup};
 
@@ -71,7 +72,7 @@ pub fn restore(
             let spec = config::target_from_url("restore", engine, &opts.to)?;
             restore_to_server(engine, &spec, &mut dump, opts)?;
             check_digest(&digest, m)?;
-            Ok(format!("restored {} into {}", m.id, redact(&opts.to)))
+            Ok(format!("restored {} into {}", m.id, redact_url(&opts.to)))
         }
     }
 }
@@ -86,7 +87,7 @@ fn docker_target(engine: Engine, rest: &str) -> Result<drivers::TargetSpec, Stri
         None => ("", rest),
     };
     let (container, database) = rest.split_once('/').unwrap_or((rest, ""));
-    drivers::docker_exec::check_container_ref(container)?;
+    crate::docker::names::check_container_ref(container)?;
     let mut spec = drivers::TargetSpec::new("restore", engine);
     spec.strategy = drivers::Strategy::DockerExec { container: container.to_string() };
     spec.username = user.to_string();
@@ -193,18 +194,5 @@ fn example_url(engine: Engine) -> &'static str {
         Engine::MongoDb => "mongodb://user@127.0.0.1:27017/newdb",
         Engine::Redis => "redis://127.0.0.1:6379 (or a data directory)",
         Engine::Sqlite => "/path/to/restored.db",
-    }
-}
-
-/// A URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<url>".into(),
     }
 }

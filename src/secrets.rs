@@ -5,6 +5,11 @@
 //!
 //! A [`Secret`] never prints its value: `Debug` and `Display` show `<redacted>`, so it
 //! cannot leak through a log line or an error message by accident.
+//!
+//! It is also the one place that decides how secrets are blanked out of text: [`redact`]
+//! for every log line and printed error, and the parts it is made of for callers that
+//! need less ([`redact_urls`], [`redact_url`], [`redact_values`]). Everything here runs on
+//! the caller's thread; the registry of known values is shared behind a lock.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -65,22 +70,73 @@ pub fn register_for_redaction(value: &str) {
     }
 }
 
-/// `text` with every registered secret, every URL query string (presigned URLs carry
-/// signatures there) and every `Bearer` token replaced. Every log line and every error
-/// the CLI prints passes through this.
+/// What every redacted part of a text is replaced with.
+pub const REDACTED: &str = "<redacted>";
+
+/// `text` with every registered secret, every http(s) URL's query string and password
+/// (presigned URLs carry signatures in the query) and every `Bearer` token replaced.
+/// Every log line and every error the CLI prints passes through this.
 pub fn redact(text: &str) -> String {
-    let mut out = crate::storage::s3::redact_urls(text);
-    for secret in KNOWN_SECRETS.read().unwrap_or_else(|p| p.into_inner()).iter() {
-        if out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), "<redacted>");
-        }
-    }
+    let mut out = redact_urls(text);
+    out = redact_values(&out, &KNOWN_SECRETS.read().unwrap_or_else(|p| p.into_inner()));
     if let Some(pos) = out.find("Bearer ") {
         let end =
             out[pos + 7..].find(|c: char| c.is_whitespace() || c == '"').map_or(out.len(), |e| pos + 7 + e);
-        out.replace_range(pos + 7..end, "<redacted>");
+        out.replace_range(pos + 7..end, REDACTED);
     }
     out
+}
+
+/// `text` with each of `values` replaced, in the order given: for secrets a caller knows
+/// but did not register (a percent-encoded form, a password taken out of a URI).
+pub fn redact_values<S: AsRef<str>>(text: &str, values: &[S]) -> String {
+    let mut out = text.to_string();
+    for value in values.iter().map(AsRef::as_ref).filter(|v| !v.is_empty()) {
+        if out.contains(value) {
+            out = out.replace(value, REDACTED);
+        }
+    }
+    out
+}
+
+/// `text` with every http(s) URL in it passed through [`redact_url`]. A URL ends at
+/// whitespace or a quote.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("http") {
+        out.push_str(&rest[..pos]);
+        let tail = &rest[pos..];
+        if tail.starts_with("http://") || tail.starts_with("https://") {
+            let end = tail.find(|c: char| c.is_whitespace() || c == '"' || c == '\'').unwrap_or(tail.len());
+            out.push_str(&redact_url(&tail[..end]));
+            rest = &tail[end..];
+        } else {
+            out.push_str("http");
+            rest = &tail[4..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One URL of any scheme, fit to show: the password of its userinfo and its query string
+/// (where presigned URLs and some connection strings carry credentials) are replaced;
+/// scheme, user, host and path stay, so the operator can still tell which URL it was.
+pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, _)) => (base, format!("?{REDACTED}")),
+        None => (url, String::new()),
+    };
+    let Some((scheme, rest)) = base.split_once("://") else { return format!("{base}{query}") };
+    let (authority, path) = rest.split_at(rest.find(['/', '#']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:{REDACTED}@{host}{path}{query}")
+        }
+        _ => format!("{base}{query}"),
+    }
 }
 
 /// Why a reference did not resolve. Names the reference, never a value.
@@ -170,6 +226,48 @@ mod tests {
             "connect with <redacted> to https://h/b/k?<redacted> then Bearer <redacted> done"
         );
         assert_eq!(redact("abc"), "abc");
+    }
+
+    #[test]
+    fn redaction_removes_query_strings_only_from_urls_without_passwords() {
+        let s =
+            "PUT https://s3.example.com/b/k?X-Amz-Signature=abc&X-Amz-Credential=AK failed; see http://x/y";
+        assert_eq!(redact_urls(s), "PUT https://s3.example.com/b/k?<redacted> failed; see http://x/y");
+        assert_eq!(
+            redact_urls("say \"https://h/p?sig=1\" or 'http://h/q?a' httpd"),
+            "say \"https://h/p?<redacted>\" or 'http://h/q?<redacted>' httpd"
+        );
+    }
+
+    #[test]
+    fn one_url_keeps_scheme_user_host_and_path_but_not_password_or_query() {
+        for (url, shown) in [
+            // Self-update downloads: presigned query strings.
+            ("https://cdn.example/agent?X-Amz-Signature=s", "https://cdn.example/agent?<redacted>"),
+            ("http://127.0.0.1/x", "http://127.0.0.1/x"),
+            // Restore targets: the password of any scheme, also an empty user's.
+            ("mysql://root:pw@127.0.0.1:3306/newdb", "mysql://root:<redacted>@127.0.0.1:3306/newdb"),
+            ("redis://:p@ss:w@h:6379", "redis://:<redacted>@h:6379"),
+            ("postgres://u:pw@h/db?password=x", "postgres://u:<redacted>@h/db?<redacted>"),
+            ("postgres://user@h/db", "postgres://user@h/db"),
+            ("docker://app-db/shop", "docker://app-db/shop"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        // In running text too.
+        assert_eq!(redact_urls("GET https://u:pw@h/x failed"), "GET https://u:<redacted>@h/x failed");
+    }
+
+    #[test]
+    fn given_values_are_blanked_in_order() {
+        // MongoDB errors: the password, its percent-encoded form, one taken out of a URI.
+        let values = ["p@ss!".to_string(), "p%40ss%21".to_string(), String::new()];
+        assert_eq!(
+            redact_values("auth p@ss! in mongodb://u:p%40ss%21@h failed", &values),
+            "auth <redacted> in mongodb://u:<redacted>@h failed"
+        );
+        assert_eq!(redact_values("nothing here", &values), "nothing here");
     }
 
     #[test]

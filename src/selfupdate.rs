@@ -33,7 +33,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
@@ -313,14 +313,9 @@ fn check_url(url: &str, allow_insecure: bool) -> Result<(), UpdateError> {
     match parsed.scheme() {
         "https" => Ok(()),
         "http" if allow_insecure => Ok(()),
-        "http" => Err(UpdateError::Insecure { url: redact(url) }),
+        "http" => Err(UpdateError::Insecure { url: crate::secrets::redact_url(url) }),
         other => Err(UpdateError::BadRequest(format!("unsupported URL scheme {other:?}"))),
     }
-}
-
-/// Presigned download URLs carry credentials in their query string.
-fn redact(url: &str) -> String {
-    url.split('?').next().unwrap_or(url).to_string()
 }
 
 /// Fails early (before any download) where the binary cannot be replaced, e.g. a
@@ -345,7 +340,8 @@ fn check_writable(exe: &Path) -> Result<(), UpdateError> {
 
 /// Streams the body into `part`, hashing it; returns the SHA-256.
 fn download(url: &str, part: &Path, settings: &Settings) -> Result<[u8; 32], UpdateError> {
-    let shown = redact(url);
+    // Presigned download URLs carry credentials in their query string.
+    let shown = crate::secrets::redact_url(url);
     let err = |message: String| UpdateError::Download { url: shown.clone(), message };
     let mut cfg = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -553,10 +549,6 @@ fn write_marker(path: &Path, m: &Marker) -> Result<(), UpdateError> {
     Ok(())
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 fn env_true(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
@@ -581,7 +573,7 @@ pub fn reexec(state_dir: &Path) -> UpdateError {
         return UpdateError::BadRequest("no installed update to run".into());
     };
     m.args = args.clone();
-    m.deadline_ms = Some(now_ms() + m.confirm_timeout_sec * 1000);
+    m.deadline_ms = Some(crate::clock::now_ms() + m.confirm_timeout_sec * 1000);
     if let Err(e) = write_marker(&marker_path, &m) {
         return e;
     }
@@ -632,7 +624,7 @@ pub fn on_start(state_dir: &Path) -> Option<Outcome> {
     let path = state_dir.join(MARKER);
     let mut m = read_marker(&path)?;
     match m.deadline_ms {
-        Some(deadline) if now_ms() >= deadline => {
+        Some(deadline) if crate::clock::now_ms() >= deadline => {
             let reason = format!("not confirmed within {} s", m.confirm_timeout_sec);
             if let Err(e) = roll_back(state_dir, &path, &mut m, &reason, None) {
                 log::error!("self-update: rollback failed: {e}");
@@ -646,7 +638,7 @@ pub fn on_start(state_dir: &Path) -> Option<Outcome> {
         None => {
             // Installed by hand and started by a supervisor: the clock starts now.
             m.args = std::env::args_os().collect();
-            m.deadline_ms = Some(now_ms() + m.confirm_timeout_sec * 1000);
+            m.deadline_ms = Some(crate::clock::now_ms() + m.confirm_timeout_sec * 1000);
             if let Err(e) = write_marker(&path, &m).and_then(|_| spawn_guard(&m, state_dir)) {
                 log::error!("self-update: cannot arm the rollback guard: {e}");
             }
@@ -741,13 +733,13 @@ pub fn guard(state_dir: &Path, pid: i32) -> Result<(), UpdateError> {
         let Some(mut m) = read_marker(&path) else {
             return Ok(()); // confirmed
         };
-        let deadline = m
-            .deadline_ms
-            .unwrap_or_else(|| *fallback_deadline.get_or_insert(now_ms() + m.confirm_timeout_sec * 1000));
+        let deadline = m.deadline_ms.unwrap_or_else(|| {
+            *fallback_deadline.get_or_insert(crate::clock::now_ms() + m.confirm_timeout_sec * 1000)
+        });
         if !alive(pid) || is_zombie(pid) {
             return roll_back(state_dir, &path, &mut m, "the new process exited before confirming", None);
         }
-        if now_ms() >= deadline {
+        if crate::clock::now_ms() >= deadline {
             let reason = format!("not confirmed within {} s", m.confirm_timeout_sec);
             return roll_back(state_dir, &path, &mut m, &reason, Some(pid));
         }

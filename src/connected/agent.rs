@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::convert::{self, job_update};
 use super::runs::{ConnectedRun, RunEvent, RunInput, RunSettings};
-use super::store::{self, RunPhase, Store};
+use super::store::{RunPhase, Store};
 use super::update::{self, UpdateDone, UpdateJob, UpdateState};
 use crate::health::{HealthCommand, ProbeResult};
 use crate::metrics::Metrics;
@@ -699,7 +699,7 @@ impl Agent {
     /// A LogEvent straight into the outbox, whatever the forwarding level.
     fn log_event(&self, level: pb::LogLevel, message: &str) {
         let event = pb::LogEvent {
-            ts_ms: store::now_ms() as u64,
+            ts_ms: crate::clock::now_ms(),
             level: level as i32,
             job_id: String::new(),
             message: crate::secrets::redact(message),
@@ -731,7 +731,7 @@ impl Agent {
     fn health_result(&mut self, r: ProbeResult) {
         let result = pb::HealthCheckResult {
             check_id: r.check_id,
-            ts_ms: store::now_ms() as u64,
+            ts_ms: crate::clock::now_ms(),
             ok: r.ok,
             latency_ms: r.latency.as_millis().min(u32::MAX as u128) as u32,
             error: r.error,

@@ -179,7 +179,7 @@ pub fn final_reports(outcome: &RunOutcome, timeout_sec: u32) -> (pb::JobUpdate, 
                     pb::JobStatus::Failed,
                     format!("timed out after {timeout_sec} s (the job's timeout_sec)"),
                 ),
-                _ => (pb::JobStatus::Failed, secrets::redact(&crate::storage::s3::redact_urls(e.detail()))),
+                _ => (pb::JobStatus::Failed, secrets::redact(e.detail())),
             };
             update.status = status as i32;
             update.error_message = message;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::clock::now_ms;
 use crate::crypto::at_rest::StateCipher;
 use crate::wire::pb;
 
@@ -133,7 +134,7 @@ impl Store {
             .execute(
                 "INSERT INTO connected_config(id, version, applied_at_ms, config) VALUES (1, ?1, ?2, ?3)
                  ON CONFLICT(id) DO UPDATE SET version = ?1, applied_at_ms = ?2, config = ?3",
-                params![config.version as i64, now_ms(), blob],
+                params![config.version as i64, now_ms() as i64, blob],
             )
             .map_err(|e| self.err(e))?;
         Ok(())
@@ -216,7 +217,7 @@ impl Store {
             .execute(
                 "INSERT INTO connected_runs(run_id, job_id, phase, received_ms, last_update, upload)
                  VALUES (?1, ?2, 'queued', ?3, ?4, ?5)",
-                params![run_id, job_id, now_ms(), update, upload],
+                params![run_id, job_id, now_ms() as i64, update, upload],
             )
             .map_err(|e| self.err(e))?;
         Ok(())
@@ -252,7 +253,7 @@ impl Store {
                  VALUES (?1, ?2, 'done', ?3, ?3, ?4, ?5)
                  ON CONFLICT(run_id) DO UPDATE SET phase = 'done', finished_ms = ?3, last_update = ?4,
                      completed = ?5, upload = NULL",
-                params![run_id, job_id, now_ms(), update, completed],
+                params![run_id, job_id, now_ms() as i64, update, completed],
             )
             .map_err(|e| self.err(e))?;
         Ok(())
@@ -281,7 +282,7 @@ impl Store {
                  VALUES (1, ?1, ?2, ?3, NULL, '')
                  ON CONFLICT(id) DO UPDATE SET endpoint = ?1, session_id = ?2, connected_at_ms = ?3,
                      disconnected_at_ms = NULL, last_error = ''",
-                params![endpoint, session_id, now_ms()],
+                params![endpoint, session_id, now_ms() as i64],
             )
             .map_err(|e| self.err(e))?;
         Ok(())
@@ -291,7 +292,7 @@ impl Store {
         self.conn
             .execute(
                 "UPDATE connected_session SET disconnected_at_ms = ?1, last_error = ?2 WHERE id = 1",
-                params![now_ms(), crate::secrets::redact(reason)],
+                params![now_ms() as i64, crate::secrets::redact(reason)],
             )
             .map_err(|e| self.err(e))?;
         Ok(())
@@ -305,11 +306,4 @@ fn parse_phase(s: &str) -> RunPhase {
         "reported" => RunPhase::Done { reported: true },
         _ => RunPhase::Done { reported: false },
     }
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use super::client::{Client, DockerError};
 use super::exec::path_segment;
+use crate::retry::Backoff;
 use crate::wire::pb;
 
 /// The variable that turns discovery off.
@@ -580,12 +581,16 @@ struct Event {
     status: String,
 }
 
+/// The wait before reopening Docker's event stream after failures in a row.
+const EVENTS_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+
 fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, idle: Duration) {
     let filters = r#"{"type":["container"],"event":["create","start","die","destroy"]}"#;
     let query: String =
         url::form_urlencoded::Serializer::new(String::new()).append_pair("filters", filters).finish();
     let mut since: Option<u64> = None;
-    let mut backoff = Duration::from_secs(1);
+    // Failures in a row: a stream that ended cleanly starts the backoff over.
+    let mut failures = 0u32;
     let mut warned = false;
     while !stopping.load(Ordering::SeqCst) {
         let endpoint = match since {
@@ -593,7 +598,7 @@ fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, id
             Some(s) => format!("/events?{query}&since={s}"),
             None => format!("/events?{query}"),
         };
-        let opened = unix_now();
+        let opened = crate::clock::now_secs();
         let result = client.get_stream(&endpoint, idle).map(|reader| {
             use std::io::{BufRead, Read};
             let mut lines = std::io::BufReader::new(reader);
@@ -629,7 +634,7 @@ fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, id
         since = Some(opened.saturating_sub(1));
         match result {
             Ok(Ok(())) => {
-                backoff = Duration::from_secs(1);
+                failures = 0;
                 warned = false;
             }
             Ok(Err(e)) | Err(DockerError::Protocol { message: e, .. }) => {
@@ -637,8 +642,8 @@ fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, id
                     log::warn!("discovery: Docker event stream broke, reopening: {e}");
                     warned = true;
                 }
-                sleep_unless_stopping(backoff, stopping);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                sleep_unless_stopping(EVENTS_BACKOFF.delay(failures), stopping);
+                failures = failures.saturating_add(1);
                 // Whatever changed while the stream was down is caught by a rescan.
                 let _ = event_tx.try_send(());
             }
@@ -647,8 +652,8 @@ fn events_loop(client: &Client, event_tx: &Sender<()>, stopping: &AtomicBool, id
                     log::warn!("discovery: cannot read Docker events, retrying: {e}");
                     warned = true;
                 }
-                sleep_unless_stopping(backoff, stopping);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                sleep_unless_stopping(EVENTS_BACKOFF.delay(failures), stopping);
+                failures = failures.saturating_add(1);
                 let _ = event_tx.try_send(());
             }
         }
@@ -660,10 +665,6 @@ fn sleep_unless_stopping(d: Duration, stopping: &AtomicBool) {
     while Instant::now() < until && !stopping.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The report as a JSON value with sorted keys, for `discover --json` and tests.

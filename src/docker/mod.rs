@@ -9,6 +9,8 @@
 //!   or feeds a restore into its stdin. Runs on the worker thread that starts a run; the
 //!   bytes then flow on the pipeline's dump thread, and a cancel from the pipeline's
 //!   coordinator kills the process inside the container.
+//! - `names`: the container-name rule, checked by the config, the restore CLI and the
+//!   DOCKER_EXEC driver before a name reaches a URL.
 //! - `discovery`: one scan of the running containers (`scan`, called on any thread) and
 //!   the discovery watcher thread (`start`) that rescans on Docker events and hourly and
 //!   sends a `DiscoveryReport` on its channel only when the result changed.
@@ -19,5 +21,6 @@
 pub mod client;
 pub mod discovery;
 pub mod exec;
+pub mod names;
 
 pub use client::{Client, DockerError};

@@ -85,13 +85,7 @@ pub fn check_magic(engine: Engine, head: &[u8]) -> Result<(), String> {
         Engine::MongoDb => (head, &[&[0x6D, 0xE2, 0x99, 0x81]]),
         Engine::MySql | Engine::MariaDb => {
             // mariadb-dump 10.11 writes the sandbox line with a space before its newline.
-            let rest = match head.strip_prefix(MARIADB_SANDBOX_PREFIX) {
-                Some(r) => {
-                    let r = &r[r.iter().take_while(|b| matches!(b, b' ' | b'\t' | b'\r')).count()..];
-                    r.strip_prefix(b"\n").unwrap_or(r)
-                }
-                None => head,
-            };
+            let rest = head.strip_prefix(MARIADB_SANDBOX_PREFIX).map_or(head, <[u8]>::trim_ascii_start);
             (rest, &[b"-- MySQL dump", b"-- MariaDB dump"])
         }
     };
@@ -201,7 +195,8 @@ pub fn capabilities() -> Vec<(Engine, Option<String>)> {
     ]
 }
 
-/// Starts a dump of `spec`.
+/// Starts a dump of `spec`. DOCKER_EXEC targets of every engine go to `docker_exec`
+/// here (restores: in `restore`), so the engine files only know TCP and UNIX sockets.
 pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     if let Strategy::DockerExec { container } = &spec.strategy {
         return docker_exec::dump(spec, ctx, container);
@@ -231,5 +226,18 @@ mod tests {
         assert!(check_magic(Engine::MariaDb, b"/*M!999999\\- enable the sandbox mode */\nSELECT 1").is_err());
         assert!(check_magic(Engine::PostgreSql, b"PGDM").is_err());
         assert_eq!(check_magic(Engine::Redis, b"REDIS0011"), Ok(()));
+        // Whatever whitespace the sandbox line ends with.
+        assert_eq!(
+            check_magic(Engine::MariaDb, b"/*M!999999\\- enable the sandbox mode */\n-- MariaDB dump 10.19"),
+            Ok(())
+        );
+        assert_eq!(
+            check_magic(Engine::MariaDb, b"/*M!999999\\- enable the sandbox mode */\r\n\n-- MariaDB dump"),
+            Ok(())
+        );
+        assert!(
+            check_magic(Engine::MariaDb, b"/*M!999999\\- enable the sandbox mode */ \nnot a dump").is_err()
+        );
+        assert!(check_magic(Engine::MariaDb, b"ERROR 1045").is_err());
     }
 }

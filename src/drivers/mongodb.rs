@@ -30,7 +30,7 @@ use ::mongodb::sync::{Client, Cursor};
 
 use super::{DriverError, Dump, DumpContext, Engine, MAGIC_LEN, Strategy, TargetSpec, check_magic, exec};
 use crate::pipeline::Source;
-use crate::secrets::Secret;
+use crate::secrets::{Secret, redact_values};
 
 pub const DEFAULT_PORT: u16 = 27017;
 /// Server selection and connect timeout unless the connection string sets them.
@@ -121,17 +121,14 @@ fn connection_uri(spec: &TargetSpec) -> Result<Uri, String> {
         None => {
             let port = if spec.port == 0 { DEFAULT_PORT } else { spec.port };
             let host = match &spec.strategy {
-                Strategy::Tcp => {
+                Strategy::UnixSocket => pct(&spec.host),
+                _ => {
                     let h = if spec.host.is_empty() { "127.0.0.1" } else { spec.host.as_str() };
                     if h.contains(':') && !h.starts_with('[') {
                         format!("[{h}]:{port}")
                     } else {
                         format!("{h}:{port}")
                     }
-                }
-                Strategy::UnixSocket => pct(&spec.host),
-                Strategy::DockerExec { .. } => {
-                    return Err("the docker exec strategy is not supported for MongoDB yet".into());
                 }
             };
             format!("mongodb://{host}/")
@@ -235,7 +232,9 @@ impl Connection {
         } else {
             spec.username.clone()
         };
-        let redact = |msg: String| redact_all(msg, &secrets);
+        // Shorter values would blank ordinary words of the driver's messages.
+        secrets.retain(|s| s.len() >= 3);
+        let redact = |msg: String| redact_values(&msg, &secrets);
         let mut opts = ClientOptions::parse(uri.full.expose()).run().map_err(|e| {
             DriverError::new(&spec.id, redact(format!("invalid MongoDB connection string: {}", e.kind)))
         })?;
@@ -281,7 +280,7 @@ impl Connection {
             ),
             other => other.to_string(),
         };
-        redact_all(msg, &self.secrets)
+        redact_values(&msg, &self.secrets)
     }
 
     fn error(&self, e: &MongoError) -> DriverError {
@@ -301,13 +300,6 @@ fn selection_cause(message: &str) -> &str {
         Some((_, rest)) => rest.split(", labels:").next().unwrap_or(rest).trim(),
         None => message,
     }
-}
-
-fn redact_all(mut msg: String, secrets: &[String]) -> String {
-    for s in secrets.iter().filter(|s| s.len() >= 3) {
-        msg = msg.replace(s.as_str(), "<redacted>");
-    }
-    msg
 }
 
 // --------------------------------------------------------------------------- dump

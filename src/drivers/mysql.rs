@@ -63,7 +63,6 @@ pub struct MySqlRestoreOptions {
 /// directory as its guard.
 pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    check_strategy(spec)?;
     let names = dump_tools(spec.engine);
     let tool = find_mysql_tool(&names).ok_or_else(|| err(missing_tool(&names)))?;
     let (version, size) = {
@@ -89,7 +88,7 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     let engine = spec.engine;
     Ok(Dump {
         source: source
-            .with_magic(MAGIC_LEN, Box::new(move |head| check_banner(engine, head)))
+            .with_magic(MAGIC_LEN, Box::new(move |head| check_magic(engine, head)))
             .with_size_hint(size)
             .with_guard(dir),
         engine_version: version,
@@ -104,7 +103,6 @@ pub fn restore(
     opts: &MySqlRestoreOptions,
 ) -> Result<(), DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    check_strategy(spec)?;
     let names = client_tools(spec.engine);
     let tool = find_mysql_tool(&names).ok_or_else(|| err(missing_tool(&names)))?;
     if opts.create_database && !spec.database.is_empty() {
@@ -127,19 +125,6 @@ pub fn restore(
     let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // `dir` (the defaults file) lives until the client has exited.
     exec::feed(&name, cmd, input).map_err(err)
-}
-
-/// The sandbox line MariaDB ≥ 10.5.25 writes before the banner.
-const SANDBOX_LINE: &[u8] = b"/*M!999999\\- enable the sandbox mode */";
-
-/// [`check_magic`], also accepting the sandbox line followed by a space and a newline,
-/// which is how `mariadb-dump` 10.11 writes it (`check_magic` expects the newline right
-/// after the comment).
-pub fn check_banner(engine: Engine, head: &[u8]) -> Result<(), String> {
-    check_magic(engine, head).or_else(|why| match head.strip_prefix(SANDBOX_LINE) {
-        Some(rest) => check_magic(engine, rest.trim_ascii_start()),
-        None => Err(why),
-    })
 }
 
 /// `mariadb-dump 10.11.19` or `mysqldump 8.0.36` when a dump tool that runs is found
@@ -207,15 +192,6 @@ fn missing_tool(names: &[&str]) -> String {
          mariadb-client, or mysql-client for MySQL; Alpine: apk add mariadb-client; RHEL: dnf install mariadb)",
         names.join(" nor ")
     )
-}
-
-fn check_strategy(spec: &TargetSpec) -> Result<(), DriverError> {
-    match &spec.strategy {
-        Strategy::Tcp | Strategy::UnixSocket => Ok(()),
-        Strategy::DockerExec { .. } => {
-            Err(DriverError::new(&spec.id, "the DOCKER_EXEC strategy is not supported by this build yet"))
-        }
-    }
 }
 
 fn host(spec: &TargetSpec) -> &str {
@@ -374,18 +350,6 @@ mod tests {
         let mysql = "mysqldump  Ver 8.0.36 for Linux on x86_64 (MySQL Community Server - GPL)";
         assert_eq!(tool_version(mysql).as_deref(), Some("8.0.36"));
         assert_eq!(tool_version("nonsense"), None);
-    }
-
-    #[test]
-    fn the_banner_may_follow_the_sandbox_line_with_a_trailing_space() {
-        let head =
-            b"/*M!999999\\- enable the sandbox mode */ \n-- MariaDB dump 10.19  Distrib 10.11.19-MariaDB";
-        assert_eq!(check_banner(Engine::MariaDb, head), Ok(()));
-        assert_eq!(check_banner(Engine::MySql, b"-- MySQL dump 10.13  Distrib 8.0.36"), Ok(()));
-        assert!(
-            check_banner(Engine::MariaDb, b"/*M!999999\\- enable the sandbox mode */ \nnot a dump").is_err()
-        );
-        assert!(check_banner(Engine::MariaDb, b"ERROR 1045").is_err());
     }
 
     #[test]

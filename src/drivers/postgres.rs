@@ -66,7 +66,6 @@ struct ServerInfo {
 /// database size as its progress estimate, and the passfile directory as its guard.
 pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    check_strategy(spec)?;
     let sslmode = ssl_mode(spec)?;
     let pg_dump = find_pg_tool("pg_dump").ok_or_else(|| err(missing_tool("pg_dump")))?;
     let info = server_info(spec, &sslmode)?;
@@ -96,7 +95,6 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
 /// error; the error carries `pg_restore`'s stderr tail.
 pub fn restore(spec: &TargetSpec, input: &mut dyn Read, opts: &PgRestoreOptions) -> Result<(), DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    check_strategy(spec)?;
     let sslmode = ssl_mode(spec)?;
     let pg_restore = find_pg_tool("pg_restore").ok_or_else(|| err(missing_tool("pg_restore")))?;
     if spec.database.is_empty() {
@@ -140,15 +138,6 @@ pub fn capability() -> Option<String> {
 pub fn engine_version(server_version: &str) -> String {
     let number = server_version.split_whitespace().next().unwrap_or(server_version);
     format!("PostgreSQL {number}")
-}
-
-fn check_strategy(spec: &TargetSpec) -> Result<(), DriverError> {
-    match &spec.strategy {
-        Strategy::Tcp | Strategy::UnixSocket => Ok(()),
-        Strategy::DockerExec { .. } => {
-            Err(DriverError::new(&spec.id, "the DOCKER_EXEC strategy is not supported by this build yet"))
-        }
-    }
 }
 
 fn ssl_mode(spec: &TargetSpec) -> Result<String, DriverError> {

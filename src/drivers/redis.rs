@@ -180,11 +180,6 @@ fn endpoint(spec: &TargetSpec) -> String {
 }
 
 fn connect(spec: &TargetSpec) -> Result<Conn, String> {
-    if let Strategy::DockerExec { .. } = spec.strategy {
-        return Err(
-            "the docker exec strategy is not implemented for Redis yet: use TCP or a UNIX socket".into()
-        );
-    }
     if spec.options.get("tls").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         return Err(TLS_UNSUPPORTED.into());
     }

@@ -29,12 +29,13 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use prost::Message as _;
 use rustls::ClientConfig;
 
+use crate::clock::now_ms;
 use crate::outbox::{Outbox, PingMarker};
 use crate::secrets::Secret;
 use crate::wire::pb;
@@ -233,17 +234,12 @@ pub fn hostname() -> String {
 /// Backoff before reconnect attempt `attempt` (0-based): base·2^attempt capped at `cap`,
 /// then scaled by `jitter` ∈ [-1, 1] times 20 %.
 pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration, jitter: f64) -> Duration {
-    let exp = base.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX));
-    exp.min(cap).mul_f64(1.0 + 0.2 * jitter.clamp(-1.0, 1.0))
+    crate::retry::Backoff::new(base, cap).delay(attempt).mul_f64(1.0 + 0.2 * jitter.clamp(-1.0, 1.0))
 }
 
 fn random_jitter() -> f64 {
     let r = getrandom::u64().unwrap_or(1 << 52);
     (r >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Why one connection ended, and whether it got as far as RegisterAck.

@@ -193,34 +193,6 @@ impl From<S3Error> for io::Error {
     }
 }
 
-/// Removes the query string of every http(s) URL in `s` (presigned URLs carry the
-/// signature and credential scope there).
-pub fn redact_urls(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(pos) = rest.find("http") {
-        out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        if tail.starts_with("http://") || tail.starts_with("https://") {
-            let end = tail.find(|c: char| c.is_whitespace() || c == '"' || c == '\'').unwrap_or(tail.len());
-            let url = &tail[..end];
-            match url.find('?') {
-                Some(q) => {
-                    out.push_str(&url[..q]);
-                    out.push_str("?<redacted>");
-                }
-                None => out.push_str(url),
-            }
-            rest = &tail[end..];
-        } else {
-            out.push_str("http");
-            rest = &tail[4..];
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// The part-size rule: part `n` (1-based) is `base × 2^((n-1) / step)`, capped at 5 GiB,
 /// with the largest `step` whose `max_parts` parts still hold the largest object the
 /// part count allows (5 TiB, or `max_parts × 5 GiB` when that is less). Small objects
@@ -469,7 +441,7 @@ fn read_body(resp: &mut Response, op: &str, key: &str) -> Result<String, S3Error
     resp.body_mut().with_config().limit(16 * MIB).read_to_string().map_err(|e| S3Error::Transport {
         op: op.into(),
         key: key.into(),
-        message: redact_urls(&format!("reading the response: {e}")),
+        message: crate::secrets::redact_urls(&format!("reading the response: {e}")),
     })
 }
 
@@ -493,37 +465,36 @@ fn send_with_retry(
     key: &str,
     mut send: impl FnMut() -> Result<Response, ureq::Error>,
 ) -> Result<Response, S3Error> {
-    let mut attempt = 1;
-    loop {
-        let result = match send() {
-            Ok(resp) if resp.status().is_success() => return Ok(resp),
-            Ok(mut resp) => {
-                let status = resp.status().as_u16();
-                let body = if op == "HeadObject" {
-                    String::new()
-                } else {
-                    read_body(&mut resp, op, key).unwrap_or_default()
-                };
-                S3Error::Status {
-                    op: op.into(),
-                    key: key.into(),
-                    status,
-                    code: xml_field(&body, "Code"),
-                    message: xml_field(&body, "Message"),
-                }
-            }
-            Err(e) => {
-                S3Error::Transport { op: op.into(), key: key.into(), message: redact_urls(&e.to_string()) }
-            }
-        };
-        if !result.retryable() || attempt >= policy.attempts {
-            return Err(result);
+    let backoff = crate::retry::Backoff::new(policy.base_delay, policy.max_delay);
+    let attempt = |_| match send() {
+        Ok(resp) if resp.status().is_success() => Ok(resp),
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            let body = if op == "HeadObject" {
+                String::new()
+            } else {
+                read_body(&mut resp, op, key).unwrap_or_default()
+            };
+            Err(S3Error::Status {
+                op: op.into(),
+                key: key.into(),
+                status,
+                code: xml_field(&body, "Code"),
+                message: xml_field(&body, "Message"),
+            })
         }
-        let delay = policy.base_delay.saturating_mul(1 << (attempt - 1).min(16)).min(policy.max_delay);
-        log::warn!("{result}; retrying in {delay:?} (attempt {}/{})", attempt + 1, policy.attempts);
-        std::thread::sleep(delay);
-        attempt += 1;
-    }
+        Err(e) => Err(S3Error::Transport {
+            op: op.into(),
+            key: key.into(),
+            message: crate::secrets::redact_urls(&e.to_string()),
+        }),
+    };
+    crate::retry::run(policy.attempts, backoff, attempt, |error, next, delay| {
+        if error.retryable() {
+            log::warn!("{error}; retrying in {delay:?} (attempt {next}/{})", policy.attempts);
+        }
+        error.retryable()
+    })
 }
 
 impl Inner {
@@ -958,7 +929,7 @@ impl PresignedPut {
     pub fn new(url: &str, key: &str, expires_at_ms: u64, spool_dir: &Path) -> Result<Self, S3Error> {
         let invalid =
             |m: String| S3Error::Invalid { op: "PutObject (presigned)".into(), key: key.into(), message: m };
-        if expires_at_ms != 0 && now_ms() >= expires_at_ms {
+        if expires_at_ms != 0 && crate::clock::now_ms() >= expires_at_ms {
             return Err(invalid("the presigned URL has expired; ask the control plane for a new run".into()));
         }
         std::fs::create_dir_all(spool_dir)
@@ -1011,13 +982,6 @@ impl PresignedPut {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Write for PresignedPut {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.size + data.len() as u64 > MAX_SINGLE_PUT {
@@ -1044,7 +1008,7 @@ impl ObjectWriter for PresignedPut {
         let spool = self.spool.take().ok_or_else(|| io::Error::other("spool file already closed"))?;
         spool.as_file().sync_all()?;
         let op = "PutObject (presigned)";
-        if self.expires_at_ms != 0 && now_ms() >= self.expires_at_ms {
+        if self.expires_at_ms != 0 && crate::clock::now_ms() >= self.expires_at_ms {
             return Err(S3Error::Invalid {
                 op: op.into(),
                 key: self.key.clone(),
@@ -1142,12 +1106,5 @@ mod tests {
         w.write_all(b"ab").unwrap();
         let err = w.write_all(b"c").unwrap_err().to_string();
         assert!(err.contains("5 GiB") && !err.contains("X-Amz"), "{err}");
-    }
-
-    #[test]
-    fn redaction_removes_query_strings_only() {
-        let s =
-            "PUT https://s3.example.com/b/k?X-Amz-Signature=abc&X-Amz-Credential=AK failed; see http://x/y";
-        assert_eq!(redact_urls(s), "PUT https://s3.example.com/b/k?<redacted> failed; see http://x/y");
     }
 }
