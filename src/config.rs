@@ -273,9 +273,7 @@ impl Config {
 
         let state_dir = match &raw.state_dir {
             Some(s) => resolve(s.get_ref()),
-            None => std::env::var_os("BACKUPY_STATE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/backupy")),
+            None => crate::env::Env::get().state_dir(),
         };
         let storage = raw
             .storage
@@ -717,9 +715,9 @@ fn apply_url(spec: &mut TargetSpec, u: &Spanned<String>, fail: &Fail) -> Result<
 pub fn target_from_url(id: &str, engine: Engine, url: &str) -> Result<TargetSpec, String> {
     let mut spec = TargetSpec::new(id, engine);
     apply_url_str(&mut spec, url)?;
-    if let Ok(reference) = std::env::var("BACKUPY_RESTORE_PASSWORD") {
+    if let Some(reference) = &crate::env::Env::get().restore_password {
         spec.password =
-            Some(secrets::resolve(&reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?);
+            Some(secrets::resolve(reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?);
     }
     Ok(spec)
 }

@@ -18,7 +18,6 @@ use prometheus::{
     TextEncoder,
 };
 
-pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:9090";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -140,15 +139,6 @@ impl Metrics {
             log::warn!("cannot encode metrics: {e}");
         }
         String::from_utf8_lossy(&buf).into_owned()
-    }
-}
-
-/// The listen address from `BACKUPY_METRICS_LISTEN_ADDR`; `None` when set to empty (off).
-pub fn listen_addr_from_env() -> Option<String> {
-    match std::env::var("BACKUPY_METRICS_LISTEN_ADDR") {
-        Ok(v) if v.trim().is_empty() => None,
-        Ok(v) => Some(v.trim().to_string()),
-        Err(_) => Some(DEFAULT_LISTEN_ADDR.to_string()),
     }
 }
 

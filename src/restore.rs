@@ -103,9 +103,9 @@ fn docker_target(engine: Engine, rest: &str) -> Result<drivers::TargetSpec, Stri
             }
         }
     }
-    if let Ok(reference) = std::env::var("BACKUPY_RESTORE_PASSWORD") {
+    if let Some(reference) = &crate::env::Env::get().restore_password {
         spec.password =
-            Some(crate::secrets::resolve(&reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?);
+            Some(crate::secrets::resolve(reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?);
     }
     Ok(spec)
 }

@@ -12,7 +12,7 @@
 //! the caller's thread; the registry of known values is shared behind a lock.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use zeroize::Zeroizing;
 
@@ -150,7 +150,7 @@ pub enum SecretError {
 
 /// Resolves a secret reference with the secrets directory of `BACKUPY_SECRETS_DIR`.
 pub fn resolve(reference: &str) -> Result<Secret, SecretError> {
-    let dir = std::env::var_os("BACKUPY_SECRETS_DIR").map(PathBuf::from);
+    let dir = crate::env::Env::get().secrets_dir.clone();
     resolve_in(reference, dir.as_deref().unwrap_or(Path::new(DEFAULT_SECRETS_DIR)))
 }
 

@@ -100,8 +100,8 @@ impl Settings {
             exe,
             public_key_pem: COMPILED_KEY_PEM.to_string(),
             max_bytes: DEFAULT_MAX_BYTES,
-            ca_file: std::env::var_os("BACKUPY_CA_FILE").filter(|v| !v.is_empty()).map(PathBuf::from),
-            allow_insecure: env_true("BACKUPY_DEV_ALLOW_INSECURE"),
+            ca_file: crate::env::Env::get().ca_file.clone(),
+            allow_insecure: crate::env::Env::get().dev_allow_insecure,
             download_timeout: Duration::from_secs(600),
             confirm_timeout: confirm_timeout_from_env(),
         })
@@ -549,18 +549,9 @@ fn write_marker(path: &Path, m: &Marker) -> Result<(), UpdateError> {
     Ok(())
 }
 
-fn env_true(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
 /// `BACKUPY_UPDATE_CONFIRM_TIMEOUT_SEC`, default 60 s; tests shorten it.
 pub fn confirm_timeout_from_env() -> Duration {
-    std::env::var("BACKUPY_UPDATE_CONFIRM_TIMEOUT_SEC")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|s| *s > 0)
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_CONFIRM_TIMEOUT)
+    crate::env::Env::get().update_confirm_timeout
 }
 
 /// Runs the freshly installed binary in place of this process (same pid, same

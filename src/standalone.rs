@@ -74,8 +74,8 @@ pub fn run(config: &Path) -> Result<Summary> {
 
     let metrics = Metrics::new().context("cannot create the metrics registry")?;
     metrics.set_connection_state("standalone");
-    if let Some(addr) = crate::metrics::listen_addr_from_env() {
-        crate::metrics::serve(&addr, metrics.clone(), cfg.state_dir.clone())
+    if let Some(addr) = &crate::env::Env::get().metrics_listen_addr {
+        crate::metrics::serve(addr, metrics.clone(), cfg.state_dir.clone())
             .map_err(|e| anyhow::anyhow!(e))?;
         log::info!("metrics and health endpoints on http://{addr}/metrics, /healthz, /readyz");
     }
@@ -85,7 +85,7 @@ pub fn run(config: &Path) -> Result<Summary> {
     };
     let handle = Scheduler::start(options, worker).context("cannot start the scheduler")?;
     crate::selfupdate::confirm(&cfg.state_dir);
-    let ca_file = std::env::var_os("BACKUPY_CA_FILE").map(std::path::PathBuf::from);
+    let ca_file = crate::env::Env::get().ca_file.clone();
     let health = crate::health::start(cfg.health_checks.clone(), metrics.clone(), ca_file, None)
         .context("cannot start the health-probe threads")?;
     metrics.ready.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -200,7 +200,9 @@ pub fn main() -> ExitCode {
 fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::HealthCheck => {
-            let addr = crate::metrics::listen_addr_from_env()
+            let addr = crate::env::Env::get()
+                .metrics_listen_addr
+                .clone()
                 .context("BACKUPY_METRICS_LISTEN_ADDR is empty: the agent serves no health endpoint")?;
             crate::metrics::health_check(&addr).map_err(|e| anyhow::anyhow!(e))?;
             println!("healthy");
@@ -208,7 +210,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         }
         Command::Run { config: Some(config) } => crate::standalone::run(&config).map(|_| ExitCode::SUCCESS),
         Command::Run { config: None } => {
-            if std::env::var_os("BACKUPY_SERVER_URL").is_none() {
+            if crate::env::Env::get().server_url.is_none() {
                 bail!(
                     "nothing to run: give --config FILE for standalone mode, or set BACKUPY_SERVER_URL (and BACKUPY_AGENT_KEY or BACKUPY_AGENT_KEY_FILE) for connected mode"
                 );
@@ -216,11 +218,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             crate::connected::run().map(|_| ExitCode::SUCCESS)
         }
         Command::DumpState { allow_secrets, state_dir } => {
-            let dir = state_dir.unwrap_or_else(|| {
-                PathBuf::from(
-                    std::env::var("BACKUPY_STATE_DIR").unwrap_or_else(|_| "/var/lib/backupy".into()),
-                )
-            });
+            let dir = state_dir.unwrap_or_else(|| crate::env::Env::get().state_dir());
             let key = crate::connected::agent_key_from_env()?;
             let state = crate::connected::dump_state::dump(&dir, key.as_ref(), allow_secrets)?;
             println!("{}", serde_json::to_string_pretty(&state)?);
@@ -277,10 +275,7 @@ fn self_update(
 ) -> Result<ExitCode> {
     let state_dir = match config {
         Some(c) => Config::load(c)?.state_dir,
-        None => std::env::var_os("BACKUPY_STATE_DIR")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/backupy")),
+        None => crate::env::Env::get().state_dir(),
     };
     let signature = std::fs::read(signature)
         .with_context(|| format!("cannot read the signature file {}", signature.display()))?;

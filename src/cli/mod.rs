@@ -17,9 +17,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// `module` and `message`). Connected mode may change the level at run time and forward
 /// records as LogEvents (see [`crate::logfwd`]).
 pub fn init_logging(default_level: &str) {
-    let level = std::env::var("BACKUPY_LOG_LEVEL").unwrap_or_else(|_| default_level.to_string());
+    let env = crate::env::Env::get();
+    let level = env.log_level.clone().unwrap_or_else(|| default_level.to_string());
     let mut builder = env_logger::Builder::new();
-    let json = std::env::var("BACKUPY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let json = env.log_json;
     // Every line passes the redaction layer, whichever module wrote it.
     builder.format(move |buf, record| {
         use std::io::Write as _;

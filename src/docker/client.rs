@@ -20,8 +20,6 @@ use ureq::unversioned::transport::{
     Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, ShutdownHandle, Transport,
 };
 
-/// The socket used when `BACKUPY_DOCKER_SOCKET` is not set.
-pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// The variable naming the Engine API socket.
 pub const SOCKET_VAR: &str = "BACKUPY_DOCKER_SOCKET";
 /// The newest API version this client was written against.
@@ -115,11 +113,7 @@ struct VersionInfo {
 impl Client {
     /// Connects to `BACKUPY_DOCKER_SOCKET` (default `/var/run/docker.sock`).
     pub fn from_env() -> Result<Client, DockerError> {
-        let socket = std::env::var_os(SOCKET_VAR)
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-        Client::connect(&socket)
+        Client::connect(&crate::env::Env::get().docker_socket)
     }
 
     /// Connects to the daemon on `socket` and negotiates the API version.

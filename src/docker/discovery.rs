@@ -36,7 +36,7 @@ const SQLITE_MAX_ENTRIES: usize = 2000;
 
 /// `BACKUPY_DISABLE_DISCOVERY=true`.
 pub fn disabled_by_env() -> bool {
-    std::env::var(DISABLE_VAR).is_ok_and(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1")
+    crate::env::Env::get().disable_discovery
 }
 
 // ------------------------------------------------------------------ classification

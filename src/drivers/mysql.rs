@@ -176,14 +176,14 @@ fn client_tools(engine: Engine) -> Vec<&'static str> {
 }
 
 fn find_mysql_tool(names: &[&str]) -> Option<PathBuf> {
-    match std::env::var_os(TOOL_PATH_VAR) {
+    match crate::env::Env::get().tool_path.clone() {
         Some(path) => find_in(&path, names),
         None => exec::find_tool(names),
     }
 }
 
 fn missing_tool(names: &[&str]) -> String {
-    let place = match std::env::var_os(TOOL_PATH_VAR) {
+    let place = match crate::env::Env::get().tool_path.clone() {
         Some(p) => format!("in {TOOL_PATH_VAR}={}", p.to_string_lossy()),
         None => "on PATH".to_string(),
     };

@@ -325,7 +325,7 @@ fn conninfo_quote(v: &str) -> String {
 /// The first `name` found: in `BACKUPY_TOOL_PATH` only, when it is set; otherwise in
 /// `/usr/lib/postgresql/<major>/bin` (newest first), then on `PATH`.
 pub fn find_pg_tool(name: &str) -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os(TOOL_PATH_VAR) {
+    if let Some(path) = crate::env::Env::get().tool_path.clone() {
         return find_in(&path, &[name]);
     }
     let mut majors: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -351,7 +351,7 @@ pub(crate) fn find_in(path: &OsString, names: &[&str]) -> Option<PathBuf> {
 }
 
 fn missing_tool(tool: &str) -> String {
-    let place = match std::env::var_os(TOOL_PATH_VAR) {
+    let place = match crate::env::Env::get().tool_path.clone() {
         Some(p) => format!("in {TOOL_PATH_VAR}={}", p.to_string_lossy()),
         None => "on PATH or in /usr/lib/postgresql/*/bin".to_string(),
     };
