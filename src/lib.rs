@@ -4,10 +4,16 @@
 //! Module map (the layout is the data flow): `drivers` produce dump bytes (one file per
 //! engine), `pipeline` compresses, encrypts and hashes them on a chain of threads,
 //! `storage` keeps them (a directory or S3), `crypto` defines the object format. Around
-//! them: `runner` ties one run together, `scheduler` and `standalone` run jobs on their
-//! cron schedules, `state` records runs, `retention` prunes, `restore` and `verify` read
-//! backups back, `config` parses the standalone TOML, `secrets` resolves password
-//! references, `wire` holds the control-plane protocol types, `cli` the two binaries.
+//! them: `runner` is one backup run for both modes (`execute(RunPlan) -> RunOutcome`:
+//! hooks, dump, pipeline into the plan's `Destination`, seal), `cancel` stops a run and
+//! says why, and `scheduler` queues runs and runs them on its worker pool under their
+//! timeouts. Two modes feed it: `standalone` (cron jobs, plans built from `config`, the
+//! TOML) and `connected` (RunBackups from a control plane, plans built from `wire`
+//! messages; `session` and `outbox` carry them). `state` records runs, `metrics` counts
+//! them, `retention` prunes, `restore` and `verify` read backups back, `health` probes,
+//! `docker` talks to dockerd, `selfupdate` replaces the binary, `env` reads every
+//! `BACKUPY_*` variable once, `secrets` resolves password references and redacts, `cli`
+//! holds the two binaries. Threads and channels: docs/architecture.md.
 
 pub mod cancel;
 pub mod cli;
