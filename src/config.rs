@@ -16,7 +16,6 @@ use toml::Spanned;
 use crate::crypto::{self, DataKey, Encryption, Recipient};
 use crate::drivers::{Engine, Strategy, TargetSpec};
 use crate::pipeline::Compression;
-use crate::secrets;
 use crate::storage::check_key_segment;
 use crate::storage::s3::S3Target;
 
@@ -543,7 +542,9 @@ fn parse_s3(
         }
     }
     let secret = |v: &Spanned<String>, what: &str| {
-        secrets::resolve(v.get_ref()).map_err(|e| fail(Some(v.span()), format!("[storage.s3] {what}: {e}")))
+        crate::env::Env::get()
+            .resolve_secret(v.get_ref())
+            .map_err(|e| fail(Some(v.span()), format!("[storage.s3] {what}: {e}")))
     };
     let mut t = S3Target::new(
         endpoint,
@@ -645,7 +646,8 @@ fn parse_target(
     }
     if let Some(p) = &rt.password {
         spec.password = Some(
-            secrets::resolve(p.get_ref())
+            crate::env::Env::get()
+                .resolve_secret(p.get_ref())
                 .map_err(|e| fail(Some(p.span()), format!("target {id:?} password: {e}")))?,
         );
     }
@@ -716,8 +718,11 @@ pub fn target_from_url(id: &str, engine: Engine, url: &str) -> Result<TargetSpec
     let mut spec = TargetSpec::new(id, engine);
     apply_url_str(&mut spec, url)?;
     if let Some(reference) = &crate::env::Env::get().restore_password {
-        spec.password =
-            Some(secrets::resolve(reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?);
+        spec.password = Some(
+            crate::env::Env::get()
+                .resolve_secret(reference)
+                .map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?,
+        );
     }
     Ok(spec)
 }

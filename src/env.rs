@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::secrets::Secret;
+use crate::secrets::{self, Secret, SecretError};
 
 /// Where state lives when neither the config nor `BACKUPY_STATE_DIR` says.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/backupy";
@@ -137,6 +137,13 @@ impl Env {
     /// where there is a config).
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+    }
+
+    /// Resolves a secret reference, with `BACKUPY_SECRETS_DIR` (default
+    /// [`secrets::DEFAULT_SECRETS_DIR`]) for a bare name.
+    pub fn resolve_secret(&self, reference: &str) -> Result<Secret, SecretError> {
+        let default = PathBuf::from(secrets::DEFAULT_SECRETS_DIR);
+        secrets::resolve_in(reference, self.secrets_dir.as_ref().unwrap_or(&default))
     }
 
     /// The first value that did not parse, as an error naming the variable.

@@ -18,7 +18,6 @@ use prometheus::{
     TextEncoder,
 };
 
-
 pub struct Metrics {
     pub registry: Registry,
     pub up: IntGauge,

@@ -104,8 +104,11 @@ fn docker_target(engine: Engine, rest: &str) -> Result<drivers::TargetSpec, Stri
         }
     }
     if let Some(reference) = &crate::env::Env::get().restore_password {
-        spec.password =
-            Some(crate::secrets::resolve(reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?);
+        spec.password = Some(
+            crate::env::Env::get()
+                .resolve_secret(reference)
+                .map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?,
+        );
     }
     Ok(spec)
 }

@@ -148,12 +148,8 @@ pub enum SecretError {
     File { path: String, error: std::io::Error },
 }
 
-/// Resolves a secret reference with the secrets directory of `BACKUPY_SECRETS_DIR`.
-pub fn resolve(reference: &str) -> Result<Secret, SecretError> {
-    let dir = crate::env::Env::get().secrets_dir.clone();
-    resolve_in(reference, dir.as_deref().unwrap_or(Path::new(DEFAULT_SECRETS_DIR)))
-}
-
+/// Resolves a secret reference; a bare name is looked up in `secrets_dir` (the caller
+/// passes `BACKUPY_SECRETS_DIR`: `Env::resolve_secret` in the `env` module).
 pub fn resolve_in(reference: &str, secrets_dir: &Path) -> Result<Secret, SecretError> {
     if let Some(name) = reference.strip_prefix("env:") {
         return std::env::var(name).map(Secret::new).map_err(|_| SecretError::MissingEnv(name.to_string()));

@@ -46,6 +46,7 @@ pub fn schedules(cfg: &Config) -> Result<Vec<JobSchedule>> {
 
 /// Runs the scheduler until SIGTERM/SIGINT, then shuts down gracefully.
 pub fn run(config: &Path) -> Result<Summary> {
+    crate::env::Env::get().check().map_err(anyhow::Error::msg)?;
     let cfg = Arc::new(Config::load(config)?);
     let state = Arc::new(StateDb::open(&cfg.state_dir)?);
     crate::selfupdate::on_start(&cfg.state_dir);

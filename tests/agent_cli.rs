@@ -289,3 +289,23 @@ fn json_log_format_writes_one_object_per_line() {
     }
     assert!(lines.iter().any(|l| l.contains("backing up target app")), "{lines:?}");
 }
+
+#[test]
+fn run_refuses_a_setting_from_the_environment_that_is_not_a_number_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    sqlite_db(dir.path());
+    let cfg = write_config(
+        dir.path(),
+        &format!("state_dir = \"./state\"\n[storage]\ndir = \"./b\"\n{GOOD_TAIL}cron = \"0 3 * * *\"\n"),
+    );
+    let mut c = agent();
+    c.args(["run", "--config"]).arg(&cfg).env("BACKUPY_UPDATE_CONFIRM_TIMEOUT_SEC", "soon");
+    c.env("BACKUPY_METRICS_LISTEN_ADDR", "");
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("BACKUPY_UPDATE_CONFIRM_TIMEOUT_SEC=\"soon\" is not a number of seconds"), "{err}");
+    // Refused before anything ran: no state database, no backup.
+    assert!(!dir.path().join("state/state.db").exists());
+    assert!(files_under(&dir.path().join("b")).is_empty());
+}

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use uuid::Uuid;
 
 use super::convert::{self, job_update};
-use super::runs::{ConnectedRun, RunEvent, RunInput, RunSettings};
+use super::runs::{ConnectedRun, Report, RunEvent, RunInput, RunSettings};
 use super::store::{RunPhase, Store};
 use super::update::{self, UpdateDone, UpdateJob, UpdateState};
 use crate::health::{HealthCommand, ProbeResult};
@@ -436,10 +436,10 @@ impl Agent {
         let progress = Arc::new(Progress::default());
         let scheduler_id = Uuid::new_v4();
         let work = ConnectedRun {
+            report: Report::new(&run_id, &job_id, self.parts.run_events.clone()),
             input,
             settings: self.parts.run_settings.clone(),
             progress: progress.clone(),
-            events: self.parts.run_events.clone(),
             state: self.parts.state.clone(),
             metrics: self.parts.metrics.clone(),
         };

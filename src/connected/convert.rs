@@ -52,7 +52,8 @@ pub fn target_spec(target: &pb::Target) -> Result<TargetSpec, String> {
     spec.database = c.database;
     spec.username = c.username;
     if !c.password_secret_ref.is_empty() {
-        let password = secrets::resolve(&c.password_secret_ref)
+        let password = crate::env::Env::get()
+            .resolve_secret(&c.password_secret_ref)
             .map_err(|e| format!("target {}: password: {e}", target.id))?;
         spec.password = Some(password);
     }

@@ -79,37 +79,78 @@ pub struct ConnectedRun {
     pub input: RunInput,
     pub settings: RunSettings,
     pub progress: Arc<Progress>,
-    pub events: Sender<RunEvent>,
     pub state: Arc<StateDb>,
     pub metrics: Arc<Metrics>,
+    pub report: Report,
 }
 
 impl Work for ConnectedRun {
     fn run(self: Box<Self>, cancel: Cancel) -> scheduler::RunOutcome {
-        let (job_id, run_id) = (self.input.job.id.clone(), self.input.command.run_id.clone());
-        let _ = self.events.send(RunEvent::Started { run_id: run_id.clone() });
+        let ConnectedRun { input, settings, progress, state, metrics, report } = *self;
+        let (job_id, run_id) = (input.job.id.clone(), input.command.run_id.clone());
+        let _ = report.events.send(RunEvent::Started { run_id: run_id.clone() });
         crate::logfwd::set_job(Some(&job_id));
-        runner::record_start(&self.state, &job_id, &run_id, 1);
-        let observer = Observer { run_id: run_id.clone(), events: self.events.clone() };
-        let outcome = match plan(&self.settings, &self.input, &self.events) {
-            Ok(plan) => runner::execute(plan, &cancel, self.progress.clone(), &observer),
+        runner::record_start(&state, &job_id, &run_id, 1);
+        let observer = Observer { run_id: run_id.clone(), events: report.events.clone() };
+        let outcome = match plan(&settings, &input, &report.events) {
+            Ok(plan) => runner::execute(plan, &cancel, progress, &observer),
             Err(e) => RunOutcome::refused(&job_id, &run_id, e),
         };
-        let reports = Box::new(convert::final_reports(&outcome, self.input.job.timeout_sec));
-        let update = &reports.0;
-        runner::record_finish(&self.state, &self.metrics, &outcome, &update.error_message);
+        let reports = convert::final_reports(&outcome, input.job.timeout_sec);
+        runner::record_finish(&state, &metrics, &outcome, &reports.0.error_message);
         crate::logfwd::set_job(None);
         let result = match &outcome.result {
             Ok(_) => scheduler::RunOutcome::Success,
             Err(e) if e.is_cancelled() => scheduler::RunOutcome::Cancelled,
-            Err(_) => scheduler::RunOutcome::Failed(update.error_message.clone()),
+            Err(_) => scheduler::RunOutcome::Failed(reports.0.error_message.clone()),
         };
-        let _ = self.events.send(RunEvent::Finished { run_id, reports });
+        report.finished(reports);
         result
     }
 
     fn dropped(self: Box<Self>, reason: SkipReason) {
-        let _ = self.events.send(RunEvent::Dropped { run_id: self.input.command.run_id.clone(), reason });
+        self.report.dropped(reason);
+    }
+}
+
+/// A run's last word to the main loop, sent exactly once: its reports, that it was
+/// dropped before it started, or, when it never got to say either (a panic on the
+/// worker, or the run thrown away unrun), a failure that says so. The main loop holds
+/// each run until it hears this, so it must never be lost.
+pub struct Report {
+    run_id: String,
+    job_id: String,
+    events: Sender<RunEvent>,
+    sent: bool,
+}
+
+impl Report {
+    pub fn new(run_id: &str, job_id: &str, events: Sender<RunEvent>) -> Report {
+        Report { run_id: run_id.to_string(), job_id: job_id.to_string(), events, sent: false }
+    }
+
+    fn finished(mut self, reports: (pb::JobUpdate, Option<pb::BackupCompleted>)) {
+        self.sent = true;
+        let _ =
+            self.events.send(RunEvent::Finished { run_id: self.run_id.clone(), reports: Box::new(reports) });
+    }
+
+    fn dropped(mut self, reason: SkipReason) {
+        self.sent = true;
+        let _ = self.events.send(RunEvent::Dropped { run_id: self.run_id.clone(), reason });
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if self.sent {
+            return;
+        }
+        let mut update = convert::job_update(&self.job_id, &self.run_id, pb::JobStatus::Failed);
+        update.error_message = "the run ended without a result (the agent's log says why)".into();
+        let _ = self
+            .events
+            .send(RunEvent::Finished { run_id: self.run_id.clone(), reports: Box::new((update, None)) });
     }
 }
 
@@ -248,5 +289,39 @@ impl ObjectWriter for StepOnCommit {
         let step = runner::step::UPLOADING;
         let _ = self.events.send(RunEvent::Step { run_id: self.run_id.clone(), step });
         self.inner.commit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_that_never_reports_still_reaches_the_main_loop_once_as_failed() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // A panic unwinding through the worker drops the report unsent.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _report = Report::new("run-1", "job-1", tx.clone());
+            panic!("a bug in a driver");
+        }));
+        assert!(panicked.is_err());
+        match rx.try_recv() {
+            Ok(RunEvent::Finished { run_id, reports }) => {
+                assert_eq!(run_id, "run-1");
+                assert_eq!(reports.0.status, pb::JobStatus::Failed as i32);
+                assert!(reports.0.error_message.contains("without a result"), "{}", reports.0.error_message);
+                assert!(reports.1.is_none());
+            }
+            other => panic!("expected one Finished, got {other:?}"),
+        }
+        assert!(rx.try_recv().is_err(), "exactly one event");
+
+        // A run that reported says nothing more when it goes away.
+        let (update, completed) = (convert::job_update("job-1", "run-2", pb::JobStatus::Success), None);
+        Report::new("run-2", "job-1", tx.clone()).finished((update, completed));
+        Report::new("run-3", "job-1", tx).dropped(SkipReason::Cancelled);
+        assert!(matches!(rx.try_recv(), Ok(RunEvent::Finished { run_id, .. }) if run_id == "run-2"));
+        assert!(matches!(rx.try_recv(), Ok(RunEvent::Dropped { run_id, .. }) if run_id == "run-3"));
+        assert!(rx.try_recv().is_err(), "no event after a report");
     }
 }
