@@ -582,11 +582,12 @@ fn update_cmd(url: &str, sha256: &str, signature: &Path, force: bool) -> Payload
     })
 }
 
+#[track_caller]
 fn wait_cp(cp: &ControlPlane, log: &Path, what: &str, limit: Duration, cond: impl Fn(&Shared) -> bool) {
     assert!(
         cp.wait_until(limit, cond),
-        "timed out waiting for {what}; agent log:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
+        "timed out after {limit:?} waiting for {what}; agent log:\n{}",
+        common::log_tail(log)
     );
 }
 
@@ -601,7 +602,7 @@ fn connected_self_update_installs_reconnects_and_reports_and_refusals_name_their
     let cp = ControlPlane::plain();
     auto_update(&cp, true);
     let log = f.start_connected(&cp);
-    wait_cp(&cp, &log, "Register", Duration::from_secs(20), |s| !s.conns.is_empty());
+    wait_cp(&cp, &log, "Register", Duration::from_secs(20), |s| s.registered(0));
 
     // Refused: a wrong SHA-256, and a signature by another key.
     let newer = f.newer();
@@ -649,7 +650,7 @@ fn connected_self_update_needs_auto_update_or_force_and_a_silent_binary_is_rolle
     let cp = ControlPlane::plain();
     auto_update(&cp, false);
     let log = f.start_connected(&cp);
-    wait_cp(&cp, &log, "Register", Duration::from_secs(20), |s| !s.conns.is_empty());
+    wait_cp(&cp, &log, "Register", Duration::from_secs(20), |s| s.registered(0));
     let hangs = f.launcher("hangs", "0.2.0", "exec sleep 600");
     let url = f.server.put("/hangs", Body::Full(std::fs::read(&hangs).unwrap()));
     let sig = f.sign(&hangs, &f.key);

@@ -2,6 +2,9 @@
 //! 127.0.0.1:0 (plain or TLS) that records the upgrade request and every envelope it
 //! receives, answers Register with RegisterAck (or with a scripted first reply), and lets
 //! the test push envelopes or raw frames and drop connections.
+//!
+//! The server threads never panic and never poison the state's lock: a test that fails
+//! while it holds `state()` reports its own assertion, not a second panic from here.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -44,11 +47,21 @@ pub struct Conn {
     pub path: String,
     pub authorization: Option<String>,
     pub received: Vec<Received>,
+    /// When the reply to Register (RegisterAck or a scripted first reply) was written.
+    pub register_answered_at: Option<Instant>,
     pub closed_at: Option<Instant>,
     actions: Sender<Action>,
 }
 
 impl Conn {
+    /// The Register frame, once it has been received; by the protocol it comes first.
+    pub fn register(&self) -> Option<&pb::Register> {
+        match &self.received.first()?.envelope.payload {
+            Some(Payload::Register(r)) => Some(r),
+            _ => None,
+        }
+    }
+
     pub fn payloads(&self) -> Vec<&Payload> {
         self.received.iter().filter_map(|r| r.envelope.payload.as_ref()).collect()
     }
@@ -66,9 +79,36 @@ pub struct Shared {
     pub ack_config: Option<pb::AgentConfig>,
     /// While set, new TCP connections are closed at once (a control plane that is down).
     pub refuse: bool,
+    /// TCP connections closed at once because `refuse` was set.
+    pub refused: usize,
+    /// How long a received Register frame waits before it is recorded and answered: a
+    /// slow control plane, which a test that waits for the connection alone (not for the
+    /// Register) would read too early.
+    pub register_delay: Duration,
 }
 
 impl Shared {
+    /// Connection `index` exists, its Register was recorded and the reply to it sent: from
+    /// here on, frames the test sends arrive after RegisterAck.
+    pub fn registered(&self, index: usize) -> bool {
+        self.conns.get(index).is_some_and(|c| c.register_answered_at.is_some())
+    }
+
+    /// The Register frame of connection `index`; panics (in the test's thread) when the
+    /// test did not wait for it with [`Shared::registered`].
+    #[track_caller]
+    pub fn register(&self, index: usize) -> pb::Register {
+        let conn = self.conns.get(index).unwrap_or_else(|| {
+            panic!(
+                "connection {index} does not exist ({} so far): wait for `registered({index})`",
+                self.conns.len()
+            )
+        });
+        conn.register().cloned().unwrap_or_else(|| {
+            panic!("connection {index} has no Register first: {:?}", conn.received.first())
+        })
+    }
+
     /// Every envelope received on every connection, in arrival order per connection.
     pub fn all(&self) -> Vec<&pb::Envelope> {
         self.conns.iter().flat_map(|c| c.received.iter().map(|r| &r.envelope)).collect()
@@ -158,7 +198,7 @@ impl ControlPlane {
     }
 
     pub fn state(&self) -> MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap()
+        lock(&self.shared)
     }
 
     /// Polls `cond` until it holds or `timeout` passes; returns whether it held.
@@ -175,6 +215,12 @@ impl ControlPlane {
         }
     }
 
+    /// [`ControlPlane::wait_until`], or a panic naming `what` was awaited.
+    #[track_caller]
+    pub fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Shared) -> bool) {
+        assert!(self.wait_until(timeout, cond), "timed out after {timeout:?} waiting for {what}");
+    }
+
     /// Sends `envelope` on the newest connection.
     pub fn send_last(&self, envelope: pb::Envelope) {
         let index = self.state().conns.len().checked_sub(1).expect("a connection");
@@ -182,10 +228,17 @@ impl ControlPlane {
     }
 
     /// Asks connection `index` (in accept order) to do `action`.
+    #[track_caller]
     pub fn act(&self, index: usize, action: Action) {
-        let _ = self.state().conns[index].actions.send(action);
+        let s = self.state();
+        let conn = s.conns.get(index).unwrap_or_else(|| {
+            panic!("connection {index} does not exist ({} so far): wait for it first", s.conns.len())
+        });
+        // A connection that already closed drops the action, as a real socket would.
+        let _ = conn.actions.send(action);
     }
 
+    #[track_caller]
     pub fn send(&self, index: usize, envelope: pb::Envelope) {
         self.act(index, Action::Send(Box::new(envelope)));
     }
@@ -198,6 +251,12 @@ impl Drop for ControlPlane {
             let _ = t.join();
         }
     }
+}
+
+/// The state even if a thread panicked while holding it: that panic is already reported,
+/// and a second one here would only bury it.
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A server envelope.
@@ -243,7 +302,10 @@ fn accept_loop(
     let mut handlers = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
-            Ok((tcp, _)) if shared.lock().unwrap().refuse => drop(tcp),
+            Ok((tcp, _)) if lock(shared).refuse => {
+                drop(tcp);
+                lock(shared).refused += 1;
+            }
             Ok((tcp, _)) => {
                 let (tls, shared, stop) = (tls.clone(), shared.clone(), stop.clone());
                 handlers.push(thread::spawn(move || serve(tcp, tls, &shared, &stop)));
@@ -258,26 +320,11 @@ fn accept_loop(
 }
 
 fn serve(tcp: TcpStream, tls: Option<Arc<ServerConfig>>, shared: &Mutex<Shared>, stop: &AtomicBool) {
-    tcp.set_nonblocking(false).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let stream = match tls {
-        None => ServerStream::Plain(tcp.try_clone().unwrap()),
-        Some(config) => {
-            let conn = rustls::ServerConnection::new(config).unwrap();
-            let mut s = rustls::StreamOwned::new(conn, tcp.try_clone().unwrap());
-            let mut ok = true;
-            while s.conn.is_handshaking() {
-                if s.conn.complete_io(&mut s.sock).is_err() {
-                    ok = false;
-                    break;
-                }
-            }
-            if !ok {
-                shared.lock().unwrap().failed_handshakes += 1;
-                return;
-            }
-            ServerStream::Tls(Box::new(s))
-        }
+    // Any failure before the upgrade counts as a failed handshake: the agent sees a
+    // closed connection, and the test sees the count.
+    let Some(stream) = handshake(&tcp, tls) else {
+        lock(shared).failed_handshakes += 1;
+        return;
     };
     let mut seen: Option<(String, Option<String>)> = None;
     // tungstenite's callback signature, not ours.
@@ -290,29 +337,32 @@ fn serve(tcp: TcpStream, tls: Option<Arc<ServerConfig>>, shared: &Mutex<Shared>,
     let mut ws = match tungstenite::accept_hdr(stream, callback) {
         Ok(ws) => ws,
         Err(_) => {
-            shared.lock().unwrap().failed_handshakes += 1;
+            lock(shared).failed_handshakes += 1;
             return;
         }
     };
     let (path, authorization) = seen.unwrap_or_default();
     let (tx, actions): (Sender<Action>, Receiver<Action>) = crossbeam_channel::unbounded();
     let index = {
-        let mut s = shared.lock().unwrap();
+        let mut s = lock(shared);
         s.conns.push(Conn {
             accepted_at: Instant::now(),
             path,
             authorization,
             received: Vec::new(),
+            register_answered_at: None,
             closed_at: None,
             actions: tx,
         });
         s.conns.len() - 1
     };
-    tcp.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
     let close = |shared: &Mutex<Shared>| {
         let _ = tcp.shutdown(std::net::Shutdown::Both);
-        shared.lock().unwrap().conns[index].closed_at = Some(Instant::now());
+        lock(shared).conns[index].closed_at = Some(Instant::now());
     };
+    if tcp.set_read_timeout(Some(Duration::from_millis(10))).is_err() {
+        return close(shared);
+    }
     while !stop.load(Ordering::SeqCst) {
         while let Ok(action) = actions.try_recv() {
             let result = match action {
@@ -328,8 +378,12 @@ fn serve(tcp: TcpStream, tls: Option<Arc<ServerConfig>>, shared: &Mutex<Shared>,
             Ok(Message::Binary(bytes)) => {
                 let Ok(env) = pb::Envelope::decode(bytes.as_ref()) else { return close(shared) };
                 let is_register = matches!(env.payload, Some(Payload::Register(_)));
+                if is_register {
+                    let delay = lock(shared).register_delay;
+                    thread::sleep(delay);
+                }
                 let reply = {
-                    let mut s = shared.lock().unwrap();
+                    let mut s = lock(shared);
                     s.conns[index].received.push(Received { at: Instant::now(), envelope: env });
                     is_register.then(|| {
                         s.first_replies.pop_front().unwrap_or_else(|| {
@@ -347,10 +401,11 @@ fn serve(tcp: TcpStream, tls: Option<Arc<ServerConfig>>, shared: &Mutex<Shared>,
                         })
                     })
                 };
-                if let Some(reply) = reply
-                    && ws.send(reply).is_err()
-                {
-                    return close(shared);
+                if let Some(reply) = reply {
+                    if ws.send(reply).is_err() {
+                        return close(shared);
+                    }
+                    lock(shared).conns[index].register_answered_at = Some(Instant::now());
                 }
             }
             Ok(Message::Close(_)) => return close(shared),
@@ -361,4 +416,18 @@ fn serve(tcp: TcpStream, tls: Option<Arc<ServerConfig>>, shared: &Mutex<Shared>,
         }
     }
     close(shared)
+}
+
+/// TLS (when configured) on a blocking socket; `None` when anything fails.
+fn handshake(tcp: &TcpStream, tls: Option<Arc<ServerConfig>>) -> Option<ServerStream> {
+    tcp.set_nonblocking(false).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let sock = tcp.try_clone().ok()?;
+    let Some(config) = tls else { return Some(ServerStream::Plain(sock)) };
+    let conn = rustls::ServerConnection::new(config).ok()?;
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).ok()?;
+    }
+    Some(ServerStream::Tls(Box::new(s)))
 }

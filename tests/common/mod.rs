@@ -22,6 +22,17 @@ pub fn run(mut cmd: Command) -> Output {
     cmd.output().expect("the binary runs")
 }
 
+/// The last lines of a log file, for failure messages: the whole log of a debug-level
+/// agent buries the assertion that failed.
+pub fn log_tail(path: &Path) -> String {
+    const LINES: usize = 60;
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()));
+    let lines: Vec<&str> = text.lines().collect();
+    let skipped = lines.len().saturating_sub(LINES);
+    let tail = lines[skipped..].join("\n");
+    if skipped == 0 { tail } else { format!("[… {skipped} earlier lines in {}]\n{tail}", path.display()) }
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
