@@ -96,7 +96,13 @@ fn serve(mut stream: TcpStream, files: &Mutex<Vec<(String, Body)>>) {
     }
     let line = String::from_utf8_lossy(&req);
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let body = files.lock().unwrap().iter().find(|(p, _)| *p == path).map(|(_, b)| b.clone());
+    // A test that failed holding the list has reported that already.
+    let body = files
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, b)| b.clone());
     let _ = match body {
         Some(Body::Full(b)) => stream
             .write_all(

@@ -72,7 +72,8 @@ impl Agent {
         let (stderr, l) = (child.stderr.take().unwrap(), log.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut g = l.lock().unwrap();
+                // A test that failed holding the log has reported that already.
+                let mut g = l.lock().unwrap_or_else(|e| e.into_inner());
                 g.push_str(&line);
                 g.push('\n');
             }

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// What the stand-in answers: status, extra headers, body. Status 0 answers nothing and
@@ -71,7 +71,7 @@ impl StandIn {
     }
 
     pub fn paths(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
+        unpoisoned(&self.requests).clone()
     }
 
     /// Stops accepting and removes the socket (a daemon that went away).
@@ -94,9 +94,19 @@ impl Drop for StandIn {
     }
 }
 
+/// The list even if a thread panicked holding it: that panic is reported already, and a
+/// second one on the stand-in's thread would only bury it.
+fn unpoisoned<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn serve(conn: UnixStream, requests: &Mutex<Vec<String>>, handler: &Handler, stop: &AtomicBool) {
-    conn.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    // A socket that cannot be set up is closed: the client sees it fail.
+    if conn.set_read_timeout(Some(Duration::from_millis(200))).is_err() {
+        return;
+    }
+    let Ok(read_half) = conn.try_clone() else { return };
+    let mut reader = BufReader::new(read_half);
     let mut conn = conn;
     loop {
         let mut head = Vec::new();
@@ -132,7 +142,7 @@ fn serve(conn: UnixStream, requests: &Mutex<Vec<String>>, handler: &Handler, sto
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        requests.lock().unwrap().push(format!("{method} {path}"));
+        unpoisoned(requests).push(format!("{method} {path}"));
         let reply = handler(&method, &path);
         if reply.status == 0 {
             // A stalled answer: the connection stays open and silent.

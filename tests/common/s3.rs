@@ -1,11 +1,12 @@
 //! The S3 server of scripts/services.sh (s3s-fs, SigV4 checked) and a fault-injecting
-//! loopback proxy in front of it.
+//! loopback proxy in front of it. The proxy's threads never panic and never poison its
+//! lock: an upstream failure is answered with 502, which the test then sees.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use backupy_agent::secrets::Secret;
@@ -140,7 +141,7 @@ impl FaultProxy {
     }
 
     pub fn requests(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        lock(&self.seen).clone()
     }
 }
 
@@ -148,6 +149,11 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.server.unblock();
     }
+}
+
+/// The list even if a thread panicked holding it: that panic is reported already.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn handle(mut req: tiny_http::Request, upstream: &str, seen: &Mutex<Vec<Seen>>, rule: &Rule) {
@@ -161,7 +167,7 @@ fn handle(mut req: tiny_http::Request, upstream: &str, seen: &Mutex<Vec<Seen>>, 
             .collect(),
     };
     let n = {
-        let mut s = seen.lock().unwrap();
+        let mut s = lock(seen);
         s.push(info.clone());
         s.iter().filter(|x| x.method == info.method && x.url == info.url).count()
     };
@@ -179,57 +185,72 @@ fn handle(mut req: tiny_http::Request, upstream: &str, seen: &Mutex<Vec<Seen>>, 
             drop(req);
         }
         Fault::Forward => {
-            let mut up = TcpStream::connect(upstream).unwrap();
-            let mut head = format!("{} {} HTTP/1.1\r\n", req.method(), req.url());
-            for h in req.headers() {
-                let name = h.field.as_str().as_str();
-                if name.eq_ignore_ascii_case("connection")
-                    || name.eq_ignore_ascii_case("transfer-encoding")
-                    || name.eq_ignore_ascii_case("content-length")
-                {
-                    continue;
-                }
-                head.push_str(&format!("{}: {}\r\n", name, h.value.as_str()));
-            }
-            head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()));
-            up.write_all(head.as_bytes()).unwrap();
-            up.write_all(&body).unwrap();
-            let mut raw = Vec::new();
-            up.read_to_end(&mut raw).unwrap();
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            let off = match resp.parse(&raw) {
-                Ok(httparse::Status::Complete(off)) => off,
-                _ => return,
-            };
-            let status = resp.code.unwrap_or(502);
-            let is_head = info.method == "HEAD";
-            let mut out_headers = Vec::new();
-            let mut content_length = None;
-            for h in resp.headers.iter() {
-                if h.name.eq_ignore_ascii_case("content-length") {
-                    content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<usize>().ok());
-                    continue;
-                }
-                if h.name.eq_ignore_ascii_case("connection")
-                    || h.name.eq_ignore_ascii_case("transfer-encoding")
-                {
-                    continue;
-                }
-                out_headers.push(tiny_http::Header::from_bytes(h.name.as_bytes(), h.value).unwrap());
-            }
-            let body = raw[off..].to_vec();
-            let mut response = tiny_http::Response::new(
-                tiny_http::StatusCode(status),
-                out_headers,
-                std::io::Cursor::new(if is_head { Vec::new() } else { body.clone() }),
-                Some(if is_head { content_length.unwrap_or(0) } else { body.len() }),
-                None,
-            );
-            if is_head {
-                response = response.with_chunked_threshold(usize::MAX);
-            }
+            let response = forward(&req, &body, upstream, info.method == "HEAD").unwrap_or_else(|e| {
+                tiny_http::Response::new(
+                    tiny_http::StatusCode(502),
+                    Vec::new(),
+                    std::io::Cursor::new(format!("test proxy: upstream {upstream}: {e}").into_bytes()),
+                    None,
+                    None,
+                )
+            });
             let _ = req.respond(response);
         }
     }
+}
+
+type Reply = tiny_http::Response<std::io::Cursor<Vec<u8>>>;
+
+/// Sends the request to the S3 server as it came (one connection per request) and
+/// returns its answer.
+fn forward(req: &tiny_http::Request, body: &[u8], upstream: &str, is_head: bool) -> std::io::Result<Reply> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut up = TcpStream::connect(upstream)?;
+    let mut head = format!("{} {} HTTP/1.1\r\n", req.method(), req.url());
+    for h in req.headers() {
+        let name = h.field.as_str().as_str();
+        if name.eq_ignore_ascii_case("connection")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("content-length")
+        {
+            continue;
+        }
+        head.push_str(&format!("{}: {}\r\n", name, h.value.as_str()));
+    }
+    head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()));
+    up.write_all(head.as_bytes())?;
+    up.write_all(body)?;
+    let mut raw = Vec::new();
+    up.read_to_end(&mut raw)?;
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let off = match resp.parse(&raw) {
+        Ok(httparse::Status::Complete(off)) => off,
+        _ => return Err(bad("an incomplete HTTP response")),
+    };
+    let status = resp.code.unwrap_or(502);
+    let mut out_headers = Vec::new();
+    let mut content_length = None;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<usize>().ok());
+            continue;
+        }
+        if h.name.eq_ignore_ascii_case("connection") || h.name.eq_ignore_ascii_case("transfer-encoding") {
+            continue;
+        }
+        out_headers
+            .push(tiny_http::Header::from_bytes(h.name.as_bytes(), h.value).map_err(|()| bad("a header"))?);
+    }
+    let body = raw[off..].to_vec();
+    let len = if is_head { content_length.unwrap_or(0) } else { body.len() };
+    let response = tiny_http::Response::new(
+        tiny_http::StatusCode(status),
+        out_headers,
+        std::io::Cursor::new(if is_head { Vec::new() } else { body }),
+        Some(len),
+        None,
+    );
+    // A HEAD answer announces the object's length without a body.
+    Ok(if is_head { response.with_chunked_threshold(usize::MAX) } else { response })
 }
