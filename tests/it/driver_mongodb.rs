@@ -611,7 +611,13 @@ fn mongodump_and_mongorestore_get_the_password_only_in_a_0600_config_file() {
         }
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "mongodump_and_mongorestore_get_the_password_only_in_a_0600_config_file"])
+            .args([
+                "--exact",
+                &crate::common::test_path(
+                    module_path!(),
+                    "mongodump_and_mongorestore_get_the_password_only_in_a_0600_config_file",
+                ),
+            ])
             .args(["--nocapture", "--test-threads=1"])
             .env("PATH", path)
             .env(FAKE_TOOLS, dir.path())

@@ -2,14 +2,12 @@
 //! expected tree, a second run changes nothing, `--uninstall` removes what it installed
 //! and keeps configuration and state; the installed unit passes `systemd-analyze verify`.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::text;
+use crate::common::text;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

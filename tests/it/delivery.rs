@@ -3,20 +3,18 @@
 //! is confirmed by pongs (or the server's delivery Acks), and nothing is lost or repeated
 //! on one connection.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use crate::common::control_plane::{ControlPlane, envelope};
 use backupy_agent::crypto::at_rest::StateCipher;
 use backupy_agent::outbox::{Limits, Outbox};
 use backupy_agent::secrets::Secret;
 use backupy_agent::session::{self, Endpoint, HeartbeatFields, SessionConfig, Timing, TlsSettings};
 use backupy_agent::wire::pb;
 use backupy_agent::wire::pb::envelope::Payload;
-use common::control_plane::{ControlPlane, envelope};
 
 fn timing() -> Timing {
     Timing {

@@ -5,22 +5,19 @@
 //! SIGTERM leaves no process in the container, and no password reaches an exec's
 //! command line or a log line.
 
-mod common;
-#[path = "common/db.rs"]
-mod db;
-#[path = "common/docker.rs"]
-mod docker;
+use crate::common::db;
+use crate::common::docker;
 
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use backupy_agent::drivers::{Engine, Strategy, TargetSpec, docker_exec};
 use backupy_agent::pipeline::Compression;
 use backupy_agent::secrets::Secret;
 use backupy_agent::storage::DirStorage;
-use common::*;
 use docker::{Container, docker_ok, top, wait_for};
 
 fn uid_of(user: &str) -> u32 {

@@ -2,10 +2,10 @@
 //! `verify` that downloads, re-hashes, decrypts and checks the magic — and catches a
 //! corrupted object.
 
-mod common;
+use crate::common;
 
-use common::s3::*;
-use common::*;
+use crate::common::s3::*;
+use crate::common::*;
 
 fn sqlite_db(dir: &std::path::Path) {
     rusqlite::Connection::open(dir.join("app.db"))

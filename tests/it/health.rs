@@ -2,7 +2,7 @@
 //! timeouts honoured, HTTPS trusted only with BACKUPY_CA_FILE, TCP connect; and the
 //! probe thread feeding the metrics.
 
-mod common;
+use crate::common;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};

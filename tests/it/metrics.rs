@@ -2,12 +2,10 @@
 //! and one that fails; the scrape is parsed as Prometheus text exposition and its values
 //! checked against the runs; `/healthz` and `health-check` follow the state directory.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use prometheus_parse::{Scrape, Value};
 
 fn get(url: &str) -> (u16, String) {

@@ -2,18 +2,18 @@
 //! multipart uploads of every size class, adaptive part sizes, retries and aborts under
 //! injected faults, presigned single PUT, and crash recovery of upload ids.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::s3::*;
 use backupy_agent::crypto::{DataKey, Encryption};
 use backupy_agent::pipeline::{self, Cancel, Compression, Progress, Source};
 use backupy_agent::secrets::Secret;
 use backupy_agent::storage::ObjectWriter;
 use backupy_agent::storage::s3::{PresignedPut, S3Error, S3Storage};
-use common::s3::*;
 use sha2::Digest;
 
 const MIB: usize = 1 << 20;

@@ -5,17 +5,14 @@
 //! These tests look at every container of the daemon, so they hold the exclusive
 //! container lock (the DOCKER_EXEC tests hold it shared).
 
-mod common;
-#[path = "common/db.rs"]
-mod db;
-#[path = "common/docker.rs"]
-mod docker;
+use crate::common::db;
+use crate::common::docker;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use backupy_agent::docker::{Client, discovery};
-use common::*;
 use docker::Container;
 
 const SECRETS: [&str; 5] =

@@ -2,9 +2,8 @@
 //! version negotiation, clear errors for a missing socket, one without permission and a
 //! daemon that is too old, and scans of hostile or vanishing containers.
 
-mod common;
-#[path = "common/docker.rs"]
-mod docker;
+use crate::common;
+use crate::common::docker;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -105,7 +104,11 @@ fn a_socket_without_permission_is_a_clear_error() {
     std::fs::set_permissions(&standin.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(&exe)
-        .args(["--exact", "a_socket_without_permission_is_a_clear_error", "--nocapture"])
+        .args([
+            "--exact",
+            &common::test_path(module_path!(), "a_socket_without_permission_is_a_clear_error"),
+            "--nocapture",
+        ])
         .env("BACKUPY_TEST_PERMISSION_SOCKET", &standin.socket)
         .uid(65534)
         .gid(65534)
@@ -262,7 +265,11 @@ fn discovery_can_be_turned_off() {
     if std::env::var_os("BACKUPY_DISABLE_DISCOVERY").is_none() {
         let exe = std::env::current_exe().unwrap();
         let out = std::process::Command::new(exe)
-            .args(["--exact", "discovery_can_be_turned_off", "--nocapture"])
+            .args([
+                "--exact",
+                &common::test_path(module_path!(), "discovery_can_be_turned_off"),
+                "--nocapture",
+            ])
             .env("BACKUPY_DISABLE_DISCOVERY", "true")
             .output()
             .unwrap();
@@ -328,7 +335,11 @@ fn without_a_socket_the_watcher_warns_and_stays_silent() {
         let dir = tempfile::tempdir().unwrap();
         let exe = std::env::current_exe().unwrap();
         let out = std::process::Command::new(exe)
-            .args(["--exact", "without_a_socket_the_watcher_warns_and_stays_silent", "--nocapture"])
+            .args([
+                "--exact",
+                &common::test_path(module_path!(), "without_a_socket_the_watcher_warns_and_stays_silent"),
+                "--nocapture",
+            ])
             .env("BACKUPY_TEST_INNER_NO_SOCKET", "1")
             .env("BACKUPY_DOCKER_SOCKET", dir.path().join("docker.sock"))
             .env_remove("BACKUPY_DISABLE_DISCOVERY")

@@ -2,12 +2,10 @@
 //! run before the dump and the post-hook still runs; a hook past its timeout is killed
 //! with its children; a hook's environment holds the run's ids and no secret.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn config(dir: &Path, hooks: &str) -> std::path::PathBuf {
     rusqlite::Connection::open(dir.join("app.db")).unwrap().execute_batch("CREATE TABLE t(x);").unwrap();

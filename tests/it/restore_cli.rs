@@ -2,14 +2,12 @@
 //! TOML target (URL form, password by reference), restore into a fresh database or file,
 //! and compare the data with what was written.
 
-mod common;
-#[path = "common/db.rs"]
-mod db;
+use crate::common::db;
 
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 /// A config with one target (TOML lines) and one job, encrypted to a fresh key pair
 /// whose private key sits beside the config (restore finds it there).

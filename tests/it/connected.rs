@@ -1,13 +1,11 @@
 //! Connected mode end to end: the real `backupy-agent run` against the control plane of
-//! tests/common/control_plane.rs (written from wire-v1.md), the real S3 server of
+//! tests/it/common/control_plane.rs (written from wire-v1.md), the real S3 server of
 //! scripts/services.sh, and real databases. A backup counts when the object the control
 //! plane was told about decrypts with the key it holds and restores.
 
-mod common;
-#[path = "common/db.rs"]
-mod db;
-#[path = "common/docker.rs"]
-mod docker;
+use crate::common;
+use crate::common::db;
+use crate::common::docker;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,10 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::control_plane::{Action, ControlPlane, envelope};
+use crate::common::s3::{Fault, FaultProxy, S3Env, new_bucket, open_uploads, s3_env};
 use backupy_agent::wire::pb;
 use backupy_agent::wire::pb::envelope::Payload;
-use common::control_plane::{Action, ControlPlane, envelope};
-use common::s3::{Fault, FaultProxy, S3Env, new_bucket, open_uploads, s3_env};
 use sha2::{Digest, Sha256};
 
 const KEY: &str = "bk_test_agent_key_0d5e1c2a9f";

@@ -5,9 +5,8 @@
 //! dump starts; a missing tool; a dump killed mid-stream; and no secret in a running
 //! `pg_dump`'s argv or environment.
 
-mod common;
-#[path = "common/db.rs"]
-mod db;
+use crate::common;
+use crate::common::db;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -452,7 +451,11 @@ fn missing_pg_dump_is_a_clear_error_naming_the_tool_and_how_to_install_it() {
         pg_driver::capability()
     );
     let empty = tempfile::tempdir().unwrap();
-    db::rerun_self("inner_pg_dump_missing", &[(pg_driver::TOOL_PATH_VAR, empty.path().as_os_str())]);
+    db::rerun_self(
+        module_path!(),
+        "inner_pg_dump_missing",
+        &[(pg_driver::TOOL_PATH_VAR, empty.path().as_os_str())],
+    );
 }
 
 #[test]
@@ -524,7 +527,7 @@ fn dump_killed_mid_stream_fails_the_run_and_stores_nothing() {
 #[test]
 fn no_password_or_agent_key_in_the_pg_dump_command_line_or_environment() {
     let agent_key = format!("bkpy-agent-key-{}", db::unique("k"));
-    db::rerun_self("inner_pg_dump_secrets", &[("BACKUPY_AGENT_KEY", agent_key.as_ref())]);
+    db::rerun_self(module_path!(), "inner_pg_dump_secrets", &[("BACKUPY_AGENT_KEY", agent_key.as_ref())]);
 }
 
 #[test]

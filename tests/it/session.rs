@@ -3,8 +3,7 @@
 //! trust and pinning. Every line logged during these tests (trace level, all crates) is
 //! kept, to prove the agent key never appears in one.
 
-#[path = "common/control_plane.rs"]
-mod control_plane;
+use crate::common::control_plane;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,12 +2,10 @@
 //! inside a URL, and wrong ones that make a run fail), the S3 secret, the agent key —
 //! none of them appears in any log line or error message.
 
-mod common;
-#[path = "common/db.rs"]
-mod db;
+use crate::common::db;
 
-use common::s3::*;
-use common::*;
+use crate::common::s3::*;
+use crate::common::*;
 
 #[test]
 fn no_planted_secret_reaches_a_log_line_at_trace_level() {

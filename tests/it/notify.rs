@@ -2,11 +2,9 @@
 //! start, success and failure, the webhook body of a failing job, and an unreachable
 //! webhook that does not fail the backup.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 
 type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
 

@@ -9,7 +9,7 @@
 //! 0.0.1 (a downgrade), one answers 0.2.0 and then hangs (a release that never starts
 //! its scheduler).
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,10 +19,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::control_plane::{ControlPlane, Shared, envelope};
+use crate::common::text;
 use backupy_agent::wire::pb;
 use backupy_agent::wire::pb::envelope::Payload;
-use common::control_plane::{ControlPlane, Shared, envelope};
-use common::text;
 
 const CONFIRM_TIMEOUT_SEC: &str = "4";
 

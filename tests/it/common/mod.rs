@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod control_plane;
+pub mod db;
+pub mod docker;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
@@ -12,6 +14,13 @@ pub fn agent() -> Command {
     // Tests run agents in parallel: none of them may take the default metrics port.
     c.env_remove("BACKUPY_STATE_DIR").env("BACKUPY_LOG_LEVEL", "info").env("BACKUPY_METRICS_LISTEN_ADDR", "");
     c
+}
+
+/// The name libtest knows a test by (`module::test`), to re-run it in a child process
+/// with `--exact`: `module` is the caller's `module_path!()`, which starts with the crate.
+pub fn test_path(module: &str, test: &str) -> String {
+    let module = module.split_once("::").map_or("", |(_, m)| m);
+    format!("{module}::{test}")
 }
 
 pub fn decrypt() -> Command {

@@ -1,16 +1,14 @@
 //! `backupy-agent run`: scheduled backups to the S3 server with retention, one agent per
 //! state directory, and a graceful SIGTERM that cancels a stuck upload cleanly.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::s3::*;
-use common::*;
+use crate::common::s3::*;
+use crate::common::*;
 
 fn config(
     dir: &Path,

@@ -2,13 +2,11 @@
 //! connection writes, decrypt it with `backupy-decrypt`, and let the `sqlite3` CLI judge
 //! the result.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rusqlite::Connection;
 use sha2::Digest;
 

@@ -606,7 +606,8 @@ impl ChildProcess {
     /// outbox directory in the environment; the helper reports on stdout.
     fn spawn(name: &str, dir: &Path) -> ChildProcess {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", name, "--include-ignored", "--nocapture", "--test-threads=1"])
+            .args(["--exact", &crate::common::test_path(module_path!(), name)])
+            .args(["--include-ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_DIR, dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

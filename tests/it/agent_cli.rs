@@ -1,11 +1,9 @@
 //! `backupy-agent` through the real binary: configuration refusals name file, line and
 //! reason; bad targets and storage fail with one clear line and leave nothing behind.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
     let p = dir.join("backupy.toml");

@@ -6,9 +6,8 @@
 //! dump killed mid-stream; and no secret in a running `mariadb-dump`'s argv or
 //! environment.
 
-mod common;
-#[path = "common/db.rs"]
-mod db;
+use crate::common;
+use crate::common::db;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -398,7 +397,11 @@ fn missing_dump_tool_is_a_clear_error_naming_the_tools_and_how_to_install_them()
     let cap = my_driver::capability(Engine::MariaDb);
     assert!(cap.as_deref().is_some_and(|c| c.starts_with("mariadb-dump 10.")), "capability here: {cap:?}");
     let empty = tempfile::tempdir().unwrap();
-    db::rerun_self("inner_dump_tool_missing", &[("BACKUPY_TOOL_PATH", empty.path().as_os_str())]);
+    db::rerun_self(
+        module_path!(),
+        "inner_dump_tool_missing",
+        &[("BACKUPY_TOOL_PATH", empty.path().as_os_str())],
+    );
 }
 
 #[test]
@@ -476,7 +479,11 @@ fn dump_killed_mid_stream_fails_the_run_and_stores_nothing() {
 #[test]
 fn no_password_or_agent_key_in_the_mariadb_dump_command_line_or_environment() {
     let agent_key = format!("bkpy-agent-key-{}", db::unique("k"));
-    db::rerun_self("inner_mariadb_dump_secrets", &[("BACKUPY_AGENT_KEY", agent_key.as_ref())]);
+    db::rerun_self(
+        module_path!(),
+        "inner_mariadb_dump_secrets",
+        &[("BACKUPY_AGENT_KEY", agent_key.as_ref())],
+    );
 }
 
 #[test]

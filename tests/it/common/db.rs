@@ -238,12 +238,14 @@ pub fn contains(haystack: &[u8], needle: &str) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-/// Runs the `#[ignore]`d test `name` of this test binary in a child process with `env`
-/// added (and `BACKUPY_TEST_INNER=1`), and checks that it ran and passed.
-pub fn rerun_self(name: &str, env: &[(&str, &OsStr)]) {
+/// Runs the `#[ignore]`d test `name` of the caller's module (`module_path!()`) in a child
+/// process of this test binary with `env` added (and `BACKUPY_TEST_INNER=1`), and checks
+/// that it ran and passed.
+pub fn rerun_self(module: &str, name: &str, env: &[(&str, &OsStr)]) {
     let exe = std::env::current_exe().unwrap();
     let out = Command::new(exe)
-        .args(["--exact", name, "--include-ignored", "--nocapture", "--test-threads=1"])
+        .args(["--exact", &super::test_path(module, name)])
+        .args(["--include-ignored", "--nocapture", "--test-threads=1"])
         .env(INNER, "1")
         .envs(env.iter().map(|(k, v)| (*k, *v)))
         .output()
