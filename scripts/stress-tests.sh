@@ -7,7 +7,7 @@
 #
 #   scripts/stress-tests.sh            # 5 runs
 #   scripts/stress-tests.sh 2          # 2 runs
-#   scripts/stress-tests.sh 3 -E 'binary(connected)'   # extra nextest arguments
+#   scripts/stress-tests.sh 3 -E 'test(/^connected::/)'   # extra nextest arguments
 #
 # Exit status: 0 when every run passed, 1 when a test failed in any run.
 # Environment: STRESS_BUSY_CORES (default 1) cores kept busy; STRESS_KEEP_REPORTS=DIR

@@ -813,7 +813,7 @@ fn dump_state_reads_the_database_while_the_agent_runs() {
 fn health_checks_report_through_the_outbox_and_run_health_check_probes_at_once() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let open = listener.local_addr().unwrap().port();
-    let closed = db::closed_port();
+    let (closed, _closed_claim) = common::reserve_port();
     let cp = ControlPlane::plain();
     let dir = tempfile::tempdir().unwrap();
     let check = |id: &str, port: u16| pb::HealthCheckSpec {
@@ -939,10 +939,7 @@ fn self_update_is_refused_with_a_reason_and_log_level_changes_at_run_time() {
 fn readyz_follows_the_connection_and_metrics_show_its_state() {
     let (dir, _db, cp) = setup("ready", 1, 1);
     cp.state().ack_config = Some(config(80, vec![], vec![]));
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let (port, _port_claim) = common::reserve_port();
     let addr = format!("127.0.0.1:{port}");
     let agent = spawn_agent(&cp, &dir.path().join("state"), &[("BACKUPY_METRICS_LISTEN_ADDR", &addr)]);
     let http = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();

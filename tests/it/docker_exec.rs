@@ -89,7 +89,7 @@ fn postgres_in_docker(tag: &str) -> PgInDocker {
         .output()
         .unwrap();
     assert!(out.status.success(), "initdb: {}", text(&out.stderr));
-    let port = docker::free_port();
+    let (port, _port_claim) = reserve_port();
     let volume = format!("{}:/srv", dir.path().display());
     let uid = uid_of("postgres").to_string();
     let container = docker::run(
@@ -361,7 +361,7 @@ fn mariadb_in_a_container_is_dumped_and_restored_through_it() {
         .output()
         .expect("mariadb-install-db (scripts/install-deps.sh core)");
     assert!(out.status.success(), "mariadb-install-db: {}", text(&out.stderr));
-    let port = docker::free_port();
+    let (port, _port_claim) = reserve_port();
     let volume = format!("{}:/srv", dir.path().display());
     let container = docker::run(
         &db::unique("maria"),
@@ -458,7 +458,7 @@ fn mariadb_in_a_container_is_dumped_and_restored_through_it() {
 
 fn redis_in_docker() -> (Container, u16, String, tempfile::TempDir) {
     docker::image("redis:7", "");
-    let port = docker::free_port();
+    let (port, _port_claim) = reserve_port();
     let password = format!("redis-{}", db::unique("pw"));
     let dir = docker::open_tempdir();
     let volume = format!("{}:/data", dir.path().display());
@@ -497,7 +497,7 @@ fn redis_in_docker() -> (Container, u16, String, tempfile::TempDir) {
 fn keys_of_rdb(rdb: &[u8]) -> (usize, String, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("dump.rdb"), rdb).unwrap();
-    let port = docker::free_port();
+    let (port, _port_claim) = reserve_port();
     let mut server = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir"])
         .arg(dir.path())

@@ -74,11 +74,6 @@ fn test_client(uri: &str) -> Client {
     Client::with_uri_str(uri).unwrap_or_else(|e| panic!("test client: {e}"))
 }
 
-/// A closed loopback port.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn files_under(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
@@ -464,7 +459,8 @@ fn wrong_password_fails_clearly_and_stores_nothing() {
 #[test]
 fn unreachable_host_fails_within_seconds_and_stores_nothing() {
     let mut spec = secantus_spec("anything");
-    spec.port = closed_port();
+    let (closed, _closed_claim) = crate::common::reserve_port();
+    spec.port = closed;
     let dir = tempfile::tempdir().unwrap();
     let storage = DirStorage::open(dir.path().join("store")).unwrap();
     let t = Instant::now();

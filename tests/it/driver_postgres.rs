@@ -420,7 +420,8 @@ fn wrong_password_is_a_clear_error_and_nothing_is_stored() {
 #[test]
 fn unreachable_server_is_a_clear_error_and_nothing_is_stored() {
     let mut s = spec("postgres");
-    s.port = db::closed_port();
+    let (closed, _closed_claim) = crate::common::reserve_port();
+    s.port = closed;
     assert_fails_cleanly(
         &s,
         &[&format!("cannot connect to PostgreSQL at 127.0.0.1:{}", s.port), "onnection refused"],

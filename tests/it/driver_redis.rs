@@ -61,10 +61,6 @@ fn redis_server_bin() -> PathBuf {
     PathBuf::from(env("BACKUPY_TEST_REDIS_SERVER"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn tcp_spec(id: &str, port: u16, username: &str, password: Option<&str>) -> TargetSpec {
     let mut spec = TargetSpec::new(id, Engine::Redis);
     spec.host = "127.0.0.1".into();
@@ -98,19 +94,10 @@ struct Server {
 impl Server {
     fn start(dir: &Path, password: Option<&str>, extra: &[&str]) -> Server {
         std::fs::create_dir_all(dir).unwrap();
-        for _ in 0..5 {
-            let port = free_port();
-            let mut cmd = Command::new(redis_server_bin());
-            cmd.args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        // Claimed until the server listens: no other test can take the port meanwhile.
+        let (port, _port_claim) = crate::common::reserve_port();
+        let mut cmd = Command::new(redis_server_bin());
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir)
             .args(["--dbfilename", "dump.rdb", "--daemonize", "no", "--repl-diskless-sync-delay", "0"])
@@ -122,20 +109,21 @@ impl Server {
             .args(extra)
             .stdin(Stdio::null())
             .process_group(0);
-            if let Some(pw) = password {
-                cmd.args(["--requirepass", pw]);
-            }
-            let mut s = Server {
-                child: cmd.spawn().unwrap(),
-                port,
-                password: password.map(String::from),
-                dir: dir.into(),
-            };
-            if s.wait_ready() {
-                return s;
-            }
+        if let Some(pw) = password {
+            cmd.args(["--requirepass", pw]);
         }
-        panic!("redis-server did not start in {}: see its redis.log", dir.display());
+        let mut s = Server {
+            child: cmd.spawn().unwrap(),
+            port,
+            password: password.map(String::from),
+            dir: dir.into(),
+        };
+        assert!(
+            s.wait_ready(),
+            "redis-server did not start on port {port}; its log:\n{}",
+            crate::common::log_tail(&dir.join("redis.log"))
+        );
+        s
     }
 
     /// Waits until the server answers (and has loaded its data); false if it exited.
@@ -661,7 +649,7 @@ fn wrong_password_is_a_clear_error_and_stores_nothing() {
 
 #[test]
 fn unreachable_server_is_a_clear_error() {
-    let port = free_port();
+    let (port, _port_claim) = crate::common::reserve_port();
     let e = assert_fails_storing_nothing(
         &tcp_spec("gone", port, "", Some("pw")),
         &["cannot connect to 127.0.0.1:"],

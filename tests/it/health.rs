@@ -81,7 +81,8 @@ fn tcp_checks_connect_to_listeners_and_fail_on_closed_ports() {
     let open = listener.local_addr().unwrap().to_string();
     let r = probe(&check("tcp", &open, Duration::from_secs(2), 0), None);
     assert!(r.ok && r.status_code == 0, "{r:?}");
-    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (closed, _closed_claim) = common::reserve_port();
+    let closed = format!("127.0.0.1:{closed}");
     let r = probe(&check("tcp", &closed, Duration::from_secs(2), 0), None);
     assert!(!r.ok && r.error.contains("connect"), "{r:?}");
 }
@@ -91,7 +92,7 @@ fn https_with_a_self_signed_certificate_is_refused_until_its_ca_is_given() {
     let base = http_server();
     let certs = tempfile::tempdir().unwrap();
     common::make_certs(certs.path());
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, _port_claim) = common::reserve_port();
     let mut socat = std::process::Command::new("socat")
         .arg(format!(
             "openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={}",

@@ -70,7 +70,7 @@ encryption = "none"
 "#,
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, _port_claim) = reserve_port();
     let addr = format!("127.0.0.1:{port}");
     let mut c = agent();
     c.args(["run", "--config"]).arg(&config).env("BACKUPY_METRICS_LISTEN_ADDR", &addr).stderr(Stdio::null());

@@ -82,7 +82,7 @@ fn pings_mark_start_success_and_failure_and_the_webhook_describes_the_failure() 
 
 #[test]
 fn an_unreachable_webhook_does_not_fail_the_backup() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (closed, _closed_claim) = reserve_port();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
         dir.path(),

@@ -183,7 +183,7 @@ fn redis_restores_by_replay_and_to_a_data_directory() {
 
     // A fresh server without a password receives the keys by RESTORE.
     let fresh_dir = tempfile::tempdir().unwrap();
-    let fresh_port = db::closed_port();
+    let (fresh_port, _fresh_port_claim) = reserve_port();
     let mut fresh = Command::new(&server)
         .args(["--port", &fresh_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir"])
         .arg(fresh_dir.path())

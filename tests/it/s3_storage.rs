@@ -267,7 +267,7 @@ fn https_endpoint_is_trusted_only_with_its_ca_file() {
     let certs = tempfile::tempdir().unwrap();
     common::make_certs(certs.path());
     // socat terminates TLS in front of the S3 server (which speaks plain HTTP).
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, _port_claim) = crate::common::reserve_port();
     let upstream = env.endpoint.trim_start_matches("http://");
     let mut socat = std::process::Command::new("socat")
         .arg(format!(

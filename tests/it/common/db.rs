@@ -79,12 +79,6 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst), nanos % 100_000)
 }
 
-/// A loopback port nothing listens on (bound, then released).
-pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 pub fn raw_key() -> (Encryption, KeySource) {
     (
         Encryption::V2Raw { key: DataKey::from_bytes([7; 32]), chunk_size: 1 << 20 },

@@ -305,11 +305,6 @@ pub fn top(container: &str) -> String {
     docker_ok(&["top", container, "-eo", "pid,args"])
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A temp dir that the database users of the host (postgres, mysql) can reach.
 pub fn open_tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;

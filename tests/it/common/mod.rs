@@ -16,6 +16,48 @@ pub fn agent() -> Command {
     c
 }
 
+/// A loopback TCP port that belongs to one test for as long as its claim lives: nothing
+/// listens on it until the test starts something there. A port taken with `bind(0)` and
+/// released can be handed to another test's `bind(0)` or to an outgoing connection before
+/// the test uses it; this one comes from below the kernel's ephemeral range, which
+/// neither ever uses, and is claimed with a lock file that every test process honours
+/// (the kernel drops the lock when the process exits, however it exits).
+/// Keep the claim in a named binding (`let (port, _claim) = …`) for as long as the port
+/// is in use.
+pub struct PortClaim(#[allow(dead_code)] std::fs::File);
+
+pub fn reserve_port() -> (u16, PortClaim) {
+    use std::os::unix::io::AsRawFd;
+    // Below the ephemeral range (net.ipv4.ip_local_port_range, 32768 by default).
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    assert!(low > 12_000, "the ephemeral port range starts at {low}: too low to keep test ports below it");
+    let (first, count) = (low - 10_000, 10_000u32);
+    let dir = std::env::temp_dir().join("backupy-test-ports");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    for i in 0..count {
+        let port = first + ((seed.wrapping_add(i)) % count) as u16;
+        let path = dir.join(format!("{port}.lock"));
+        let Ok(claim) = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)
+        else {
+            continue;
+        };
+        // SAFETY: flock(2) on a descriptor owned by `claim`.
+        if unsafe { libc::flock(claim.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        // Something outside the tests may listen there: then it is not free.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return (port, PortClaim(claim));
+        }
+    }
+    panic!("no free loopback port in {first}..{}", u32::from(first) + count)
+}
+
 /// The name libtest knows a test by (`module::test`), to re-run it in a child process
 /// with `--exact`: `module` is the caller's `module_path!()`, which starts with the crate.
 pub fn test_path(module: &str, test: &str) -> String {
