@@ -130,9 +130,14 @@ for path in sys.argv[2:]:
             continue
         text = "\n".join(x for x in [bad.get("message"), bad.text] + [
             (e.text or "") for e in case.iter() if e.tag in ("system-err", "system-out")] if x)
-        # The first line after "panicked at FILE:LINE:" is the assertion's own message.
-        m = re.search(r"panicked at ([^\n]*):\n\s*([^\n]*)", text)
-        first = f"{m.group(2).strip()} ({m.group(1)})" if m else (bad.get("type") or "failed")
+        # The first line after "panicked at FILE:LINE:" is the assertion's own message;
+        # assert_eq! puts the two values on the next lines.
+        m = re.search(r"panicked at ([^\n]*):\n\s*([^\n]*)((?:\n\s*(?:left|right):[^\n]*){0,2})", text)
+        if m:
+            values = " ".join(line.strip() for line in m.group(3).splitlines() if line.strip())
+            first = f"{m.group(2).strip()} {values} ({m.group(1)})".replace("  ", " ")
+        else:
+            first = bad.get("type") or "failed"
         entry = failed.setdefault(name, [0, first[:200]])
         entry[0] += 1
 

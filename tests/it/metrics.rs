@@ -136,3 +136,41 @@ encryption = "none"
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A run is recorded in several metrics one after another; a scrape taken meanwhile must
+/// still show it in all of them or in none (the end-to-end test above once saw a third
+/// duration observation beside two counted successes).
+#[test]
+fn a_scrape_shows_whole_runs_while_runs_are_recorded() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let metrics = backupy_agent::metrics::Metrics::new().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let recorder = {
+        let (metrics, stop) = (metrics.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut runs = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                metrics.record_run("j", "success", Duration::from_millis(5), Some(10));
+                runs += 1;
+            }
+            runs
+        })
+    };
+    let t0 = Instant::now();
+    let mut scrapes = 0;
+    while t0.elapsed() < Duration::from_secs(1) {
+        let body = metrics.render();
+        let s = Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let runs =
+            value(&s, "backupy_agent_jobs_total", &[("job_id", "j"), ("status", "success")]).unwrap_or(0.0);
+        let durations = value(&s, "backupy_agent_backup_duration_seconds", &[("job_id", "j")]).unwrap_or(0.0);
+        let sizes = value(&s, "backupy_agent_backup_size_bytes", &[("job_id", "j")]).unwrap_or(0.0);
+        let bytes = value(&s, "backupy_agent_bytes_uploaded_total", &[]).unwrap_or(0.0);
+        assert_eq!((durations, sizes, bytes), (runs, runs, runs * 10.0), "scrape {scrapes}");
+        scrapes += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let runs = recorder.join().unwrap();
+    assert!(runs > 100 && scrapes > 10, "{runs} runs recorded, {scrapes} scrapes: too few to prove anything");
+}
