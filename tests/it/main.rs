@@ -12,6 +12,7 @@ mod connected;
 mod crypto_format;
 mod decrypt_cli;
 mod delivery;
+mod dir_storage;
 mod docker_client;
 mod docker_discovery;
 mod docker_exec;

@@ -2,7 +2,6 @@
 //! and one that fails; the scrape is parsed as Prometheus text exposition and its values
 //! checked against the runs; `/healthz` and `health-check` follow the state directory.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -72,8 +71,12 @@ encryption = "none"
     .unwrap();
     let (port, _port_claim) = reserve_port();
     let addr = format!("127.0.0.1:{port}");
+    let log = dir.path().join("agent.log");
     let mut c = agent();
-    c.args(["run", "--config"]).arg(&config).env("BACKUPY_METRICS_LISTEN_ADDR", &addr).stderr(Stdio::null());
+    c.args(["run", "--config"])
+        .arg(&config)
+        .env("BACKUPY_METRICS_LISTEN_ADDR", &addr)
+        .stderr(std::fs::File::create(&log).unwrap());
     let mut child = c.spawn().unwrap();
 
     let t0 = Instant::now();
@@ -89,11 +92,23 @@ encryption = "none"
                 break s;
             }
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "no runs recorded in the metrics");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no runs recorded in the metrics:\n{}",
+            log_tail(&log)
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let successes =
         value(&scrape, "backupy_agent_jobs_total", &[("job_id", "good"), ("status", "success")]).unwrap();
+    for status in ["failed", "cancelled"] {
+        assert_eq!(
+            value(&scrape, "backupy_agent_jobs_total", &[("job_id", "good"), ("status", status)]),
+            None,
+            "a run of `good` ended {status}; agent log:\n{}",
+            log_tail(&log)
+        );
+    }
     assert_eq!(value(&scrape, "backupy_agent_up", &[]), Some(1.0));
     assert_eq!(
         value(&scrape, "backupy_agent_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
