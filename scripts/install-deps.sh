@@ -12,6 +12,7 @@
 #           system service)
 #   bench   rclone, zstd, openssl, GNU time, pgbench (shipped by postgresql-15)
 #   lint    shellcheck
+#   stress  stress-ng (scripts/stress-tests.sh keeps a core busy with it)
 #   ship    the static build and packaging checks: the x86_64-unknown-linux-musl Rust
 #           target, musl-tools, binutils (readelf), docker.io (dockerd for the image
 #           smoke test), docker-compose, systemd (systemd-analyze)
@@ -61,7 +62,7 @@ fi
 
 # ---------------------------------------------------------------------------- groups
 declare -a APT_WANT=()
-want_core=0 want_s3=0 want_mongo=0 want_docker=0 want_bench=0 want_lint=0 want_ship=0
+want_core=0 want_s3=0 want_mongo=0 want_docker=0 want_bench=0 want_lint=0 want_ship=0 want_stress=0
 
 select_group() {
     case $1 in
@@ -72,12 +73,13 @@ select_group() {
         bench) want_bench=1 ;;
         lint) want_lint=1 ;;
         ship) want_ship=1 ;;
-        all) want_core=1 want_s3=1 want_mongo=1 want_docker=1 want_bench=1 want_lint=1 want_ship=1 ;;
+        stress) want_stress=1 ;;
+        all) want_core=1 want_s3=1 want_mongo=1 want_docker=1 want_bench=1 want_lint=1 want_ship=1 want_stress=1 ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
             exit 0
             ;;
-        *) die "unknown group '$1' (core, s3, mongo, docker, bench, lint, ship, all)" ;;
+        *) die "unknown group '$1' (core, s3, mongo, docker, bench, lint, ship, stress, all)" ;;
     esac
 }
 
@@ -97,6 +99,7 @@ fi
 ((want_docker)) && APT_WANT+=(docker.io)
 ((want_bench)) && APT_WANT+=(rclone zstd openssl time postgresql postgresql-client)
 ((want_lint)) && APT_WANT+=(shellcheck)
+((want_stress)) && APT_WANT+=(stress-ng)
 ((want_ship)) && APT_WANT+=(musl-tools binutils docker.io docker-compose systemd openssl ca-certificates)
 
 # ------------------------------------------------------------------------------ apt

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the agent that tests/selfupdate.rs updates: a build whose compiled-in update key
+# Builds the agent that tests/it/selfupdate.rs updates: a build whose compiled-in update key
 # (BACKUPY_UPDATE_PUBKEY) is the public half of a P-256 key pair made here by openssl.
 # Prints the variables the test reads, for `eval`:
 #

@@ -9,8 +9,8 @@
 //! label space stays bounded.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{
@@ -35,6 +35,9 @@ pub struct Metrics {
     pub health_check_duration_seconds: HistogramVec,
     /// Set while the agent can do its job (standalone: the scheduler runs).
     pub ready: AtomicBool,
+    /// Held while a run is recorded and while a scrape is gathered: a scrape shows whole
+    /// runs, never one counted in `jobs_total` and not yet in its histograms.
+    whole_runs: Mutex<()>,
 }
 
 impl Metrics {
@@ -91,6 +94,7 @@ impl Metrics {
                 &["check_id"],
             )?,
             ready: AtomicBool::new(false),
+            whole_runs: Mutex::new(()),
             registry,
         };
         let r = &m.registry;
@@ -115,6 +119,7 @@ impl Metrics {
 
     /// Records a finished run. `status` is "success", "failed" or "cancelled".
     pub fn record_run(&self, job_id: &str, status: &str, duration: Duration, stored_bytes: Option<u64>) {
+        let _whole = self.whole_runs.lock().unwrap_or_else(|e| e.into_inner());
         self.jobs_total.with_label_values(&[job_id, status]).inc();
         self.backup_duration_seconds.with_label_values(&[job_id]).observe(duration.as_secs_f64());
         if let Some(bytes) = stored_bytes {
@@ -134,7 +139,11 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+        let families = {
+            let _whole = self.whole_runs.lock().unwrap_or_else(|e| e.into_inner());
+            self.registry.gather()
+        };
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             log::warn!("cannot encode metrics: {e}");
         }
         String::from_utf8_lossy(&buf).into_owned()

@@ -5,6 +5,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{ObjectWriter, StoredObject};
 
@@ -20,7 +21,11 @@ impl DirStorage {
         fs::create_dir_all(&root).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot create storage directory {}: {e}", root.display()))
         })?;
-        let probe = root.join(format!(".backupy-write-test-{}", std::process::id()));
+        // One name per call: runs that start together open the same directory on their
+        // own threads, and a shared name let one remove the other's probe.
+        static PROBES: AtomicU64 = AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, Ordering::Relaxed);
+        let probe = root.join(format!(".backupy-write-test-{}-{n}", std::process::id()));
         File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| {
             io::Error::new(e.kind(), format!("storage directory {} is not writable: {e}", root.display()))
         })?;
