@@ -717,12 +717,8 @@ fn apply_url(spec: &mut TargetSpec, u: &Spanned<String>, fail: &Fail) -> Result<
 pub fn target_from_url(id: &str, engine: Engine, url: &str) -> Result<TargetSpec, String> {
     let mut spec = TargetSpec::new(id, engine);
     apply_url_str(&mut spec, url)?;
-    if let Some(reference) = &crate::env::Env::get().restore_password {
-        spec.password = Some(
-            crate::env::Env::get()
-                .resolve_secret(reference)
-                .map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?,
-        );
+    if let Some(password) = crate::env::Env::get().restore_password()? {
+        spec.password = Some(password);
     }
     Ok(spec)
 }

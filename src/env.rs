@@ -146,6 +146,17 @@ impl Env {
         secrets::resolve_in(reference, self.secrets_dir.as_ref().unwrap_or(&default))
     }
 
+    /// The password of `restore --to` from `BACKUPY_RESTORE_PASSWORD`, resolved; `None`
+    /// when it is unset (the URL may carry one).
+    pub fn restore_password(&self) -> Result<Option<Secret>, String> {
+        self.restore_password
+            .as_deref()
+            .map(|reference| {
+                self.resolve_secret(reference).map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))
+            })
+            .transpose()
+    }
+
     /// The first value that did not parse, as an error naming the variable.
     pub fn check(&self) -> Result<(), String> {
         match self.problems.first() {

@@ -103,12 +103,8 @@ fn docker_target(engine: Engine, rest: &str) -> Result<drivers::TargetSpec, Stri
             }
         }
     }
-    if let Some(reference) = &crate::env::Env::get().restore_password {
-        spec.password = Some(
-            crate::env::Env::get()
-                .resolve_secret(reference)
-                .map_err(|e| format!("BACKUPY_RESTORE_PASSWORD: {e}"))?,
-        );
+    if let Some(password) = crate::env::Env::get().restore_password()? {
+        spec.password = Some(password);
     }
     Ok(spec)
 }
