@@ -6,8 +6,8 @@
 //! `storage` keeps them (a directory or S3), `crypto` defines the object format. Around
 //! them: `runner` is one backup run for both modes (`execute(RunPlan) -> RunOutcome`:
 //! hooks, dump, pipeline into the plan's `Destination`, seal), `cancel` stops a run and
-//! says why, and `scheduler` queues runs and runs them on its worker pool under their
-//! timeouts. Two modes feed it: `standalone` (cron jobs, plans built from `config`, the
+//! says why (`interrupt` turns SIGINT/SIGTERM of a one-shot command into a cancel), and
+//! `scheduler` queues runs and runs them on its worker pool under their timeouts. Two modes feed it: `standalone` (cron jobs, plans built from `config`, the
 //! TOML) and `connected` (RunBackups from a control plane, plans built from `wire`
 //! messages; `session` and `outbox` carry them). `state` records runs, `metrics` counts
 //! them, `retention` prunes, `restore` and `verify` read backups back, `health` probes,
@@ -26,6 +26,7 @@ pub mod drivers;
 pub mod env;
 pub mod health;
 pub mod hooks;
+pub mod interrupt;
 pub mod logfwd;
 pub mod metrics;
 pub mod notify;

@@ -87,7 +87,8 @@ pub fn open_connection(state_dir: &Path) -> rusqlite::Result<Connection> {
 pub struct StateDb {
     conn: Mutex<Connection>,
     path: PathBuf,
-    _lock: File,
+    /// The directory lock (`agent.lock`); `None` for a one-shot command's connection.
+    _lock: Option<File>,
 }
 
 impl StateDb {
@@ -113,8 +114,31 @@ impl StateDb {
                 lock: lock_path.display().to_string(),
             });
         }
+        let db = Self::connect(state_dir, Some(lock))?;
+        db.conn()
+            .execute(
+                "UPDATE runs SET status = 'failed', error = 'agent restarted while the run was in flight',
+                 finished_at = ?1 WHERE status = 'running'",
+                params![Utc::now().to_rfc3339()],
+            )
+            .map_err(|e| db.err(e))?;
+        Ok(db)
+    }
+
+    /// Opens the state database beside an agent that may be running on the same state
+    /// directory, without its lock: for a one-shot `backup`, which records its run but
+    /// must neither keep `run` from starting nor mark the running agent's runs as failed.
+    pub fn open_shared(state_dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| StateError::Db { path: state_dir.display().to_string(), message: e.to_string() })?;
+        Self::connect(state_dir, None)
+    }
+
+    fn connect(state_dir: &Path, lock: Option<File>) -> Result<Self, StateError> {
         let path = db_path(state_dir);
-        let conn = open_connection(state_dir).map_err(|e| db_err(&path, &e))?;
+        let db_err =
+            |e: rusqlite::Error| StateError::Db { path: path.display().to_string(), message: e.to_string() };
+        let conn = open_connection(state_dir).map_err(db_err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS runs(
                  run_id TEXT PRIMARY KEY,
@@ -129,13 +153,7 @@ impl StateDb {
              );
              CREATE INDEX IF NOT EXISTS runs_by_job ON runs(job_id, started_at);",
         )
-        .map_err(|e| db_err(&path, &e))?;
-        conn.execute(
-            "UPDATE runs SET status = 'failed', error = 'agent restarted while the run was in flight',
-             finished_at = ?1 WHERE status = 'running'",
-            params![Utc::now().to_rfc3339()],
-        )
-        .map_err(|e| db_err(&path, &e))?;
+        .map_err(db_err)?;
         Ok(Self { conn: Mutex::new(conn), path, _lock: lock })
     }
 

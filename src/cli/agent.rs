@@ -16,7 +16,9 @@ use clap::{Parser, Subcommand};
 use crate::cancel::Cancel;
 use crate::config::Config;
 use crate::crypto::{Identity, KeySource};
+use crate::interrupt::{self, Interrupt};
 use crate::pipeline::Progress;
+use crate::state::StateDb;
 use crate::storage::Manifest;
 use crate::{AGENT_VERSION, runner};
 
@@ -307,6 +309,17 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
     if jobs.is_empty() {
         bail!("{}: no [[jobs]] defined", config.display());
     }
+    // The run is recorded like a scheduled one, beside a `run` that may own the directory.
+    let state = match StateDb::open_shared(&cfg.state_dir) {
+        Ok(db) => Some(db),
+        Err(e) => {
+            log::warn!("{e}; this run is not recorded in the state database");
+            None
+        }
+    };
+    let metrics = crate::metrics::Metrics::new().context("cannot create the metrics registry")?;
+    let cancel = Cancel::default();
+    let interrupt = Interrupt::install(cancel.clone(), "the backup", None)?;
     let mut failed = 0;
     for job in jobs {
         let progress = Arc::new(Progress::default());
@@ -314,12 +327,14 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
         if let Some(b) = &bar {
             b.set_message(format!("job {}", job.id));
         }
-        let cancel = Cancel::default();
         let run_id = uuid::Uuid::new_v4().to_string();
-        let result = std::thread::scope(|s| {
-            let h = s.spawn(|| {
-                let plan = crate::standalone::plan(&cfg, job, &run_id)?;
-                runner::execute(plan, &cancel, progress.clone(), &()).result
+        if let Some(db) = &state {
+            runner::record_start(db, &job.id, &run_id, 1);
+        }
+        let outcome = std::thread::scope(|s| {
+            let h = s.spawn(|| match crate::standalone::plan(&cfg, job, &run_id) {
+                Ok(plan) => runner::execute(plan, &cancel, progress.clone(), &()),
+                Err(e) => runner::RunOutcome::refused(&job.id, &run_id, e),
             });
             while !h.is_finished() {
                 if let Some(b) = &bar {
@@ -328,13 +343,18 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
                 std::thread::sleep(Duration::from_millis(100));
             }
             h.join().unwrap_or_else(|_| {
-                Err(runner::RunError::new(&job.id, runner::ErrorKind::Pipeline, "the run panicked"))
+                let e = runner::RunError::new(&job.id, runner::ErrorKind::Pipeline, "the run panicked");
+                runner::RunOutcome::refused(&job.id, &run_id, e)
             })
         });
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        match result {
+        if let Some(db) = &state {
+            let error = outcome.result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            runner::record_finish(db, &metrics, &outcome, &error);
+        }
+        match outcome.result {
             Ok(r) => println!(
                 "{}\tok\t{}\t{} bytes\t{:.1}s\tsha256:{}",
                 job.id,
@@ -343,10 +363,28 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
                 r.elapsed.as_secs_f64(),
                 r.sha256
             ),
-            Err(e) => {
-                failed += 1;
-                eprintln!("backupy-agent: error: {}", crate::secrets::redact(&e.to_string()));
-            }
+            Err(e) => match interrupt.signal() {
+                Some(signal) if e.is_cancelled() => {
+                    // The stages stopped the dump child or exec and removed the unfinished
+                    // object (or aborted the upload) before the run returned.
+                    eprintln!(
+                        "backupy-agent: {}: job {}: run {run_id} cancelled and recorded; the dump was stopped and \
+                         its unfinished object removed",
+                        interrupt::signal_name(signal),
+                        job.id
+                    );
+                    return Ok(ExitCode::from(interrupt::exit_status(signal)));
+                }
+                _ => {
+                    failed += 1;
+                    eprintln!("backupy-agent: error: {}", crate::secrets::redact(&e.to_string()));
+                }
+            },
+        }
+        if let Some(signal) = interrupt.signal() {
+            // The signal came after the run had finished: start no further job.
+            eprintln!("backupy-agent: {}: no further job started", interrupt::signal_name(signal));
+            return Ok(ExitCode::from(interrupt::exit_status(signal)));
         }
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -372,6 +410,7 @@ fn keygen(out: &Path) -> Result<()> {
 }
 
 fn list(config: &Path, job: Option<&str>, json: bool) -> Result<ExitCode> {
+    let _interrupt = Interrupt::exit_at_once("listing", None)?;
     let cfg = Config::load(config)?;
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
     let mut manifests = storage.manifests("").context("cannot list the storage")?;
@@ -453,6 +492,8 @@ fn restore_key(cfg: &Config, identity: Option<&Path>, m: &Manifest) -> Result<Op
 }
 
 fn verify(config: &Path, id: &str, job: Option<&str>, identity: Option<&Path>) -> Result<ExitCode> {
+    // Verify only reads: a signal has nothing to clean up.
+    let _interrupt = Interrupt::exit_at_once("verifying", None)?;
     let cfg = Config::load(config)?;
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
     let m = find_backup(storage.manifests("").context("cannot list the storage")?, id, job)?;

@@ -2,7 +2,8 @@
 //!
 //! Streams input → (SHA-256 of the input) → decrypt → decompress by magic → output in
 //! O(chunk) memory. A file output is written under a temporary name and renamed only
-//! after the object authenticated completely and its SHA-256 matched.
+//! after the object authenticated completely and its SHA-256 matched. SIGINT/SIGTERM
+//! (`interrupt`) remove the temporary file and exit 130/143.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -13,6 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{ArgGroup, Parser};
 
 use crate::crypto::{self, Format, Identity, KeySource, token};
+use crate::interrupt::{Interrupt, LastResort};
 use crate::pipeline::compress::decompress_by_magic;
 use crate::verify::{self, HashingReader};
 
@@ -88,6 +90,14 @@ fn run(cli: Cli) -> Result<()> {
     };
 
     let output = Output::prepare(&cli.output, cli.force)?;
+    // On a signal, the signal thread removes the temporary output and exits: the copy may
+    // be blocked on a read of stdin that never returns.
+    let remove_temp = output.temp_path().map(|p| -> LastResort {
+        Box::new(move || {
+            let _ = std::fs::remove_file(p);
+        })
+    });
+    let _interrupt = Interrupt::exit_at_once("decrypting", remove_temp)?;
     let (input, len): (Box<dyn Read>, Option<u64>) = if cli.input == "-" {
         (Box::new(io::stdin().lock()), None)
     } else {
@@ -182,6 +192,14 @@ impl Output {
             .tempfile_in(&dir)
             .with_context(|| format!("cannot create a file in {}", dir.display()))?;
         Ok(Output::File { temp: Some(temp), path, force })
+    }
+
+    /// The temporary file the output is written to until it is complete.
+    fn temp_path(&self) -> Option<PathBuf> {
+        match self {
+            Output::File { temp: Some(t), .. } => Some(t.path().to_path_buf()),
+            _ => None,
+        }
     }
 
     fn writer(&mut self) -> Result<&mut dyn Write> {
