@@ -300,6 +300,60 @@ fn sigterm_during_an_exec_dump_leaves_no_process_and_no_password_in_the_log() {
 }
 
 #[test]
+fn sigint_on_the_backup_command_during_an_exec_dump_exits_130_and_leaves_nothing() {
+    let _l = docker::shared_lock();
+    let (pg, _locker) = blocked_pg("pg-sigint");
+    let dir = tempfile::tempdir().unwrap();
+    let (_key, recipient) = keygen(dir.path());
+    let config = dir.path().join("backupy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"./state\"\n[storage]\ndir = \"./backups\"\n[encryption]\nrecipient = \"{recipient}\"\n\
+             [[targets]]\nid = \"db\"\ntype = \"postgresql\"\nstrategy = \"docker_exec\"\ncontainer = \"{}\"\n\
+             host = \"127.0.0.1\"\nport = {}\nusername = \"postgres\"\ndatabase = \"postgres\"\npassword = \"env:PG_IN_DOCKER\"\n\
+             [[jobs]]\nid = \"byhand\"\ntarget = \"db\"\n",
+            pg.container.name, pg.port
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let mut child = agent()
+        .args(["backup", "--config"])
+        .arg(&config)
+        .env("PG_IN_DOCKER", &pg.password)
+        .env("BACKUPY_DOCKER_SOCKET", docker::socket())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("pg_dump inside the container", Duration::from_secs(30), || {
+        top(&pg.container.name).contains("pg_dump")
+    });
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("backup did not exit after SIGINT:\n{}", log_tail(&log));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = log_tail(&log);
+    assert_eq!(status.code(), Some(130), "{text}");
+    let procs = top(&pg.container.name);
+    assert!(!procs.contains("pg_dump"), "pg_dump still runs in the container:\n{procs}\n{text}");
+    assert_eq!(files_under(&dir.path().join("backups")), Vec::<String>::new(), "{text}");
+    let db = rusqlite::Connection::open(dir.path().join("state/state.db")).unwrap();
+    let status: String = db.query_row("SELECT status FROM runs", [], |r| r.get(0)).unwrap();
+    assert_eq!(status, "cancelled");
+}
+
+#[test]
 fn toml_docker_exec_target_backs_up_and_restores_to_docker_url_through_the_cli() {
     let _l = docker::shared_lock();
     let pg = postgres_in_docker("pg-cli");
