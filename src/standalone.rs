@@ -39,6 +39,7 @@ pub fn schedules(cfg: &Config) -> Result<Vec<JobSchedule>> {
             backoff_seconds: job.retry.backoff_seconds.clone(),
         };
         s.timeout = job.timeout;
+        s.run_on_start = job.run_on_start;
         out.push(s);
     }
     Ok(out)
@@ -67,6 +68,9 @@ pub fn run(config: &Path) -> Result<Summary> {
     let mut options = SchedulerOptions::new(jobs);
     options.max_parallel_jobs = cfg.max_parallel_jobs;
     options.last_success = state.last_successes()?;
+    let history = state.job_outcomes()?;
+    options.last_run =
+        history.iter().filter_map(|(job, h)| Some((job.clone(), h.last_run_started?))).collect();
     if let Some((start, end)) = &cfg.maintenance {
         options.maintenance_window = Some(
             MaintenanceWindow::parse(start, end).map_err(|e| anyhow::anyhow!("maintenance window: {e}"))?,

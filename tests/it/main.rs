@@ -27,6 +27,8 @@ mod hooks;
 mod metrics;
 mod monitoring;
 mod notify;
+mod ops_metrics;
+mod ops_schedule;
 mod outbox;
 mod packaging;
 mod pipeline;
