@@ -30,6 +30,10 @@ pub struct Metrics {
     pub backup_duration_seconds: HistogramVec,
     pub backup_size_bytes: HistogramVec,
     pub last_success_timestamp_seconds: GaugeVec,
+    pub last_failure_timestamp_seconds: GaugeVec,
+    /// 1 when the job's last finished run succeeded, 0 when it failed; a cancelled run
+    /// leaves it as it was. Absent for a job that has not finished a run yet.
+    pub last_run_success: GaugeVec,
     pub bytes_uploaded_total: IntCounter,
     pub health_check_up: GaugeVec,
     pub health_check_duration_seconds: HistogramVec,
@@ -81,6 +85,14 @@ impl Metrics {
                 n("last_success_timestamp_seconds", "Unix time of the job's last successful backup"),
                 &["job_id"],
             )?,
+            last_failure_timestamp_seconds: GaugeVec::new(
+                n("last_failure_timestamp_seconds", "Unix time of the job's last failed run"),
+                &["job_id"],
+            )?,
+            last_run_success: GaugeVec::new(
+                n("last_run_success", "1 when the job's last finished run succeeded, 0 when it failed"),
+                &["job_id"],
+            )?,
             bytes_uploaded_total: IntCounter::with_opts(n(
                 "bytes_uploaded_total",
                 "bytes stored by successful runs",
@@ -108,6 +120,8 @@ impl Metrics {
         r.register(Box::new(m.backup_duration_seconds.clone()))?;
         r.register(Box::new(m.backup_size_bytes.clone()))?;
         r.register(Box::new(m.last_success_timestamp_seconds.clone()))?;
+        r.register(Box::new(m.last_failure_timestamp_seconds.clone()))?;
+        r.register(Box::new(m.last_run_success.clone()))?;
         r.register(Box::new(m.bytes_uploaded_total.clone()))?;
         r.register(Box::new(m.health_check_up.clone()))?;
         r.register(Box::new(m.health_check_duration_seconds.clone()))?;
@@ -122,11 +136,44 @@ impl Metrics {
         let _whole = self.whole_runs.lock().unwrap_or_else(|e| e.into_inner());
         self.jobs_total.with_label_values(&[job_id, status]).inc();
         self.backup_duration_seconds.with_label_values(&[job_id]).observe(duration.as_secs_f64());
+        let now = crate::clock::since_epoch().as_secs_f64();
         if let Some(bytes) = stored_bytes {
             self.backup_size_bytes.with_label_values(&[job_id]).observe(bytes as f64);
             self.bytes_uploaded_total.inc_by(bytes);
-            let now = crate::clock::since_epoch().as_secs_f64();
-            self.last_success_timestamp_seconds.with_label_values(&[job_id]).set(now);
+        }
+        match status {
+            "success" => {
+                self.last_success_timestamp_seconds.with_label_values(&[job_id]).set(now);
+                self.last_run_success.with_label_values(&[job_id]).set(1.0);
+            }
+            "failed" => {
+                self.last_failure_timestamp_seconds.with_label_values(&[job_id]).set(now);
+                self.last_run_success.with_label_values(&[job_id]).set(0.0);
+            }
+            _ => {}
+        }
+    }
+
+    /// At start: every configured job's `jobs_total` series exist at 0, so that the first
+    /// failure is a rise `increase()` sees; and what `state.db` remembers of each job
+    /// (last success, last failure, whether the last finished run succeeded) is exported
+    /// again, so that the alerts built on them survive a restart of the agent.
+    pub fn init_jobs<'a>(&self, job_ids: impl IntoIterator<Item = &'a str>, history: &JobHistory) {
+        let _whole = self.whole_runs.lock().unwrap_or_else(|e| e.into_inner());
+        for job_id in job_ids {
+            for status in ["success", "failed", "cancelled"] {
+                self.jobs_total.with_label_values(&[job_id, status]);
+            }
+            let Some(h) = history.get(job_id) else { continue };
+            if let Some(t) = h.last_success {
+                self.last_success_timestamp_seconds.with_label_values(&[job_id]).set(unix(t));
+            }
+            if let Some(t) = h.last_failure {
+                self.last_failure_timestamp_seconds.with_label_values(&[job_id]).set(unix(t));
+            }
+            if let Some(ok) = h.last_run_succeeded {
+                self.last_run_success.with_label_values(&[job_id]).set(if ok { 1.0 } else { 0.0 });
+            }
         }
     }
 
@@ -148,6 +195,13 @@ impl Metrics {
         }
         String::from_utf8_lossy(&buf).into_owned()
     }
+}
+
+/// Each job's outcomes as `state.db` records them (`StateDb::job_outcomes`).
+pub type JobHistory = std::collections::HashMap<String, crate::state::JobOutcomes>;
+
+fn unix(t: chrono::DateTime<chrono::Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
 }
 
 /// Serves the endpoints on a thread until the process ends. `state_dir` is probed by

@@ -79,6 +79,7 @@ pub fn run(config: &Path) -> Result<Summary> {
 
     let metrics = Metrics::new().context("cannot create the metrics registry")?;
     metrics.set_connection_state("standalone");
+    metrics.init_jobs(cfg.jobs.iter().map(|j| j.id.as_str()), &history);
     if let Some(addr) = &crate::env::Env::get().metrics_listen_addr {
         crate::metrics::serve(addr, metrics.clone(), cfg.state_dir.clone())
             .map_err(|e| anyhow::anyhow!(e))?;

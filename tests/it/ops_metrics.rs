@@ -109,3 +109,127 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+fn config(dir: &Path, cron: &str, extra: &str) -> PathBuf {
+    rusqlite::Connection::open(dir.join("app.db")).unwrap().execute_batch("CREATE TABLE IF NOT EXISTS t(x);").unwrap();
+    let p = dir.join("backupy.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "state_dir = \"./state\"\nshutdown_grace_sec = 60\n[storage]\ndir = \"./backups\"\n\
+             [[targets]]\nid = \"app\"\ntype = \"sqlite\"\npath = \"app.db\"\n\
+             [[targets]]\nid = \"gone\"\ntype = \"sqlite\"\npath = \"missing.db\"\n\
+             [[jobs]]\nid = \"good\"\ntarget = \"app\"\ncron = \"{cron}\"\nencryption = \"none\"\n\
+             [[jobs]]\nid = \"bad\"\ntarget = \"gone\"\ncron = \"{cron}\"\nencryption = \"none\"\n{extra}"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+const STATUSES: [&str; 3] = ["success", "failed", "cancelled"];
+
+#[test]
+fn after_a_restart_the_last_success_failure_and_status_come_back_from_the_state_database() {
+    let dir = tempfile::tempdir().unwrap();
+    // First life: both jobs run every second until each has finished a run.
+    let cfg = config(dir.path(), "* * * * * *", "");
+    let mut first = Agent::start(&cfg, &dir.path().join("first.log"), &[]);
+    let before = first.scrape_until("a success of good and a failure of bad", |s| {
+        value(s, "backupy_agent_jobs_total", &[("job_id", "good"), ("status", "success")]).unwrap_or(0.0)
+            >= 1.0
+            && value(s, "backupy_agent_jobs_total", &[("job_id", "bad"), ("status", "failed")]).unwrap_or(0.0)
+                >= 1.0
+    });
+    first.stop();
+    // The state database holds the truth the second life must show.
+    let db = dir.path().join("state/state.db");
+    let last = |job: &str, status: &str| -> f64 {
+        let at = sqlite3(
+            &db,
+            &format!(
+                "SELECT max(coalesce(finished_at, started_at)) FROM runs WHERE job_id = '{job}' AND status = '{status}'"
+            ),
+        );
+        chrono::DateTime::parse_from_rfc3339(&at).unwrap_or_else(|e| panic!("{at:?}: {e}")).timestamp_millis()
+            as f64
+            / 1000.0
+    };
+    let (good_success, bad_failure) = (last("good", "success"), last("bad", "failed"));
+    let scraped_success =
+        value(&before, "backupy_agent_last_success_timestamp_seconds", &[("job_id", "good")]).unwrap();
+    assert!(scraped_success <= good_success + 1.0);
+
+    // Second life: nothing is due for months, so every value comes from state.db.
+    let cfg = config(dir.path(), "0 0 1 1 *", "");
+    let log = dir.path().join("second.log");
+    let mut second = Agent::start(&cfg, &log, &[]);
+    let s = second.scrape_until("the endpoint", |_| true);
+    let close = |got: Option<f64>, want: f64, what: &str| {
+        let got = got.unwrap_or_else(|| panic!("{what} is missing after the restart:\n{}", log_tail(&log)));
+        assert!((got - want).abs() < 0.01, "{what}: {got}, state.db says {want}");
+    };
+    close(
+        value(&s, "backupy_agent_last_success_timestamp_seconds", &[("job_id", "good")]),
+        good_success,
+        "last success of good",
+    );
+    close(
+        value(&s, "backupy_agent_last_failure_timestamp_seconds", &[("job_id", "bad")]),
+        bad_failure,
+        "last failure of bad",
+    );
+    assert_eq!(value(&s, "backupy_agent_last_run_success", &[("job_id", "bad")]), Some(0.0));
+    assert_eq!(
+        sqlite3(&db, "SELECT count(*) FROM runs WHERE job_id = 'good' AND status = 'failed'"),
+        "0",
+        "no run of good failed"
+    );
+    assert_eq!(value(&s, "backupy_agent_last_run_success", &[("job_id", "good")]), Some(1.0));
+    assert_eq!(value(&s, "backupy_agent_last_success_timestamp_seconds", &[("job_id", "bad")]), None);
+    // Every job's counters exist at 0 from the start: the first failure is a rise.
+    for job in ["good", "bad"] {
+        for status in STATUSES {
+            assert_eq!(
+                value(&s, "backupy_agent_jobs_total", &[("job_id", job), ("status", status)]),
+                Some(0.0),
+                "jobs_total{{{job},{status}}} after the restart"
+            );
+        }
+    }
+    second.stop();
+}
+
+#[test]
+fn a_new_job_has_its_counters_at_zero_and_its_first_failure_sets_last_run_success_to_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    // Due for months: nothing runs, the series must exist anyway.
+    let cfg = config(dir.path(), "0 0 1 1 *", "");
+    let mut a = Agent::start(&cfg, &dir.path().join("a.log"), &[]);
+    let s = a.scrape_until("the endpoint", |_| true);
+    for job in ["good", "bad"] {
+        for status in STATUSES {
+            assert_eq!(
+                value(&s, "backupy_agent_jobs_total", &[("job_id", job), ("status", status)]),
+                Some(0.0),
+                "jobs_total{{{job},{status}}} at start:\n{}",
+                log_tail(&a.log)
+            );
+        }
+        // No run yet: no success, no failure, no last-run status to alert on.
+        assert_eq!(value(&s, "backupy_agent_last_run_success", &[("job_id", job)]), None);
+    }
+    a.stop();
+
+    let cfg = config(dir.path(), "* * * * * *", "");
+    let mut b = Agent::start(&cfg, &dir.path().join("b.log"), &[]);
+    let s = b.scrape_until("the first failure of bad", |s| {
+        value(s, "backupy_agent_jobs_total", &[("job_id", "bad"), ("status", "failed")]).unwrap_or(0.0) >= 1.0
+    });
+    assert_eq!(value(&s, "backupy_agent_last_run_success", &[("job_id", "bad")]), Some(0.0));
+    let s = b.scrape_until("a success of good", |s| {
+        value(s, "backupy_agent_last_run_success", &[("job_id", "good")]).is_some()
+    });
+    assert_eq!(value(&s, "backupy_agent_last_run_success", &[("job_id", "good")]), Some(1.0));
+    b.stop();
+}
