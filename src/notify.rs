@@ -40,16 +40,15 @@ pub struct Summary<'a> {
 /// Pings `<ping_url>/start`.
 pub fn started(n: &Notify) {
     if let Some(url) = &n.ping_url {
-        send("GET", &format!("{}/start", url.trim_end_matches('/')), None);
+        send("GET", &ping_url(url, Some("start")), None);
     }
 }
 
 /// Pings success or failure and POSTs the webhook as configured.
 pub fn finished(n: &Notify, summary: &Summary<'_>) {
     if let Some(url) = &n.ping_url {
-        let url = url.trim_end_matches('/');
-        let target = if summary.status == "success" { url.to_string() } else { format!("{url}/fail") };
-        send("GET", &target, None);
+        let suffix = (summary.status != "success").then_some("fail");
+        send("GET", &ping_url(url, suffix), None);
     }
     if let Some(url) = &n.webhook_url
         && (n.webhook_always || summary.status != "success")
@@ -58,6 +57,23 @@ pub fn finished(n: &Notify, summary: &Summary<'_>) {
             Ok(body) => send("POST", url, Some(&body)),
             Err(e) => log::warn!("cannot encode the webhook body: {e}"),
         }
+    }
+}
+
+/// `base` with `suffix` as one more path segment, its query kept after it
+/// (`https://hc/ping/x?k=1` → `https://hc/ping/x/fail?k=1`); `base` itself, without a
+/// trailing slash, when there is no suffix.
+pub fn ping_url(base: &str, suffix: Option<&str>) -> String {
+    let Some(suffix) = suffix else { return base.trim_end_matches('/').to_string() };
+    match url::Url::parse(base) {
+        Ok(mut url) if !url.cannot_be_a_base() => {
+            if let Ok(mut path) = url.path_segments_mut() {
+                path.pop_if_empty().push(suffix);
+            }
+            url.to_string()
+        }
+        // config.rs only lets http(s) URLs through, which always have a path.
+        _ => format!("{}/{suffix}", base.trim_end_matches('/')),
     }
 }
 
@@ -91,4 +107,18 @@ fn send(method: &str, url: &str, body: Option<&[u8]>) {
         },
         |_, _, _| true,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ping_url;
+
+    #[test]
+    fn the_suffix_goes_into_the_path_before_the_query() {
+        assert_eq!(ping_url("https://hc/ping/x?k=1", Some("fail")), "https://hc/ping/x/fail?k=1");
+        assert_eq!(ping_url("https://hc/ping/x/?k=1", Some("start")), "https://hc/ping/x/start?k=1");
+        assert_eq!(ping_url("https://hc/ping/x/", Some("fail")), "https://hc/ping/x/fail");
+        assert_eq!(ping_url("https://hc/ping/x?k=1", None), "https://hc/ping/x?k=1");
+        assert_eq!(ping_url("https://hc/ping/x/", None), "https://hc/ping/x");
+    }
 }

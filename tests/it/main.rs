@@ -28,6 +28,7 @@ mod metrics;
 mod monitoring;
 mod notify;
 mod ops_metrics;
+mod ops_notify;
 mod ops_schedule;
 mod outbox;
 mod packaging;
