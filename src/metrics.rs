@@ -219,10 +219,10 @@ pub fn serve(addr: &str, metrics: Arc<Metrics>, state_dir: PathBuf) -> Result<()
                         Ok(()) => (200, "ok\n".to_string(), "text/plain"),
                         Err(e) => (503, format!("state directory not writable: {e}\n"), "text/plain"),
                     },
-                    "/readyz" if metrics.ready.load(Ordering::SeqCst) => {
-                        (200, "ready\n".into(), "text/plain")
+                    "/readyz" => {
+                        let ready = metrics.ready.load(Ordering::SeqCst);
+                        (if ready { 200 } else { 503 }, readyz_body(ready), "text/plain")
                     }
-                    "/readyz" => (503, "not ready\n".into(), "text/plain"),
                     _ => (404, "not found\n".into(), "text/plain"),
                 };
                 let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
@@ -234,6 +234,24 @@ pub fn serve(addr: &str, metrics: Arc<Metrics>, state_dir: PathBuf) -> Result<()
         })
         .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
     Ok(())
+}
+
+/// `ready` or `not ready`, then one line per health check: its state, since when, and
+/// why it is down. The probes never change the status: the agent still takes runs while
+/// a probed service fails.
+fn readyz_body(ready: bool) -> String {
+    let mut body = String::from(if ready { "ready\n" } else { "not ready\n" });
+    for p in crate::health::snapshot() {
+        body.push_str(&format!("health_check {} {}", p.id, p.state));
+        if !p.since.is_empty() {
+            body.push_str(&format!(" since {}", p.since));
+        }
+        if !p.error.is_empty() {
+            body.push_str(&format!(": {}", p.error.replace('\n', " ")));
+        }
+        body.push('\n');
+    }
+    body
 }
 
 fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {

@@ -233,3 +233,53 @@ fn a_new_job_has_its_counters_at_zero_and_its_first_failure_sets_last_run_succes
     assert_eq!(value(&s, "backupy_agent_last_run_success", &[("job_id", "good")]), Some(1.0));
     b.stop();
 }
+
+#[test]
+fn a_failing_probe_is_logged_once_and_its_state_is_in_the_readyz_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, _claim) = reserve_port();
+    let cfg = config(
+        dir.path(),
+        "0 0 1 1 *",
+        &format!(
+            "[[health_checks]]\nid = \"db-port\"\ntype = \"tcp\"\ntarget = \"127.0.0.1:{port}\"\ninterval_sec = 1\ntimeout_sec = 1\n"
+        ),
+    );
+    let log = dir.path().join("agent.log");
+    let mut a = Agent::start(&cfg, &log, &[]);
+    // Five failed probes.
+    a.scrape_until("five probes of db-port", |s| {
+        value(s, "backupy_agent_health_check_duration_seconds", &[("check_id", "db-port")]).unwrap_or(0.0)
+            >= 5.0
+    });
+    let (status, body) = get(&format!("http://{}/readyz", a.addr));
+    assert_eq!(status, 200, "a failing probe does not make the agent unready: {body}");
+    let line =
+        body.lines().find(|l| l.starts_with("health_check db-port ")).unwrap_or_else(|| panic!("{body}"));
+    assert!(line.contains(" down since ") && line.contains(&port.to_string()), "{body}");
+    let mentions = |log: &str| log.lines().filter(|l| l.contains("health check db-port")).count();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(mentions(&text), 1, "one line for the change to down, not one per probe:\n{text}");
+
+    // The port opens: one line for the change back to up.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let t0 = Instant::now();
+    loop {
+        let body = get(&format!("http://{}/readyz", a.addr)).1;
+        if body.lines().any(|l| l.starts_with("health_check db-port up since ")) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "db-port never came up: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.scrape_until("three more probes", |s| {
+        value(s, "backupy_agent_health_check_duration_seconds", &[("check_id", "db-port")]).unwrap_or(0.0)
+            >= 8.0
+    });
+    drop(listener);
+    let text = a.stop();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("health check db-port")).collect();
+    assert!(lines.len() >= 2 && lines[1].contains("up again"), "{lines:#?}");
+    // Closing the listener may have been seen as a third change (down), never more.
+    assert!(lines.len() <= 3, "{lines:#?}");
+}
