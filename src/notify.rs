@@ -1,9 +1,10 @@
 //! Standalone notifications (connected mode leaves them to the control plane): a
 //! dead-man's-switch URL pinged on start (`<url>/start`), success (`<url>`) and failure
-//! (`<url>/fail`) — the healthchecks.io convention — and a webhook that POSTs a JSON
-//! summary of the run on failure (or always). Each request is tried a few times with a
-//! short timeout; a notification never changes the backup's outcome. Runs on the run's
-//! thread.
+//! (`<url>/fail`) — the healthchecks.io convention; the suffix goes into the URL's path,
+//! before its query — and a webhook that POSTs a JSON summary of the run ([`Summary`]:
+//! job, run, status, host, agent version, start and end in RFC 3339 UTC, the health
+//! probes' state) on failure (or always). Each request is tried a few times with a short
+//! timeout; a notification never changes the backup's outcome. Runs on the run's thread.
 
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ pub struct Notify {
     pub webhook_always: bool,
 }
 
+/// The webhook's JSON body; the user guide documents it field by field.
 #[derive(Debug, Serialize)]
 pub struct Summary<'a> {
     pub job: &'a str,
@@ -35,6 +37,14 @@ pub struct Summary<'a> {
     pub duration_seconds: f64,
     pub error: &'a str,
     pub object: &'a str,
+    /// The agent's host name (the kernel's).
+    pub host: &'a str,
+    pub agent_version: &'a str,
+    /// When the run started and ended (hooks included), RFC 3339 UTC.
+    pub started_at: String,
+    pub finished_at: String,
+    /// The state of every `[[health_checks]]` probe when the run ended.
+    pub health_checks: Vec<crate::health::ProbeState>,
 }
 
 /// Pings `<ping_url>/start`.

@@ -4,8 +4,10 @@
 //! health probes' state.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::ops_metrics::Agent;
 
 type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
 
@@ -44,6 +46,12 @@ fn config(dir: &std::path::Path, head: &str, jobs: &str) -> std::path::PathBuf {
     p
 }
 
+fn rfc3339_utc(v: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a string: {v}"));
+    assert!(s.ends_with('Z'), "not UTC: {s}");
+    chrono::DateTime::parse_from_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}")).with_timezone(&chrono::Utc)
+}
+
 #[test]
 fn pings_keep_the_query_after_start_and_fail_and_the_webhook_says_host_version_and_times() {
     let (base, seen) = receiver();
@@ -58,9 +66,11 @@ fn pings_keep_the_query_after_start_and_fail_and_the_webhook_says_host_version_a
              webhook_url = \"{base}/hook?token=t\"\n"
         ),
     );
+    let t0 = chrono::Utc::now() - chrono::Duration::seconds(1);
     let mut c = agent();
     c.args(["backup", "--config"]).arg(&cfg);
     let out = run(c);
+    let t1 = chrono::Utc::now() + chrono::Duration::seconds(1);
     assert_eq!(out.status.code(), Some(1), "the failing job fails the command: {}", text(&out.stderr));
     let seen = seen.lock().unwrap().clone();
     let calls: Vec<(&str, &str)> = seen.iter().map(|(m, u, _)| (m.as_str(), u.as_str())).collect();
@@ -75,4 +85,57 @@ fn pings_keep_the_query_after_start_and_fail_and_the_webhook_says_host_version_a
             ("POST", "/hook?token=t"),
         ]
     );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    for (i, status) in [(2, "success"), (5, "failed")] {
+        let body: serde_json::Value = serde_json::from_str(&seen[i].2).unwrap();
+        assert_eq!(body["status"], status, "{body}");
+        assert_eq!(body["host"], host.as_str(), "{body}");
+        assert_eq!(body["agent_version"], env!("CARGO_PKG_VERSION"), "{body}");
+        let (started, finished) = (rfc3339_utc(&body["started_at"]), rfc3339_utc(&body["finished_at"]));
+        assert!(t0 <= started && started <= finished && finished <= t1, "{body}");
+        // `backup` runs no health probes: the list is there, empty.
+        assert_eq!(body["health_checks"], serde_json::json!([]), "{body}");
+    }
+}
+
+#[test]
+fn under_run_the_webhook_carries_the_state_of_the_health_probes() {
+    let (base, seen) = receiver();
+    let (closed, _claim) = reserve_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "state_dir = \"./state\"\n",
+        &format!(
+            "[[jobs]]\nid = \"bad\"\ntarget = \"gone\"\ncron = \"*/2 * * * * *\"\nencryption = \"none\"\nwebhook_url = \"{base}/hook\"\n\
+             [[health_checks]]\nid = \"db-port\"\ntype = \"tcp\"\ntarget = \"127.0.0.1:{closed}\"\ninterval_sec = 1\n"
+        ),
+    );
+    let a = Agent::start(&cfg, &dir.path().join("agent.log"), &[]);
+    let t0 = Instant::now();
+    let body = loop {
+        let bodies: Vec<serde_json::Value> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, _, _)| m == "POST")
+            .map(|(_, _, b)| serde_json::from_str(b).unwrap())
+            .collect();
+        if let Some(b) = bodies.into_iter().find(|b| b["health_checks"][0]["state"] == "down") {
+            break b;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no webhook with the probe down: {:?}\n{}",
+            seen.lock().unwrap(),
+            log_tail(&a.log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    a.stop();
+    let check = &body["health_checks"][0];
+    assert_eq!(check["id"], "db-port", "{body}");
+    rfc3339_utc(&check["since"]);
+    assert!(check["error"].as_str().unwrap().contains(&closed.to_string()), "{body}");
+    assert_eq!(body["health_checks"].as_array().unwrap().len(), 1);
 }
