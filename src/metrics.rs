@@ -3,8 +3,9 @@
 //! Owns the registry with every metric of the spec (names, types and labels exactly as
 //! listed, plus the process collector) and a small HTTP server thread (`metrics-http`,
 //! tiny_http) on `BACKUPY_METRICS_LISTEN_ADDR` serving `/metrics`, `/healthz` (alive and
-//! the state directory writable) and `/readyz` (the scheduler — later the session — is
-//! running). The metric handles are atomics made for sharing: worker threads update them
+//! the state directory writable) and `/readyz` (200 while the agent takes new runs:
+//! standalone, the scheduler runs and no shutdown has begun; connected, the session is
+//! up; the body adds each health probe's state). The metric handles are atomics made for sharing: worker threads update them
 //! directly; label values come from the configuration only (job and check ids), so the
 //! label space stays bounded.
 

@@ -115,12 +115,15 @@ pub fn run(config: &Path) -> Result<Summary> {
     // when an update is pending.
     let reexec = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reexec_requested = reexec.clone();
+    let readiness = metrics.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         let mut first = true;
         for sig in signals.forever() {
             if sig == signal_hook::consts::SIGHUP {
                 reexec_requested.store(true, std::sync::atomic::Ordering::SeqCst);
             }
+            // No new run starts from here on: /readyz says so at once, not after the grace.
+            readiness.ready.store(false, std::sync::atomic::Ordering::SeqCst);
             let grace = if first { grace } else { Duration::ZERO };
             log::info!("signal {sig}: stopping new runs; running backups get {grace:?} to finish");
             if commands.send(SchedulerCommand::Shutdown { grace }).is_err() {

@@ -235,6 +235,50 @@ fn a_new_job_has_its_counters_at_zero_and_its_first_failure_sets_last_run_succes
 }
 
 #[test]
+fn readyz_turns_503_as_soon_as_the_shutdown_starts_while_a_run_still_has_its_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("hook-started");
+    let cfg = config(
+        dir.path(),
+        "0 0 1 1 *",
+        &format!(
+            "[[jobs]]\nid = \"slow\"\ntarget = \"app\"\ncron = \"* * * * * *\"\nencryption = \"none\"\n\
+             pre_hooks = [\"touch {}; sleep 60\"]\n",
+            marker.display()
+        ),
+    );
+    let mut a = Agent::start(&cfg, &dir.path().join("agent.log"), &[]);
+    a.scrape_until("the endpoint", |_| true);
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the slow run never started:\n{}", log_tail(&a.log));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(&format!("http://{}/readyz", a.addr)).0, 200, "{}", log_tail(&a.log));
+
+    a.signal(libc::SIGTERM);
+    let t1 = Instant::now();
+    loop {
+        let (status, body) = get(&format!("http://{}/readyz", a.addr));
+        if status == 503 {
+            assert!(body.starts_with("not ready"), "{body}");
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(5),
+            "/readyz still {status} {} s into a 60 s grace:\n{}",
+            t1.elapsed().as_secs(),
+            log_tail(&a.log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(a.child.try_wait().unwrap().is_none(), "the agent is still in its grace period");
+    // /healthz is about the process, not about new runs: still 200.
+    assert_eq!(get(&format!("http://{}/healthz", a.addr)).0, 200);
+    a.stop();
+}
+
+#[test]
 fn a_failing_probe_is_logged_once_and_its_state_is_in_the_readyz_body() {
     let dir = tempfile::tempdir().unwrap();
     let (port, _claim) = reserve_port();
