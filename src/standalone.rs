@@ -255,14 +255,7 @@ fn run_once(
     let error = outcome.result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
     runner::record_finish(state, metrics, &outcome, &error);
     match &outcome.result {
-        Ok(stored) => {
-            log::info!(
-                "job {}: run {} stored {} ({} bytes)",
-                job.id,
-                run_id,
-                stored.location,
-                stored.stored_bytes
-            );
+        Ok(_) => {
             // A failure to prune is reported, never fatal to the backup that just succeeded.
             match retention::apply(storage, &job.target, &job.id, job.retention) {
                 Ok(deleted) if !deleted.is_empty() => {
@@ -278,13 +271,8 @@ fn run_once(
             }
             SchedulerOutcome::Success
         }
-        Err(e) if e.is_cancelled() => {
-            log::warn!("job {}: run {} cancelled", job.id, run_id);
-            SchedulerOutcome::Cancelled
-        }
-        Err(e) => {
-            log::error!("{e}");
-            SchedulerOutcome::Failed(e.to_string())
-        }
+        // The scheduler logs the end of the run, once, with its id and attempt.
+        Err(e) if e.is_cancelled() => SchedulerOutcome::Cancelled,
+        Err(e) => SchedulerOutcome::Failed(e.detail().to_string()),
     }
 }

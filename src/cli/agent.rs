@@ -189,7 +189,7 @@ pub struct StoredBackup {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = super::parse_args("backupy-agent");
     super::init_logging("info");
     match dispatch(cli.command.unwrap_or(Command::Run { config: None })) {
         Ok(code) => code,
@@ -345,7 +345,7 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
             ),
             Err(e) => {
                 failed += 1;
-                eprintln!("backupy-agent: error: {}", crate::secrets::redact(&e.to_string()));
+                super::error_line("backupy-agent", &e.to_string());
             }
         }
     }

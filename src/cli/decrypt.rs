@@ -65,7 +65,7 @@ struct Cli {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = super::parse_args("backupy-decrypt");
     super::init_logging("warn");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -122,10 +122,15 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Some(_) => {}
-        None if format == Format::V1 && !cli.quiet => eprintln!(
-            "backupy-decrypt: warning: format v1 cannot detect dropped or reordered frames; pass --sha256 to \
-             verify the whole object"
-        ),
+        None if format == Format::V1 && !cli.quiet => {
+            let warning = "warning: format v1 cannot detect dropped or reordered frames; pass --sha256 to \
+                           verify the whole object";
+            if crate::env::Env::get().log_json {
+                eprintln!("{}", super::stderr_line(log::Level::Warn, "backupy-decrypt", warning, true));
+            } else {
+                eprintln!("backupy-decrypt: {warning}");
+            }
+        }
         None => {}
     }
     out.finish()
