@@ -25,7 +25,12 @@ use crate::verify::{self, HashingReader};
         A decryption token's signature cannot be checked offline (the verification key stays on the \
         server): its claims (issuer, audience, expiry, key) are checked, its signature is not.",
     after_help = "Examples:\n  backupy-decrypt --in app.sqlite.zst.bkpy --out app.sqlite --identity backupy.key\n  \
-        backupy-decrypt --in - --out dump.pgdump --token-file token.jwt < object.bkpy",
+        backupy-decrypt --in - --out dump.pgdump --token-file token.jwt < object.bkpy\n\n\
+        Exit codes:\n  \
+        0  decrypted (and the SHA-256 matched when one was expected)\n  \
+        1  refused or failed: a wrong or expired key or token, a tampered or truncated object, a SHA-256 \
+        mismatch (the output is removed), an existing --out without --force\n  \
+        2  usage error: an unknown, missing or conflicting flag or argument",
     group(ArgGroup::new("key").required(true).args(["token", "token_file", "identity", "key_file"]))
 )]
 struct Cli {

@@ -27,6 +27,7 @@ mod hooks;
 mod metrics;
 mod monitoring;
 mod notify;
+mod ops_help;
 mod ops_logs;
 mod ops_metrics;
 mod ops_notify;
