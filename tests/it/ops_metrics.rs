@@ -111,7 +111,10 @@ impl Drop for Agent {
 }
 
 fn config(dir: &Path, cron: &str, extra: &str) -> PathBuf {
-    rusqlite::Connection::open(dir.join("app.db")).unwrap().execute_batch("CREATE TABLE IF NOT EXISTS t(x);").unwrap();
+    rusqlite::Connection::open(dir.join("app.db"))
+        .unwrap()
+        .execute_batch("CREATE TABLE IF NOT EXISTS t(x);")
+        .unwrap();
     let p = dir.join("backupy.toml");
     std::fs::write(
         &p,
