@@ -274,3 +274,56 @@ pub fn health_check(addr: &str) -> Result<(), String> {
     let body = resp.body_mut().read_to_string().unwrap_or_default();
     if status == 200 { Ok(()) } else { Err(format!("{url}: HTTP {status}: {}", body.trim())) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of `family{job_id=job}`; only for series that exist (asking creates them).
+    fn gauge(family: &GaugeVec, job: &str) -> Option<f64> {
+        family.get_metric_with_label_values(&[job]).ok().map(|g| g.get())
+    }
+
+    #[test]
+    fn a_failure_sets_last_run_success_to_zero_a_success_to_one_and_a_cancel_changes_nothing() {
+        let m = Metrics::new().unwrap();
+        let d = Duration::from_secs(1);
+        m.record_run("j", "failed", d, None);
+        assert_eq!(gauge(&m.last_run_success, "j"), Some(0.0));
+        assert!(gauge(&m.last_failure_timestamp_seconds, "j").is_some_and(|t| t > 0.0));
+        m.record_run("j", "cancelled", d, None);
+        assert_eq!(gauge(&m.last_run_success, "j"), Some(0.0), "a cancel is not a success");
+        m.record_run("j", "success", d, Some(10));
+        assert_eq!(gauge(&m.last_run_success, "j"), Some(1.0));
+        m.record_run("j", "cancelled", d, None);
+        assert_eq!(gauge(&m.last_run_success, "j"), Some(1.0), "a cancel is not a failure");
+    }
+
+    #[test]
+    fn init_jobs_exports_the_history_and_zero_counters() {
+        let m = Metrics::new().unwrap();
+        let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
+        let mut history = JobHistory::new();
+        history.insert(
+            "old".into(),
+            crate::state::JobOutcomes {
+                last_success: Some(t("2026-12-01T03:00:10Z")),
+                last_failure: Some(t("2026-12-02T03:00:05Z")),
+                last_run_succeeded: Some(false),
+                last_run_started: Some(t("2026-12-02T03:00:00Z")),
+            },
+        );
+        m.init_jobs(["old", "new"], &history);
+        assert_eq!(gauge(&m.last_success_timestamp_seconds, "old"), Some(1_796_094_010.0));
+        assert_eq!(gauge(&m.last_failure_timestamp_seconds, "old"), Some(1_796_180_405.0));
+        assert_eq!(gauge(&m.last_run_success, "old"), Some(0.0));
+        let text = m.render();
+        assert!(!text.contains("last_run_success{job_id=\"new\"}"), "{text}");
+        for job in ["old", "new"] {
+            for status in ["success", "failed", "cancelled"] {
+                let line = format!("backupy_agent_jobs_total{{job_id=\"{job}\",status=\"{status}\"}} 0");
+                assert!(text.contains(&line), "{line} missing:\n{text}");
+            }
+        }
+    }
+}
