@@ -158,6 +158,9 @@ struct RawJob {
     webhook_url: Option<Spanned<String>>,
     /// "failure" (default) or "always".
     webhook_on: Option<Spanned<String>>,
+    /// Run once each time `run` starts (default false: wait for the first cron fire).
+    #[serde(default)]
+    run_on_start: bool,
 }
 
 /// A validated standalone configuration. Paths are absolute or relative to the
@@ -215,6 +218,8 @@ pub struct Job {
     pub post_hooks: Vec<String>,
     pub hook_timeout: std::time::Duration,
     pub notify: crate::notify::Notify,
+    /// `run_on_start = true`: `run` runs the job once at every start.
+    pub run_on_start: bool,
 }
 
 /// Retries of failed scheduled runs: `max_attempts` in all (1 = no retry), waiting
@@ -439,6 +444,7 @@ impl Config {
                     .filter(|s| *s > 0)
                     .map_or(crate::hooks::DEFAULT_TIMEOUT, std::time::Duration::from_secs),
                 notify,
+                run_on_start: rj.run_on_start,
             });
         }
         let max_parallel_jobs = match &raw.max_parallel_jobs {

@@ -5,12 +5,19 @@
 //! One `health` thread keeps each check's next due time (interval plus a little jitter
 //! so checks do not align) and hands due probes to a small pool of `health-probe-N`
 //! threads over a bounded channel, so one slow target never delays the others. Results
-//! go to the metrics (`health_check_up`, `health_check_duration_seconds`) and the log;
-//! connected mode will also send them as HealthCheckResult through the outbox.
+//! go to the metrics (`health_check_up`, `health_check_duration_seconds`), to the probe
+//! states ([`snapshot`]: `/readyz`'s body and the webhook payload), and to the log once
+//! per change of state (down, up again), never once per failing interval; connected mode
+//! also sends them as HealthCheckResult through the outbox.
+//!
+//! The probe states are one process-wide table behind a mutex: a process runs one set of
+//! checks, and the readers (`metrics-http`, a run's notification on its worker) then need
+//! no handle threaded to them.
 
+use std::collections::BTreeMap;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -30,6 +37,69 @@ pub struct ProbeResult {
     /// 0 for TCP checks and when no response arrived.
     pub status_code: u32,
     pub error: String,
+}
+
+/// The last known state of one check, for `/readyz` and the webhook payload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProbeState {
+    pub id: String,
+    /// `up`, `down`, or `unknown` (not probed yet).
+    pub state: &'static str,
+    /// When the check entered this state, RFC 3339 UTC; empty while `unknown`.
+    pub since: String,
+    /// Why the last probe failed, while `down`; empty otherwise.
+    pub error: String,
+}
+
+static STATES: Mutex<BTreeMap<String, ProbeState>> = Mutex::new(BTreeMap::new());
+
+fn states() -> std::sync::MutexGuard<'static, BTreeMap<String, ProbeState>> {
+    STATES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every configured check's state, ordered by id.
+pub fn snapshot() -> Vec<ProbeState> {
+    states().values().cloned().collect()
+}
+
+/// The checks probed from now on: states of checks no longer configured are dropped, new
+/// ones start `unknown`, the others keep theirs.
+fn track(checks: &[HealthCheck]) {
+    let mut table = states();
+    table.retain(|id, _| checks.iter().any(|c| &c.id == id));
+    for c in checks {
+        table.entry(c.id.clone()).or_insert_with(|| ProbeState {
+            id: c.id.clone(),
+            state: "unknown",
+            since: String::new(),
+            error: String::new(),
+        });
+    }
+}
+
+/// Records a result; logs only when the check changes state (the first result included).
+fn record(r: &ProbeResult) {
+    let new_state = if r.ok { "up" } else { "down" };
+    let mut table = states();
+    let entry = table.entry(r.check_id.clone()).or_insert_with(|| ProbeState {
+        id: r.check_id.clone(),
+        state: "unknown",
+        since: String::new(),
+        error: String::new(),
+    });
+    let error = if r.ok { String::new() } else { r.error.clone() };
+    if entry.state == new_state {
+        entry.error = error;
+        return;
+    }
+    let since = crate::storage::rfc3339(chrono::Utc::now());
+    let was = std::mem::replace(entry, ProbeState { id: r.check_id.clone(), state: new_state, since, error });
+    drop(table);
+    match (was.state, r.ok) {
+        (_, false) => log::warn!("health check {} is down: {}", r.check_id, r.error),
+        ("down", true) => log::info!("health check {} is up again (down since {})", r.check_id, was.since),
+        (_, true) => log::info!("health check {} is up", r.check_id),
+    }
 }
 
 /// Probes `check` once, within its timeout. `ca_file` adds trusted roots (BACKUPY_CA_FILE).
@@ -100,6 +170,7 @@ pub fn start(
     ca_file: Option<PathBuf>,
     results: Option<Sender<ProbeResult>>,
 ) -> std::io::Result<Sender<()>> {
+    track(&checks);
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     let (job_tx, job_rx) = crossbeam_channel::bounded::<HealthCheck>(POOL_SIZE);
     for n in 0..POOL_SIZE {
@@ -112,11 +183,8 @@ pub fn start(
                     .health_check_duration_seconds
                     .with_label_values(&[&r.check_id])
                     .observe(r.latency.as_secs_f64());
-                if r.ok {
-                    log::debug!("health check {}: ok in {:?}", r.check_id, r.latency);
-                } else {
-                    log::warn!("health check {} failed: {}", r.check_id, r.error);
-                }
+                log::debug!("health check {}: ok={} in {:?} {}", r.check_id, r.ok, r.latency, r.error);
+                record(&r);
                 if let Some(tx) = &results {
                     let _ = tx.send(r);
                 }
@@ -191,7 +259,9 @@ pub fn supervise(
                 HealthCommand::ProbeNow(check) => {
                     let (tx, ca) = (results.clone(), ca_file.clone());
                     let spawned = std::thread::Builder::new().name("health-now".into()).spawn(move || {
-                        let _ = tx.send(probe(&check, ca.as_deref()));
+                        let r = probe(&check, ca.as_deref());
+                        record(&r);
+                        let _ = tx.send(r);
                     });
                     if let Err(e) = spawned {
                         log::error!("cannot start a health probe: {e}");

@@ -85,7 +85,7 @@ impl Interrupt {
                 let mut last_resort = last_resort;
                 for signal in signals.forever() {
                     if seen.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-                        eprintln!("backupy: {}: exiting at once", signal_name(signal));
+                        log::warn!("{}: exiting at once", signal_name(signal));
                         std::process::exit(i32::from(exit_status(signal)));
                     }
                     let Some(cancel) = &cancel else {
@@ -96,11 +96,11 @@ impl Interrupt {
                             }
                             None => "nothing to clean up",
                         };
-                        eprintln!("backupy: {}: stopped {what}; {cleaned}", signal_name(signal));
+                        log::warn!("{}: stopped {what}; {cleaned}", signal_name(signal));
                         std::process::exit(i32::from(exit_status(signal)));
                     };
-                    eprintln!(
-                        "backupy: {}: stopping {what} and cleaning up (at most {} s; a second signal exits at once)",
+                    log::warn!(
+                        "{}: stopping {what} and cleaning up (at most {} s; a second signal exits at once)",
                         signal_name(signal),
                         CLEANUP_BOUND.as_secs()
                     );
@@ -134,8 +134,8 @@ fn watch(finished: Receiver<()>, signal: i32, last_resort: Option<LastResort>) {
         if let Some(f) = last_resort {
             f();
         }
-        eprintln!(
-            "backupy: {}: cleanup did not finish within {} s; exiting",
+        log::warn!(
+            "{}: cleanup did not finish within {} s; exiting",
             signal_name(signal),
             CLEANUP_BOUND.as_secs()
         );

@@ -3,8 +3,9 @@
 //! Owns the registry with every metric of the spec (names, types and labels exactly as
 //! listed, plus the process collector) and a small HTTP server thread (`metrics-http`,
 //! tiny_http) on `BACKUPY_METRICS_LISTEN_ADDR` serving `/metrics`, `/healthz` (alive and
-//! the state directory writable) and `/readyz` (the scheduler — later the session — is
-//! running). The metric handles are atomics made for sharing: worker threads update them
+//! the state directory writable) and `/readyz` (200 while the agent takes new runs:
+//! standalone, the scheduler runs and no shutdown has begun; connected, the session is
+//! up; the body adds each health probe's state). The metric handles are atomics made for sharing: worker threads update them
 //! directly; label values come from the configuration only (job and check ids), so the
 //! label space stays bounded.
 
@@ -30,6 +31,10 @@ pub struct Metrics {
     pub backup_duration_seconds: HistogramVec,
     pub backup_size_bytes: HistogramVec,
     pub last_success_timestamp_seconds: GaugeVec,
+    pub last_failure_timestamp_seconds: GaugeVec,
+    /// 1 when the job's last finished run succeeded, 0 when it failed; a cancelled run
+    /// leaves it as it was. Absent for a job that has not finished a run yet.
+    pub last_run_success: GaugeVec,
     pub bytes_uploaded_total: IntCounter,
     pub health_check_up: GaugeVec,
     pub health_check_duration_seconds: HistogramVec,
@@ -81,6 +86,14 @@ impl Metrics {
                 n("last_success_timestamp_seconds", "Unix time of the job's last successful backup"),
                 &["job_id"],
             )?,
+            last_failure_timestamp_seconds: GaugeVec::new(
+                n("last_failure_timestamp_seconds", "Unix time of the job's last failed run"),
+                &["job_id"],
+            )?,
+            last_run_success: GaugeVec::new(
+                n("last_run_success", "1 when the job's last finished run succeeded, 0 when it failed"),
+                &["job_id"],
+            )?,
             bytes_uploaded_total: IntCounter::with_opts(n(
                 "bytes_uploaded_total",
                 "bytes stored by successful runs",
@@ -108,6 +121,8 @@ impl Metrics {
         r.register(Box::new(m.backup_duration_seconds.clone()))?;
         r.register(Box::new(m.backup_size_bytes.clone()))?;
         r.register(Box::new(m.last_success_timestamp_seconds.clone()))?;
+        r.register(Box::new(m.last_failure_timestamp_seconds.clone()))?;
+        r.register(Box::new(m.last_run_success.clone()))?;
         r.register(Box::new(m.bytes_uploaded_total.clone()))?;
         r.register(Box::new(m.health_check_up.clone()))?;
         r.register(Box::new(m.health_check_duration_seconds.clone()))?;
@@ -122,11 +137,44 @@ impl Metrics {
         let _whole = self.whole_runs.lock().unwrap_or_else(|e| e.into_inner());
         self.jobs_total.with_label_values(&[job_id, status]).inc();
         self.backup_duration_seconds.with_label_values(&[job_id]).observe(duration.as_secs_f64());
+        let now = crate::clock::since_epoch().as_secs_f64();
         if let Some(bytes) = stored_bytes {
             self.backup_size_bytes.with_label_values(&[job_id]).observe(bytes as f64);
             self.bytes_uploaded_total.inc_by(bytes);
-            let now = crate::clock::since_epoch().as_secs_f64();
-            self.last_success_timestamp_seconds.with_label_values(&[job_id]).set(now);
+        }
+        match status {
+            "success" => {
+                self.last_success_timestamp_seconds.with_label_values(&[job_id]).set(now);
+                self.last_run_success.with_label_values(&[job_id]).set(1.0);
+            }
+            "failed" => {
+                self.last_failure_timestamp_seconds.with_label_values(&[job_id]).set(now);
+                self.last_run_success.with_label_values(&[job_id]).set(0.0);
+            }
+            _ => {}
+        }
+    }
+
+    /// At start: every configured job's `jobs_total` series exist at 0, so that the first
+    /// failure is a rise `increase()` sees; and what `state.db` remembers of each job
+    /// (last success, last failure, whether the last finished run succeeded) is exported
+    /// again, so that the alerts built on them survive a restart of the agent.
+    pub fn init_jobs<'a>(&self, job_ids: impl IntoIterator<Item = &'a str>, history: &JobHistory) {
+        let _whole = self.whole_runs.lock().unwrap_or_else(|e| e.into_inner());
+        for job_id in job_ids {
+            for status in ["success", "failed", "cancelled"] {
+                self.jobs_total.with_label_values(&[job_id, status]);
+            }
+            let Some(h) = history.get(job_id) else { continue };
+            if let Some(t) = h.last_success {
+                self.last_success_timestamp_seconds.with_label_values(&[job_id]).set(unix(t));
+            }
+            if let Some(t) = h.last_failure {
+                self.last_failure_timestamp_seconds.with_label_values(&[job_id]).set(unix(t));
+            }
+            if let Some(ok) = h.last_run_succeeded {
+                self.last_run_success.with_label_values(&[job_id]).set(if ok { 1.0 } else { 0.0 });
+            }
         }
     }
 
@@ -150,6 +198,13 @@ impl Metrics {
     }
 }
 
+/// Each job's outcomes as `state.db` records them (`StateDb::job_outcomes`).
+pub type JobHistory = std::collections::HashMap<String, crate::state::JobOutcomes>;
+
+fn unix(t: chrono::DateTime<chrono::Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
+}
+
 /// Serves the endpoints on a thread until the process ends. `state_dir` is probed by
 /// `/healthz` (create and remove a file) so a full or read-only volume turns it 503.
 pub fn serve(addr: &str, metrics: Arc<Metrics>, state_dir: PathBuf) -> Result<(), String> {
@@ -165,10 +220,10 @@ pub fn serve(addr: &str, metrics: Arc<Metrics>, state_dir: PathBuf) -> Result<()
                         Ok(()) => (200, "ok\n".to_string(), "text/plain"),
                         Err(e) => (503, format!("state directory not writable: {e}\n"), "text/plain"),
                     },
-                    "/readyz" if metrics.ready.load(Ordering::SeqCst) => {
-                        (200, "ready\n".into(), "text/plain")
+                    "/readyz" => {
+                        let ready = metrics.ready.load(Ordering::SeqCst);
+                        (if ready { 200 } else { 503 }, readyz_body(ready), "text/plain")
                     }
-                    "/readyz" => (503, "not ready\n".into(), "text/plain"),
                     _ => (404, "not found\n".into(), "text/plain"),
                 };
                 let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
@@ -180,6 +235,24 @@ pub fn serve(addr: &str, metrics: Arc<Metrics>, state_dir: PathBuf) -> Result<()
         })
         .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
     Ok(())
+}
+
+/// `ready` or `not ready`, then one line per health check: its state, since when, and
+/// why it is down. The probes never change the status: the agent still takes runs while
+/// a probed service fails.
+fn readyz_body(ready: bool) -> String {
+    let mut body = String::from(if ready { "ready\n" } else { "not ready\n" });
+    for p in crate::health::snapshot() {
+        body.push_str(&format!("health_check {} {}", p.id, p.state));
+        if !p.since.is_empty() {
+            body.push_str(&format!(" since {}", p.since));
+        }
+        if !p.error.is_empty() {
+            body.push_str(&format!(": {}", p.error.replace('\n', " ")));
+        }
+        body.push('\n');
+    }
+    body
 }
 
 fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
@@ -200,4 +273,57 @@ pub fn health_check(addr: &str) -> Result<(), String> {
     let status = resp.status().as_u16();
     let body = resp.body_mut().read_to_string().unwrap_or_default();
     if status == 200 { Ok(()) } else { Err(format!("{url}: HTTP {status}: {}", body.trim())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of `family{job_id=job}`; only for series that exist (asking creates them).
+    fn gauge(family: &GaugeVec, job: &str) -> Option<f64> {
+        family.get_metric_with_label_values(&[job]).ok().map(|g| g.get())
+    }
+
+    #[test]
+    fn a_failure_sets_last_run_success_to_zero_a_success_to_one_and_a_cancel_changes_nothing() {
+        let m = Metrics::new().unwrap();
+        let d = Duration::from_secs(1);
+        m.record_run("j", "failed", d, None);
+        assert_eq!(gauge(&m.last_run_success, "j"), Some(0.0));
+        assert!(gauge(&m.last_failure_timestamp_seconds, "j").is_some_and(|t| t > 0.0));
+        m.record_run("j", "cancelled", d, None);
+        assert_eq!(gauge(&m.last_run_success, "j"), Some(0.0), "a cancel is not a success");
+        m.record_run("j", "success", d, Some(10));
+        assert_eq!(gauge(&m.last_run_success, "j"), Some(1.0));
+        m.record_run("j", "cancelled", d, None);
+        assert_eq!(gauge(&m.last_run_success, "j"), Some(1.0), "a cancel is not a failure");
+    }
+
+    #[test]
+    fn init_jobs_exports_the_history_and_zero_counters() {
+        let m = Metrics::new().unwrap();
+        let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
+        let mut history = JobHistory::new();
+        history.insert(
+            "old".into(),
+            crate::state::JobOutcomes {
+                last_success: Some(t("2026-12-01T03:00:10Z")),
+                last_failure: Some(t("2026-12-02T03:00:05Z")),
+                last_run_succeeded: Some(false),
+                last_run_started: Some(t("2026-12-02T03:00:00Z")),
+            },
+        );
+        m.init_jobs(["old", "new"], &history);
+        assert_eq!(gauge(&m.last_success_timestamp_seconds, "old"), Some(1_796_094_010.0));
+        assert_eq!(gauge(&m.last_failure_timestamp_seconds, "old"), Some(1_796_180_405.0));
+        assert_eq!(gauge(&m.last_run_success, "old"), Some(0.0));
+        let text = m.render();
+        assert!(!text.contains("last_run_success{job_id=\"new\"}"), "{text}");
+        for job in ["old", "new"] {
+            for status in ["success", "failed", "cancelled"] {
+                let line = format!("backupy_agent_jobs_total{{job_id=\"{job}\",status=\"{status}\"}} 0");
+                assert!(text.contains(&line), "{line} missing:\n{text}");
+            }
+        }
+    }
 }

@@ -210,6 +210,7 @@ pub fn execute(
     observer: &dyn Observer,
 ) -> RunOutcome {
     let t0 = Instant::now();
+    let started_at = Utc::now();
     notify::started(&plan.notify);
     let mut result = Ok(());
     if !plan.hooks.pre.is_empty() {
@@ -245,6 +246,7 @@ pub fn execute(
         }
     }
     let elapsed = t0.elapsed();
+    let finished_at = Utc::now();
     let error = outcome.result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
     let (size_bytes, object) = match &outcome.result {
         Ok(s) => (s.stored_bytes, s.location.as_str()),
@@ -261,6 +263,11 @@ pub fn execute(
             duration_seconds: elapsed.as_secs_f64(),
             error: &error,
             object,
+            host: &crate::session::hostname(),
+            agent_version: crate::AGENT_VERSION,
+            started_at: crate::storage::rfc3339(started_at),
+            finished_at: crate::storage::rfc3339(finished_at),
+            health_checks: crate::health::snapshot(),
         },
     );
     RunOutcome { elapsed, ..outcome }

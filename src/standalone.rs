@@ -39,6 +39,7 @@ pub fn schedules(cfg: &Config) -> Result<Vec<JobSchedule>> {
             backoff_seconds: job.retry.backoff_seconds.clone(),
         };
         s.timeout = job.timeout;
+        s.run_on_start = job.run_on_start;
         out.push(s);
     }
     Ok(out)
@@ -67,6 +68,9 @@ pub fn run(config: &Path) -> Result<Summary> {
     let mut options = SchedulerOptions::new(jobs);
     options.max_parallel_jobs = cfg.max_parallel_jobs;
     options.last_success = state.last_successes()?;
+    let history = state.job_outcomes()?;
+    options.last_run =
+        history.iter().filter_map(|(job, h)| Some((job.clone(), h.last_run_started?))).collect();
     if let Some((start, end)) = &cfg.maintenance {
         options.maintenance_window = Some(
             MaintenanceWindow::parse(start, end).map_err(|e| anyhow::anyhow!("maintenance window: {e}"))?,
@@ -75,6 +79,7 @@ pub fn run(config: &Path) -> Result<Summary> {
 
     let metrics = Metrics::new().context("cannot create the metrics registry")?;
     metrics.set_connection_state("standalone");
+    metrics.init_jobs(cfg.jobs.iter().map(|j| j.id.as_str()), &history);
     if let Some(addr) = &crate::env::Env::get().metrics_listen_addr {
         crate::metrics::serve(addr, metrics.clone(), cfg.state_dir.clone())
             .map_err(|e| anyhow::anyhow!(e))?;
@@ -110,12 +115,15 @@ pub fn run(config: &Path) -> Result<Summary> {
     // when an update is pending.
     let reexec = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reexec_requested = reexec.clone();
+    let readiness = metrics.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         let mut first = true;
         for sig in signals.forever() {
             if sig == signal_hook::consts::SIGHUP {
                 reexec_requested.store(true, std::sync::atomic::Ordering::SeqCst);
             }
+            // No new run starts from here on: /readyz says so at once, not after the grace.
+            readiness.ready.store(false, std::sync::atomic::Ordering::SeqCst);
             let grace = if first { grace } else { Duration::ZERO };
             log::info!("signal {sig}: stopping new runs; running backups get {grace:?} to finish");
             if commands.send(SchedulerCommand::Shutdown { grace }).is_err() {
@@ -247,14 +255,7 @@ fn run_once(
     let error = outcome.result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
     runner::record_finish(state, metrics, &outcome, &error);
     match &outcome.result {
-        Ok(stored) => {
-            log::info!(
-                "job {}: run {} stored {} ({} bytes)",
-                job.id,
-                run_id,
-                stored.location,
-                stored.stored_bytes
-            );
+        Ok(_) => {
             // A failure to prune is reported, never fatal to the backup that just succeeded.
             match retention::apply(storage, &job.target, &job.id, job.retention) {
                 Ok(deleted) if !deleted.is_empty() => {
@@ -270,13 +271,8 @@ fn run_once(
             }
             SchedulerOutcome::Success
         }
-        Err(e) if e.is_cancelled() => {
-            log::warn!("job {}: run {} cancelled", job.id, run_id);
-            SchedulerOutcome::Cancelled
-        }
-        Err(e) => {
-            log::error!("{e}");
-            SchedulerOutcome::Failed(e.to_string())
-        }
+        // The scheduler logs the end of the run, once, with its id and attempt.
+        Err(e) if e.is_cancelled() => SchedulerOutcome::Cancelled,
+        Err(e) => SchedulerOutcome::Failed(e.detail().to_string()),
     }
 }

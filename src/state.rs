@@ -217,6 +217,51 @@ impl StateDb {
         Ok(out)
     }
 
+    /// What each job's recorded runs say, for the metrics at start and the catch-up
+    /// rule: when it last succeeded and last failed (the end of those runs), whether the
+    /// later of the two was the success, and when its last run of any status started.
+    pub fn job_outcomes(&self) -> Result<std::collections::HashMap<String, JobOutcomes>, StateError> {
+        let conn = self.conn();
+        let parse = |s: &str| DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc));
+        let mut out: std::collections::HashMap<String, JobOutcomes> = std::collections::HashMap::new();
+        let mut stmt = conn
+            .prepare(
+                "SELECT job_id, status, max(coalesce(finished_at, started_at)) FROM runs
+                 WHERE status IN ('success', 'failed') GROUP BY job_id, status",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (job, status, at) = row.map_err(|e| self.err(e))?;
+            let entry = out.entry(job).or_default();
+            match status.as_str() {
+                "success" => entry.last_success = parse(&at),
+                _ => entry.last_failure = parse(&at),
+            }
+        }
+        let mut stmt = conn
+            .prepare("SELECT job_id, max(started_at) FROM runs GROUP BY job_id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (job, at) = row.map_err(|e| self.err(e))?;
+            out.entry(job).or_default().last_run_started = parse(&at);
+        }
+        for o in out.values_mut() {
+            o.last_run_succeeded = match (o.last_success, o.last_failure) {
+                (Some(s), Some(f)) => Some(s >= f),
+                (Some(_), None) => Some(true),
+                (None, Some(_)) => Some(false),
+                (None, None) => None,
+            };
+        }
+        Ok(out)
+    }
+
     pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>, StateError> {
         self.conn()
             .query_row(
@@ -241,6 +286,18 @@ impl StateDb {
         let rows = stmt.query_map(params![limit as i64], row_to_record).map_err(|e| self.err(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
+}
+
+/// One job's history in `state.db` (see [`StateDb::job_outcomes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobOutcomes {
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_failure: Option<DateTime<Utc>>,
+    /// Whether the later of the last success and the last failure was the success;
+    /// `None` when the job has neither (cancelled runs do not count).
+    pub last_run_succeeded: Option<bool>,
+    /// The start of the job's newest recorded run, whatever its status.
+    pub last_run_started: Option<DateTime<Utc>>,
 }
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
@@ -291,5 +348,10 @@ mod tests {
         let recent = db.recent_runs(10).unwrap();
         assert_eq!(recent.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), ["r2", "r1"]);
         assert_eq!(recent[1].size_bytes, 42);
+        let outcomes = db.job_outcomes().unwrap();
+        let j = &outcomes["j"];
+        assert!(j.last_success.is_some() && j.last_failure > j.last_success, "{j:?}");
+        assert_eq!(j.last_run_succeeded, Some(false), "the interrupted run is the later one");
+        assert_eq!(j.last_run_started.map(|t| t.timestamp()), Some(t0.timestamp() + 5));
     }
 }

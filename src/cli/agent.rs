@@ -22,8 +22,39 @@ use crate::state::StateDb;
 use crate::storage::Manifest;
 use crate::{AGENT_VERSION, runner};
 
+/// `Example…` help text followed by the command's exit codes: `0` and `1` as given, then
+/// the usage error every command shares. A literal, so that clap takes it as it is.
+macro_rules! help {
+    ($example:literal, $ok:literal, $failed:literal) => {
+        concat!(
+            $example,
+            "\n\nExit codes:\n  0  ",
+            $ok,
+            "\n  1  ",
+            $failed,
+            "\n  2  usage error: an unknown, missing or conflicting flag or argument"
+        )
+    };
+    // A one-shot command that handles SIGINT and SIGTERM (`interrupt`): `$stopped` says
+    // what a signal leaves behind.
+    ($example:literal, $ok:literal, $failed:literal, $stopped:literal) => {
+        concat!(
+            help!($example, $ok, $failed),
+            "\n  130  stopped by SIGINT (Ctrl-C): ",
+            $stopped,
+            "\n  143  stopped by SIGTERM: the same"
+        )
+    };
+}
+
 #[derive(Parser)]
-#[command(name = "backupy-agent", version = AGENT_VERSION, about = "Database backup agent: dump, compress, encrypt and store in constant memory")]
+#[command(
+    name = "backupy-agent",
+    version = AGENT_VERSION,
+    about = "Database backup agent: dump, compress, encrypt and store in constant memory",
+    after_help = "Exit codes: 0 ok, 1 failure (one `error:` line on stderr), 2 usage error; \
+        each command's --help says what they mean for it."
+)]
 struct Cli {
     /// Without a command: `run`.
     #[command(subcommand)]
@@ -35,15 +66,24 @@ enum Command {
     /// Run until SIGTERM/SIGINT: standalone with `--config` (the jobs on their cron
     /// schedules; running backups get `shutdown_grace_sec` to finish), connected to a
     /// control plane when BACKUPY_SERVER_URL is set (the default command).
-    #[command(after_help = "Examples:\n  backupy-agent run --config /etc/backupy/backupy.toml\n  \
-        BACKUPY_SERVER_URL=https://backupy.example.com BACKUPY_AGENT_KEY_FILE=/etc/backupy/agent.key backupy-agent run")]
+    #[command(after_help = help!(
+        "Examples:\n  backupy-agent run --config /etc/backupy/backupy.toml\n  \
+        BACKUPY_SERVER_URL=https://backupy.example.com BACKUPY_AGENT_KEY_FILE=/etc/backupy/agent.key backupy-agent run",
+        "stopped after SIGTERM or SIGINT, once every run finished or was cancelled (SIGHUP re-executes an installed update instead of exiting)",
+        "could not start: the configuration or an environment setting was refused, another agent holds the state directory, no job has a cron schedule, the metrics address is taken"
+    ))]
     Run {
+        /// The standalone TOML configuration; without it, connected mode (BACKUPY_SERVER_URL).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Print what the state database holds (config version, session, outbox depth, runs)
     /// as JSON; works while `run` is running. Secrets are masked unless --allow-secrets.
-    #[command(after_help = "Example:\n  BACKUPY_STATE_DIR=/var/lib/backupy backupy-agent dump-state")]
+    #[command(after_help = help!(
+        "Example:\n  BACKUPY_STATE_DIR=/var/lib/backupy backupy-agent dump-state",
+        "printed",
+        "no state database in the directory, it cannot be read, or the agent key cannot be read"
+    ))]
     DumpState {
         /// Show secret references and values from the stored config.
         #[arg(long)]
@@ -54,13 +94,23 @@ enum Command {
     },
     /// Validate a configuration and print each job's target, storage and next three fire
     /// times (UTC). Exit 0 when valid, 1 when refused.
-    #[command(after_help = "Example:\n  backupy-agent check-config /etc/backupy/backupy.toml")]
+    #[command(after_help = help!(
+        "Example:\n  backupy-agent check-config /etc/backupy/backupy.toml",
+        "the configuration is valid",
+        "the configuration is refused (the error names the file, line and reason)"
+    ))]
     CheckConfig {
+        /// The standalone TOML configuration to check.
         #[arg(value_name = "FILE")]
         config: PathBuf,
     },
     /// Run a job now (or every job in turn) from a standalone config.
-    #[command(after_help = "Example:\n  backupy-agent backup --config backupy.toml --job app-nightly")]
+    #[command(after_help = help!(
+        "Example:\n  backupy-agent backup --config backupy.toml --job app-nightly",
+        "every run succeeded",
+        "a run failed (each failure is one `error:` line; the other jobs still ran), or the configuration or --job was refused",
+        "the run was cancelled and recorded as such in state.db, its dump child or exec killed, the unfinished object removed or the upload aborted; no further job started (a second signal exits at once, cleanup takes at most 10 s)"
+    ))]
     Backup {
         /// The standalone TOML configuration.
         #[arg(long, value_name = "FILE")]
@@ -71,15 +121,25 @@ enum Command {
     },
     /// Create an X25519 key pair: the private key goes to a 0600 file, the public key
     /// (the `recipient` of [encryption]) is printed as the only line on stdout.
-    #[command(after_help = "Example:\n  backupy-agent keygen --out /secure/backupy.key > backupy.pub")]
+    #[command(after_help = help!(
+        "Example:\n  backupy-agent keygen --out /secure/backupy.key > backupy.pub",
+        "the key pair was written; the public key is on stdout",
+        "the file exists already (never overwritten) or cannot be written"
+    ))]
     Keygen {
         /// Where to write the private key (refuses to overwrite).
         #[arg(long, value_name = "PATH", default_value = "./backupy.key")]
         out: PathBuf,
     },
     /// List the backups in storage, from their manifests (works on a fresh host).
-    #[command(after_help = "Example:\n  backupy-agent list --config backupy.toml --job app-nightly --json")]
+    #[command(after_help = help!(
+        "Example:\n  backupy-agent list --config backupy.toml --job app-nightly --json",
+        "listed (an empty list included)",
+        "the configuration is refused or the storage cannot be listed",
+        "nothing to clean up"
+    ))]
     List {
+        /// The standalone TOML configuration (its storage is listed).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Only this job's backups.
@@ -91,9 +151,12 @@ enum Command {
     },
     /// Download a backup, check its size and SHA-256 against its manifest, decrypt it
     /// and check the dump's magic. Exit 1 on any mismatch.
-    #[command(
-        after_help = "Example:\n  backupy-agent verify --config backupy.toml --backup latest --job app-nightly"
-    )]
+    #[command(after_help = help!(
+        "Example:\n  backupy-agent verify --config backupy.toml --backup latest --job app-nightly",
+        "the backup is intact: size, SHA-256, every chunk and the dump's magic check out",
+        "any mismatch, a backup that cannot be found, read or decrypted, or a refused configuration",
+        "nothing to clean up: verify only reads"
+    ))]
     Verify {
         #[command(flatten)]
         stored: StoredBackup,
@@ -101,10 +164,12 @@ enum Command {
     /// Restore a backup: SQLite to a file, Redis to a data directory or a server, the
     /// other engines into a server (password from the URL or BACKUPY_RESTORE_PASSWORD,
     /// which takes env:/file: references).
-    #[command(
-        after_help = "Examples:\n  backupy-agent restore --config backupy.toml --backup latest --job app-nightly --to ./restored.db\n  \
-        BACKUPY_RESTORE_PASSWORD=env:PGPASS backupy-agent restore --config backupy.toml --backup 3f2c… --to postgres://postgres@127.0.0.1/app_restored"
-    )]
+    #[command(after_help = help!(
+        "Examples:\n  backupy-agent restore --config backupy.toml --backup latest --job app-nightly --to ./restored.db\n  \
+        BACKUPY_RESTORE_PASSWORD=env:PGPASS backupy-agent restore --config backupy.toml --backup 3f2c… --to postgres://postgres@127.0.0.1/app_restored",
+        "restored",
+        "the restore failed or was refused (an existing destination without --force, a backup that does not verify, a refused configuration)"
+    ))]
     Restore {
         #[command(flatten)]
         stored: StoredBackup,
@@ -117,14 +182,18 @@ enum Command {
     },
     /// Ask the running agent's /healthz (on BACKUPY_METRICS_LISTEN_ADDR); exit 0 when
     /// healthy, 1 otherwise. For Docker's HEALTHCHECK.
-    #[command(
-        after_help = "Example:\n  BACKUPY_METRICS_LISTEN_ADDR=127.0.0.1:9090 backupy-agent health-check"
-    )]
+    #[command(after_help = help!(
+        "Example:\n  BACKUPY_METRICS_LISTEN_ADDR=127.0.0.1:9090 backupy-agent health-check",
+        "healthy: /healthz answered 200",
+        "unhealthy: /healthz answered otherwise, did not answer within 5 s, or BACKUPY_METRICS_LISTEN_ADDR is empty"
+    ))]
     HealthCheck,
     /// Print the database containers Docker discovery finds (BACKUPY_DOCKER_SOCKET).
-    #[command(
-        after_help = "Examples:\n  backupy-agent discover\n  backupy-agent discover --toml >> backupy.toml"
-    )]
+    #[command(after_help = help!(
+        "Examples:\n  backupy-agent discover\n  backupy-agent discover --toml >> backupy.toml",
+        "printed (no container found included)",
+        "the Docker socket did not answer, or the scan failed"
+    ))]
     Discover {
         /// Print the report as JSON.
         #[arg(long, conflicts_with = "toml")]
@@ -138,9 +207,11 @@ enum Command {
     /// `run` on the same state directory re-executes into it and must prove itself
     /// within 60 s (standalone: its scheduler starts; connected: RegisterAck arrives),
     /// else the previous binary comes back.
-    #[command(
-        after_help = "Example:\n  backupy-agent self-update --url https://example.com/backupy-agent-0.2.0 \\\n    --sha256 9f86d0…0f00a08 --signature backupy-agent-0.2.0.sig --config /etc/backupy/backupy.toml"
-    )]
+    #[command(after_help = help!(
+        "Example:\n  backupy-agent self-update --url https://example.com/backupy-agent-0.2.0 \\\n    --sha256 9f86d0…0f00a08 --signature backupy-agent-0.2.0.sig --config /etc/backupy/backupy.toml",
+        "installed (and the running agent asked to re-execute into it)",
+        "refused or failed: download, SHA-256, signature or version check; nothing was installed"
+    ))]
     SelfUpdate {
         /// Where to download the new binary (https://; http:// only with BACKUPY_DEV_ALLOW_INSECURE=true).
         #[arg(long)]
@@ -154,7 +225,8 @@ enum Command {
         /// Install even a downgrade or the running version.
         #[arg(long)]
         force: bool,
-        /// Standalone config whose state_dir to use (default BACKUPY_STATE_DIR, else /var/lib/backupy).
+        /// The standalone TOML configuration whose state_dir to use (default
+        /// BACKUPY_STATE_DIR, else /var/lib/backupy).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -167,8 +239,10 @@ enum Command {
         pid: i32,
     },
     /// Print the version.
-    #[command(after_help = "Example:\n  backupy-agent version --json")]
+    #[command(after_help = "Example:\n  backupy-agent version --json\n\nExit codes:\n  0  printed\n  \
+        2  usage error: an unknown, missing or conflicting flag or argument")]
     Version {
+        /// Print the version, build and engine capabilities as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -177,6 +251,7 @@ enum Command {
 /// Which stored backup `verify` and `restore` work on, and the key that opens it.
 #[derive(clap::Args, Debug)]
 pub struct StoredBackup {
+    /// The standalone TOML configuration (storage, and the key to use).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
     /// A backup ID (the run id from `list`), or `latest`.
@@ -191,7 +266,7 @@ pub struct StoredBackup {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = super::parse_args("backupy-agent");
     super::init_logging("info");
     match dispatch(cli.command.unwrap_or(Command::Run { config: None })) {
         Ok(code) => code,
@@ -367,9 +442,9 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
                 Some(signal) if e.is_cancelled() => {
                     // The stages stopped the dump child or exec and removed the unfinished
                     // object (or aborted the upload) before the run returned.
-                    eprintln!(
-                        "backupy-agent: {}: job {}: run {run_id} cancelled and recorded; the dump was stopped and \
-                         its unfinished object removed",
+                    log::warn!(
+                        "{}: job {}: run {run_id} cancelled and recorded; the dump was stopped and its \
+                         unfinished object removed",
                         interrupt::signal_name(signal),
                         job.id
                     );
@@ -377,13 +452,13 @@ fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
                 }
                 _ => {
                     failed += 1;
-                    eprintln!("backupy-agent: error: {}", crate::secrets::redact(&e.to_string()));
+                    super::error_line("backupy-agent", &e.to_string());
                 }
             },
         }
         if let Some(signal) = interrupt.signal() {
             // The signal came after the run had finished: start no further job.
-            eprintln!("backupy-agent: {}: no further job started", interrupt::signal_name(signal));
+            log::warn!("{}: no further job started", interrupt::signal_name(signal));
             return Ok(ExitCode::from(interrupt::exit_status(signal)));
         }
     }

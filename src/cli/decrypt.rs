@@ -27,7 +27,14 @@ use crate::verify::{self, HashingReader};
         A decryption token's signature cannot be checked offline (the verification key stays on the \
         server): its claims (issuer, audience, expiry, key) are checked, its signature is not.",
     after_help = "Examples:\n  backupy-decrypt --in app.sqlite.zst.bkpy --out app.sqlite --identity backupy.key\n  \
-        backupy-decrypt --in - --out dump.pgdump --token-file token.jwt < object.bkpy",
+        backupy-decrypt --in - --out dump.pgdump --token-file token.jwt < object.bkpy\n\n\
+        Exit codes:\n  \
+        0  decrypted (and the SHA-256 matched when one was expected)\n  \
+        1  refused or failed: a wrong or expired key or token, a tampered or truncated object, a SHA-256 \
+        mismatch (the output is removed), an existing --out without --force\n  \
+        2  usage error: an unknown, missing or conflicting flag or argument\n  \
+        130  stopped by SIGINT (Ctrl-C): the temporary output is removed, --out is never left half-written\n  \
+        143  stopped by SIGTERM: the same",
     group(ArgGroup::new("key").required(true).args(["token", "token_file", "identity", "key_file"]))
 )]
 struct Cli {
@@ -67,7 +74,7 @@ struct Cli {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = super::parse_args("backupy-decrypt");
     super::init_logging("warn");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -132,10 +139,15 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Some(_) => {}
-        None if format == Format::V1 && !cli.quiet => eprintln!(
-            "backupy-decrypt: warning: format v1 cannot detect dropped or reordered frames; pass --sha256 to \
-             verify the whole object"
-        ),
+        None if format == Format::V1 && !cli.quiet => {
+            let warning = "warning: format v1 cannot detect dropped or reordered frames; pass --sha256 to \
+                           verify the whole object";
+            if crate::env::Env::get().log_json {
+                eprintln!("{}", super::stderr_line(log::Level::Warn, "backupy-decrypt", warning, true));
+            } else {
+                eprintln!("backupy-decrypt: {warning}");
+            }
+        }
         None => {}
     }
     out.finish()

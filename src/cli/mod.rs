@@ -1,5 +1,10 @@
 //! Command lines of the two binaries. Both share the exit codes of the spec: 0 ok,
 //! 2 usage errors (clap's own), 1 every other failure, reported as one `error:` line.
+//!
+//! Everything either binary writes on stderr goes through [`stderr_line`]: with
+//! `BACKUPY_LOG_FORMAT=json` every line is one JSON object (log records, the final
+//! `error:`, clap's usage errors, a panic), and a message with line breaks in it (a
+//! hook's output) stays inside its one line and its one field.
 
 pub mod agent;
 pub mod decrypt;
@@ -24,19 +29,8 @@ pub fn init_logging(default_level: &str) {
     // Every line passes the redaction layer, whichever module wrote it.
     builder.format(move |buf, record| {
         use std::io::Write as _;
-        let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let message = crate::secrets::redact(&record.args().to_string());
-        if json {
-            let line = serde_json::json!({
-                "ts": ts,
-                "level": record.level().as_str(),
-                "module": record.target(),
-                "message": message,
-            });
-            writeln!(buf, "{line}")
-        } else {
-            writeln!(buf, "[{ts} {:<5} {}] {message}", record.level(), record.target())
-        }
+        let message = record.args().to_string();
+        writeln!(buf, "{}", stderr_line(record.level(), record.target(), &message, json))
     });
     let simple = crate::logfwd::parse_level(&level);
     match simple {
@@ -48,6 +42,62 @@ pub fn init_logging(default_level: &str) {
     let _ = log::set_boxed_logger(Box::new(AgentLogger { inner, per_module: simple.is_none() }));
     // set_boxed_logger leaves the max level alone: publish ours again.
     crate::logfwd::set_local_level(crate::logfwd::local_level());
+    if json {
+        // A panic's report is a stderr line too.
+        std::panic::set_hook(Box::new(|info| {
+            let thread = std::thread::current();
+            let message = format!("thread '{}' panicked: {info}", thread.name().unwrap_or("?"));
+            eprintln!("{}", stderr_line(log::Level::Error, "panic", &message, true));
+        }));
+    }
+}
+
+/// One line for stderr, without its newline, redacted: a JSON object (`ts`, `level`,
+/// `module`, `message`) when `json`, else `[ts LEVEL module] message`. Line breaks in
+/// the message never start a new line: JSON escapes them, and text shows them as `\n`,
+/// so a hook's multi-line output cannot split a record or pass for a record of its own.
+pub fn stderr_line(level: log::Level, module: &str, message: &str, json: bool) -> String {
+    let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let message = crate::secrets::redact(message);
+    if json {
+        serde_json::json!({
+            "ts": ts,
+            "level": level.as_str(),
+            "module": module,
+            "message": message.trim_end(),
+        })
+        .to_string()
+    } else {
+        format!("[{ts} {level:<5} {module}] {}", one_line(message.trim_end()))
+    }
+}
+
+/// `text` with CR and LF shown as `\r` and `\n`.
+fn one_line(text: &str) -> String {
+    text.replace('\r', "\\r").replace('\n', "\\n")
+}
+
+/// The last words of a failed command, `program: error: …` in text: one line either way.
+pub fn error_line(program: &str, message: &str) {
+    if crate::env::Env::get().log_json {
+        eprintln!("{}", stderr_line(log::Level::Error, program, &format!("error: {message}"), true));
+    } else {
+        eprintln!("{program}: error: {}", one_line(crate::secrets::redact(message).trim_end()));
+    }
+}
+
+/// Parses the command line. Help and `--version` print as clap prints them (stdout); a
+/// usage error exits 2 as clap's would, as one JSON line when the logs are JSON.
+pub fn parse_args<P: clap::Parser>(program: &str) -> P {
+    match P::try_parse() {
+        Ok(p) => p,
+        Err(e) if !e.use_stderr() || !crate::env::Env::get().log_json => e.exit(),
+        Err(e) => {
+            let rendered = e.render().to_string();
+            eprintln!("{}", stderr_line(log::Level::Error, program, rendered.trim(), true));
+            std::process::exit(e.exit_code());
+        }
+    }
 }
 
 /// The process logger: capped noisy modules, the run-time level of [`crate::logfwd`], the
@@ -103,7 +153,7 @@ pub fn report(program: &str, err: &anyhow::Error) -> ExitCode {
             msg.push_str(&c);
         }
     }
-    eprintln!("{program}: error: {}", crate::secrets::redact(&msg));
+    error_line(program, &msg);
     ExitCode::from(1)
 }
 

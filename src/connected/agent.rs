@@ -208,6 +208,8 @@ impl Agent {
             grace.as_secs_f64()
         );
         self.stopping = true;
+        // /readyz turns 503 now, not when the grace is over.
+        self.parts.metrics.ready.store(false, Ordering::SeqCst);
         if self.parts.scheduler.send(SchedulerCommand::Shutdown { grace }).is_err() {
             log::error!("the scheduler has stopped: {} run(s) cannot report", self.runs.len());
             self.runs.clear();
@@ -253,7 +255,7 @@ impl Agent {
                     self.log_event(pb::LogLevel::Info, &outcome.to_string());
                 }
                 self.parts.metrics.set_connection_state("connected");
-                self.parts.metrics.ready.store(true, Ordering::SeqCst);
+                self.parts.metrics.ready.store(!self.stopping, Ordering::SeqCst);
                 if let Err(e) = self.parts.store.record_connected(&self.parts.endpoint, &session_id) {
                     log::warn!("{e}");
                 }

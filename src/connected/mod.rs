@@ -91,6 +91,11 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
     let store = Store::open(&settings.state_dir, cipher)?;
     let metrics = Metrics::new().context("cannot create the metrics registry")?;
     metrics.set_connection_state("disconnected");
+    // The jobs the control plane ran here before: their last outcomes survive a restart.
+    match state.job_outcomes() {
+        Ok(history) => metrics.init_jobs(history.keys().map(String::as_str), &history),
+        Err(e) => log::warn!("{e}"),
+    }
     if let Some(addr) = &settings.metrics_addr {
         crate::metrics::serve(addr, metrics.clone(), settings.state_dir.clone())
             .map_err(|e| anyhow::anyhow!(e))?;

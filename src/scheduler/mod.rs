@@ -29,8 +29,11 @@
 //!   timed from the failure. A cron fire or a manual run of the job replaces a pending
 //!   retry. A retry or a catch-up run that comes due inside the maintenance window
 //!   waits for the window's end ([`SchedulerEvent::RunDeferred`]).
-//! - At start, a job that has no recorded success, or whose cron fired at least once
-//!   between its last success and now, runs once (not once per missed fire).
+//! - At start, a job whose cron fired at least once between its last recorded success
+//!   (or, when it never succeeded, its last recorded run) and now runs once (not once per
+//!   missed fire). A job with no run on record waits for its first fire time: catch-up
+//!   is for runs missed, and a job never seen before missed none. A job with
+//!   `run_on_start` runs once at every start, whatever its history.
 //! - A job's timeout counts from the moment a worker takes the run. When it elapses the
 //!   scheduler sets the run's [`Cancel`]; the run then counts as failed ("timed out").
 //! - [`SchedulerCommand::Submit`] queues a run from outside the cron schedule (connected
@@ -103,12 +106,20 @@ pub struct JobSchedule {
     pub retry: RetryPolicy,
     /// The whole run, counted from the moment a worker takes it; `None`: no limit.
     pub timeout: Option<Duration>,
+    /// Run once as soon as the scheduler starts, besides the cron fires.
+    pub run_on_start: bool,
 }
 
 impl JobSchedule {
-    /// No retry, no timeout.
+    /// No retry, no timeout, no run at start.
     pub fn new(job_id: impl Into<String>, cron: CronSchedule) -> JobSchedule {
-        JobSchedule { job_id: job_id.into(), cron, retry: RetryPolicy::default(), timeout: None }
+        JobSchedule {
+            job_id: job_id.into(),
+            cron,
+            retry: RetryPolicy::default(),
+            timeout: None,
+            run_on_start: false,
+        }
     }
 }
 
@@ -292,6 +303,9 @@ pub struct SchedulerOptions {
     pub maintenance_window: Option<MaintenanceWindow>,
     /// Each job's last successful run, from the state database; a job missing here has none.
     pub last_success: HashMap<String, DateTime<Utc>>,
+    /// The start of each job's last recorded run of any status; a job missing here and
+    /// in `last_success` has no history, and waits for its first fire.
+    pub last_run: HashMap<String, DateTime<Utc>>,
     pub clock: Arc<dyn Clock>,
     pub events: Option<Sender<SchedulerEvent>>,
 }
@@ -304,6 +318,7 @@ impl SchedulerOptions {
             max_parallel_jobs: DEFAULT_MAX_PARALLEL_JOBS,
             maintenance_window: None,
             last_success: HashMap::new(),
+            last_run: HashMap::new(),
             clock: Arc::new(SystemClock),
             events: None,
         }
@@ -411,8 +426,15 @@ impl Scheduler {
     where
         F: Fn(RunRequest, Cancel) -> RunOutcome + Send + Sync + 'static,
     {
-        let SchedulerOptions { jobs, max_parallel_jobs, maintenance_window, last_success, clock, events } =
-            options;
+        let SchedulerOptions {
+            jobs,
+            max_parallel_jobs,
+            maintenance_window,
+            last_success,
+            last_run,
+            clock,
+            events,
+        } = options;
         let mut index = HashMap::new();
         for (i, job) in jobs.iter().enumerate() {
             if index.insert(job.job_id.clone(), i).is_some() {
@@ -426,8 +448,8 @@ impl Scheduler {
         let jobs = jobs
             .into_iter()
             .map(|spec| {
-                let last = last_success.get(&spec.job_id).copied();
-                JobState::new(spec, now, last)
+                let reference = last_success.get(&spec.job_id).or(last_run.get(&spec.job_id)).copied();
+                JobState::new(spec, now, reference)
             })
             .collect();
         let scheduler = Scheduler {
@@ -778,16 +800,22 @@ impl Scheduler {
 }
 
 impl JobState {
-    fn new(spec: JobSchedule, now: DateTime<Utc>, last_success: Option<DateTime<Utc>>) -> JobState {
-        let missed = match last_success {
+    /// `reference`: the job's last recorded success, else its last recorded run; `None`
+    /// when the state database knows nothing of it.
+    fn new(spec: JobSchedule, now: DateTime<Utc>, reference: Option<DateTime<Utc>>) -> JobState {
+        let next_fire = spec.cron.next_after(now);
+        let missed = match reference {
             None => {
-                log::info!("job {}: no successful run on record; running it once now", spec.job_id);
-                true
+                if !spec.run_on_start {
+                    let first = next_fire.map_or_else(|| "never".to_string(), |t| t.to_string());
+                    log::info!("job {}: no run on record; its first run is due at {first}", spec.job_id);
+                }
+                false
             }
             Some(last) => match spec.cron.next_after(last) {
                 Some(fire) if fire <= now => {
                     log::info!(
-                        "job {}: last success {last}, missed the run due at {fire}; running it once now",
+                        "job {}: missed the run due at {fire} (last on record: {last}); running it once now",
                         spec.job_id
                     );
                     true
@@ -795,9 +823,12 @@ impl JobState {
                 _ => false,
             },
         };
+        if spec.run_on_start && !missed {
+            log::info!("job {}: run_on_start: running it once now", spec.job_id);
+        }
         JobState {
-            next_fire: spec.cron.next_after(now),
-            pending: missed.then_some(Pending { at: now, attempt: 1 }),
+            next_fire,
+            pending: (missed || spec.run_on_start).then_some(Pending { at: now, attempt: 1 }),
             busy: false,
             spec,
         }

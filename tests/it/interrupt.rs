@@ -66,16 +66,13 @@ impl LockedPg {
     fn new() -> LockedPg {
         let pg = db::pg();
         let name = db::unique("sig");
-        let admin = Self::connect(&pg, "postgres");
-        let mut admin = admin;
+        let mut admin = Self::connect(&pg, "postgres");
         admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).unwrap();
+        // The table is committed first: created in the locking transaction, it would be
+        // invisible to pg_dump, which would then dump an empty database at once.
+        Self::connect(&pg, &name).batch_execute("CREATE TABLE t(x int); INSERT INTO t VALUES (1);").unwrap();
         let mut locker = Self::connect(&pg, &name);
-        locker
-            .batch_execute(
-                "CREATE TABLE t(x int); INSERT INTO t VALUES (1);
-                 BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE;",
-            )
-            .unwrap();
+        locker.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE;").unwrap();
         LockedPg { name, pg, locker }
     }
 
@@ -117,10 +114,10 @@ impl Drop for LockedPg {
 /// `backup --config` with the agent's stderr in `dir/agent.log`.
 fn spawn_backup(config: &Path, log: &Path, envs: &[(&str, &str)]) -> Child {
     let mut c = agent();
-    c.args(["backup", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
+    // stdout (the result lines) goes to the log too: a run that finished despite the
+    // signal shows there.
+    let file = std::fs::File::create(log).unwrap();
+    c.args(["backup", "--config"]).arg(config).stdout(file.try_clone().unwrap()).stderr(file);
     for (k, v) in envs {
         c.env(k, v);
     }
@@ -347,5 +344,31 @@ fn decrypt_stopped_by_sigint_or_sigterm_leaves_no_partial_output() {
         assert_eq!(status.code(), Some(128 + signal), "log:\n{text}");
         assert_eq!(files_under(out_dir.path()), ["decrypt.log"], "no output, partial or whole; log:\n{text}");
         drop(stdin);
+    }
+}
+
+#[test]
+fn help_of_each_interruptible_command_lists_130_and_143() {
+    let help = |mut c: std::process::Command, args: &[&str]| {
+        let out = run({
+            c.args(args);
+            c
+        });
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let mut helps: Vec<(String, String)> = ["backup", "list", "verify"]
+        .iter()
+        .map(|cmd| (cmd.to_string(), help(agent(), &[cmd, "--help"])))
+        .collect();
+    helps.push(("backupy-decrypt".into(), help(decrypt(), &["--help"])));
+    for (cmd, h) in helps {
+        let codes = h.split_once("Exit codes:").unwrap_or_else(|| panic!("{cmd}: no exit codes:\n{h}")).1;
+        for code in ["130", "143"] {
+            assert!(
+                codes.lines().any(|l| l.trim_start().starts_with(&format!("{code} "))),
+                "{cmd}: exit code {code} is not listed:\n{h}"
+            );
+        }
     }
 }

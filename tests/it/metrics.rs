@@ -102,9 +102,10 @@ encryption = "none"
     let successes =
         value(&scrape, "backupy_agent_jobs_total", &[("job_id", "good"), ("status", "success")]).unwrap();
     for status in ["failed", "cancelled"] {
+        // Every job's series exist from the start, at 0 (issue 17).
         assert_eq!(
             value(&scrape, "backupy_agent_jobs_total", &[("job_id", "good"), ("status", status)]),
-            None,
+            Some(0.0),
             "a run of `good` ended {status}; agent log:\n{}",
             log_tail(&log)
         );
@@ -115,7 +116,10 @@ encryption = "none"
         Some(1.0)
     );
     assert_eq!(value(&scrape, "backupy_agent_connection_state", &[("state", "standalone")]), Some(1.0));
-    assert_eq!(value(&scrape, "backupy_agent_jobs_total", &[("job_id", "bad"), ("status", "success")]), None);
+    assert_eq!(
+        value(&scrape, "backupy_agent_jobs_total", &[("job_id", "bad"), ("status", "success")]),
+        Some(0.0)
+    );
     let last = value(&scrape, "backupy_agent_last_success_timestamp_seconds", &[("job_id", "good")]).unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     assert!(now - last < 30.0 && last <= now + 1.0, "last success {last}, now {now}");

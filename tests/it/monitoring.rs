@@ -74,3 +74,41 @@ fn rules_and_dashboard_use_only_exported_metrics() {
         assert!(unknown.is_empty(), "{file} uses metrics the agent does not export: {unknown:?}");
     }
 }
+
+/// Every rule of alerts.yml has, in alerts_test.yml, an evaluation where it fires and one
+/// where it does not (issue 17: firing and resolving, for each rule). The unit tests
+/// themselves run in the test above.
+#[test]
+fn every_alert_rule_is_unit_tested_firing_and_not_firing() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/monitoring");
+    let rules = std::fs::read_to_string(format!("{dir}/alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(format!("{dir}/alerts_test.yml")).unwrap();
+    let alerts: Vec<&str> =
+        rules.lines().filter_map(|l| l.trim().strip_prefix("- alert:")).map(str::trim).collect();
+    assert!(alerts.len() >= 5, "{alerts:?}");
+    // (alertname, fires?) of each `alertname:` block: `exp_alerts: []` is "does not fire".
+    let mut seen = std::collections::BTreeSet::new();
+    let mut current: Option<&str> = None;
+    for line in tests.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("alertname:") {
+            current = Some(name.trim());
+        } else if let (Some(name), Some(rest)) = (current, line.strip_prefix("exp_alerts:")) {
+            seen.insert((name.to_string(), rest.trim() != "[]"));
+            current = None;
+        }
+    }
+    for alert in &alerts {
+        for fires in [true, false] {
+            assert!(
+                seen.contains(&(alert.to_string(), fires)),
+                "alerts_test.yml has no evaluation where {alert} {}",
+                if fires { "fires" } else { "does not fire" }
+            );
+        }
+    }
+    for required in
+        ["BackupyHealthCheckDown", "BackupyLastRunFailed", "BackupyBackupTooOld", "BackupyAgentDown"]
+    {
+        assert!(alerts.contains(&required), "alerts.yml has no {required}");
+    }
+}

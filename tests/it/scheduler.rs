@@ -395,7 +395,9 @@ fn a_retry_due_inside_the_maintenance_window_waits_for_its_end() {
 #[test]
 fn a_catch_up_run_due_inside_the_maintenance_window_waits_for_its_end() {
     let clock = Arc::new(ManualClock::new(t("2028-01-03T23:00:00Z")));
-    let mut opts = options(vec![JobSchedule::new("db", cron("0 12 * * *"))], &[]);
+    // The 01-03 12:00 run was missed while the agent was down.
+    let mut opts =
+        options(vec![JobSchedule::new("db", cron("0 12 * * *"))], &[("db", "2028-01-02T12:00:00Z")]);
     opts.maintenance_window = Some(MaintenanceWindow::parse("22:00", "02:00").unwrap());
     let h = Harness::start(clock, opts, |_, _| RunOutcome::Success);
 
@@ -482,12 +484,54 @@ fn a_recent_success_means_no_catch_up() {
 }
 
 #[test]
-fn a_job_with_no_recorded_success_runs_once_at_start() {
+fn a_job_with_no_history_waits_for_its_first_fire_time() {
+    // Issue 17: on first start, a nightly job must not run at 04:00 because it has no
+    // record; it runs at its first fire, 03:00 the next day.
     let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
     let jobs = vec![JobSchedule::new("new", cron("0 3 * * *"))];
     let h = Harness::start(clock, options(jobs, &[]), |_, _| RunOutcome::Success);
 
-    assert_eq!(h.started().scheduled_for, t("2028-01-03T04:00:00Z"));
+    h.asleep_until("2028-01-04T03:00:00Z");
+    h.set("2028-01-04T03:00:00Z");
+    assert_eq!(h.started().scheduled_for, t("2028-01-04T03:00:00Z"));
+    h.finished();
+    assert_eq!(h.shutdown(Duration::ZERO).started, 1);
+}
+
+#[test]
+fn run_on_start_runs_a_job_at_every_start_whatever_its_history() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
+    let mut fresh = JobSchedule::new("fresh", cron("0 3 * * *"));
+    fresh.run_on_start = true;
+    let mut recent = JobSchedule::new("recent", cron("0 3 * * *"));
+    recent.run_on_start = true;
+    let opts = options(vec![fresh, recent], &[("recent", "2028-01-03T03:00:05Z")]);
+    let h = Harness::start(clock, opts, |_, _| RunOutcome::Success);
+
+    let mut started: Vec<String> = (0..2).map(|_| h.started()).map(|r| r.job_id).collect();
+    started.sort();
+    assert_eq!(started, ["fresh", "recent"]);
+    h.finished();
+    h.finished();
+    h.asleep_until("2028-01-04T03:00:00Z");
+    assert_eq!(h.shutdown(Duration::ZERO).started, 2);
+}
+
+#[test]
+fn a_job_that_never_succeeded_catches_up_from_its_last_recorded_run() {
+    let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
+    let jobs = vec![
+        JobSchedule::new("missed", cron("0 3 * * *")),
+        JobSchedule::new("failed-today", cron("0 3 * * *")),
+    ];
+    let mut opts = options(jobs, &[]);
+    // missed last ran (and failed) the day before yesterday; failed-today at today's 03:00.
+    opts.last_run.insert("missed".into(), t("2028-01-01T03:00:00Z"));
+    opts.last_run.insert("failed-today".into(), t("2028-01-03T03:00:00Z"));
+    let h = Harness::start(clock, opts, |_, _| RunOutcome::Success);
+
+    let run = h.started();
+    assert_eq!((run.job_id.as_str(), run.scheduled_for), ("missed", t("2028-01-03T04:00:00Z")));
     h.finished();
     h.asleep_until("2028-01-04T03:00:00Z");
     assert_eq!(h.shutdown(Duration::ZERO).started, 1);
@@ -498,7 +542,8 @@ fn at_most_max_parallel_jobs_run_at_once() {
     let clock = Arc::new(ManualClock::new(t("2028-01-03T04:00:00Z")));
     let (runs, run) = Runs::new(&["a", "b", "c"], clock.clone());
     let jobs = ["a", "b", "c"].iter().map(|id| JobSchedule::new(*id, cron("0 3 * * *"))).collect();
-    let mut opts = options(jobs, &[]);
+    let long_ago = "2028-01-01T03:00:00Z";
+    let mut opts = options(jobs, &[("a", long_ago), ("b", long_ago), ("c", long_ago)]);
     opts.max_parallel_jobs = 2;
     let h = Harness::start(clock, opts, run);
 
@@ -548,7 +593,8 @@ fn shutdown_lets_a_short_run_finish_and_cancels_a_long_one_after_the_grace() {
     let (runs, run) = Runs::new(&["short", "long"], clock.clone());
     let jobs =
         vec![JobSchedule::new("short", cron("0 3 * * *")), JobSchedule::new("long", cron("0 3 * * *"))];
-    let h = Harness::start(clock, options(jobs, &[]), run);
+    let long_ago = "2028-01-01T03:00:00Z";
+    let h = Harness::start(clock, options(jobs, &[("short", long_ago), ("long", long_ago)]), run);
     h.started();
     h.started();
 
