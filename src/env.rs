@@ -53,6 +53,9 @@ pub struct Env {
     pub disable_discovery: bool,
     /// `BACKUPY_SECRETS_DIR`: where a bare secret name is looked up.
     pub secrets_dir: Option<PathBuf>,
+    /// `BACKUPY_PUSHED_SECRET_ENV`: the variables a pushed `env:` reference may read
+    /// (comma-separated; never a `BACKUPY_*` one, see `secrets::resolve_pushed`).
+    pub pushed_secret_env: Vec<String>,
     /// `BACKUPY_RESTORE_PASSWORD`: a secret reference for `restore --to`.
     pub restore_password: Option<String>,
     /// `BACKUPY_TOOL_PATH`: the only place dump and restore tools are looked for.
@@ -122,6 +125,9 @@ impl Env {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DOCKER_SOCKET)),
             disable_discovery: flag("BACKUPY_DISABLE_DISCOVERY"),
             secrets_dir: os("BACKUPY_SECRETS_DIR").map(PathBuf::from),
+            pushed_secret_env: text("BACKUPY_PUSHED_SECRET_ENV")
+                .map(|v| v.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect())
+                .unwrap_or_default(),
             restore_password: text("BACKUPY_RESTORE_PASSWORD"),
             tool_path: os("BACKUPY_TOOL_PATH"),
             shutdown_grace,
@@ -144,6 +150,18 @@ impl Env {
     pub fn resolve_secret(&self, reference: &str) -> Result<Secret, SecretError> {
         let default = PathBuf::from(secrets::DEFAULT_SECRETS_DIR);
         secrets::resolve_in(reference, self.secrets_dir.as_ref().unwrap_or(&default))
+    }
+
+    /// Resolves a secret reference from a config the control plane pushed, under the
+    /// narrower rules of `secrets::resolve_pushed` (`BACKUPY_PUSHED_SECRET_ENV`,
+    /// `BACKUPY_SECRETS_DIR`).
+    pub fn resolve_pushed_secret(&self, reference: &str) -> Result<Secret, SecretError> {
+        let default = PathBuf::from(secrets::DEFAULT_SECRETS_DIR);
+        secrets::resolve_pushed(
+            reference,
+            self.secrets_dir.as_ref().unwrap_or(&default),
+            &self.pushed_secret_env,
+        )
     }
 
     /// The password of `restore --to` from `BACKUPY_RESTORE_PASSWORD`, resolved; `None`

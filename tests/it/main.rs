@@ -39,4 +39,5 @@ mod secrets_in_logs;
 mod selfupdate;
 mod session;
 mod standalone;
+mod trust_pushed_secrets;
 mod wire_protocol;
