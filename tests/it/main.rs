@@ -40,4 +40,5 @@ mod selfupdate;
 mod session;
 mod standalone;
 mod trust_pushed_secrets;
+mod trust_storage;
 mod wire_protocol;
