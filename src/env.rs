@@ -184,6 +184,32 @@ impl Env {
     }
 }
 
+/// Why a URL the control plane handed over is refused (see [`check_handed_url`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlRefusal {
+    #[error(
+        "plain-http URL refused (https is required; set BACKUPY_DEV_ALLOW_INSECURE=true for development)"
+    )]
+    Insecure,
+    #[error("unsupported URL scheme {0:?} (https is required)")]
+    Scheme(String),
+    #[error("not a URL: {0}")]
+    Invalid(String),
+}
+
+/// The one scheme rule for every URL the agent is handed (an S3 endpoint of the
+/// multipart extension, a presigned PUT, a self-update download): `https`, or `http`
+/// only with `BACKUPY_DEV_ALLOW_INSECURE=true` (`allow_insecure`).
+pub fn check_handed_url(url: &str, allow_insecure: bool) -> Result<url::Url, UrlRefusal> {
+    let parsed = url::Url::parse(url).map_err(|e| UrlRefusal::Invalid(e.to_string()))?;
+    match parsed.scheme() {
+        "https" => Ok(parsed),
+        "http" if allow_insecure => Ok(parsed),
+        "http" => Err(UrlRefusal::Insecure),
+        other => Err(UrlRefusal::Scheme(other.to_string())),
+    }
+}
+
 /// The one truthiness rule of the agent's flags.
 pub fn is_true(value: &str) -> bool {
     matches!(value.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
@@ -223,6 +249,22 @@ mod tests {
         assert_eq!((e.ca_file, e.agent_key.is_none()), (None, true));
         assert_eq!(env(&[("BACKUPY_STATE_DIR", "/srv/b")]).state_dir(), PathBuf::from("/srv/b"));
         assert_eq!(env(&[]).docker_socket, PathBuf::from(DEFAULT_DOCKER_SOCKET));
+    }
+
+    #[test]
+    fn one_scheme_rule_for_handed_urls() {
+        assert!(check_handed_url("https://s3.example/b/k?X-Amz-Signature=s", false).is_ok());
+        assert_eq!(check_handed_url("http://s3.example/b/k", false).unwrap_err(), UrlRefusal::Insecure);
+        assert!(check_handed_url("http://s3.example/b/k", true).is_ok());
+        assert!(matches!(check_handed_url("ftp://h/x", true), Err(UrlRefusal::Scheme(_))));
+        assert!(matches!(check_handed_url("not a url", true), Err(UrlRefusal::Invalid(_))));
+        assert!(UrlRefusal::Insecure.to_string().contains("BACKUPY_DEV_ALLOW_INSECURE=true"));
+    }
+
+    #[test]
+    fn pushed_secret_env_is_a_trimmed_comma_separated_list() {
+        assert_eq!(env(&[("BACKUPY_PUSHED_SECRET_ENV", " A, B ,,C ")]).pushed_secret_env, ["A", "B", "C"]);
+        assert!(env(&[]).pushed_secret_env.is_empty());
     }
 
     #[test]

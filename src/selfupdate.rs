@@ -308,13 +308,14 @@ fn parse_sha256(s: &str) -> Result<[u8; 32], UpdateError> {
         .ok_or_else(|| UpdateError::BadRequest(format!("sha256 {s:?} is not 64 hex digits")))
 }
 
+/// The scheme rule every URL handed to the agent follows (`env::check_handed_url`).
 fn check_url(url: &str, allow_insecure: bool) -> Result<(), UpdateError> {
-    let parsed = url::Url::parse(url).map_err(|e| UpdateError::BadRequest(format!("bad URL: {e}")))?;
-    match parsed.scheme() {
-        "https" => Ok(()),
-        "http" if allow_insecure => Ok(()),
-        "http" => Err(UpdateError::Insecure { url: crate::secrets::redact_url(url) }),
-        other => Err(UpdateError::BadRequest(format!("unsupported URL scheme {other:?}"))),
+    use crate::env::UrlRefusal;
+    match crate::env::check_handed_url(url, allow_insecure) {
+        Ok(_) => Ok(()),
+        Err(UrlRefusal::Insecure) => Err(UpdateError::Insecure { url: crate::secrets::redact_url(url) }),
+        Err(UrlRefusal::Invalid(e)) => Err(UpdateError::BadRequest(format!("bad URL: {e}"))),
+        Err(e @ UrlRefusal::Scheme(_)) => Err(UpdateError::BadRequest(e.to_string())),
     }
 }
 

@@ -98,18 +98,8 @@ impl S3Target {
     /// (`BACKUPY_DEV_ALLOW_INSECURE=true`).
     pub fn from_wire(m: &crate::wire::pb::S3MultipartTarget, allow_insecure: bool) -> Result<Self, S3Error> {
         let invalid = |message: String| S3Error::Invalid { op: "setup".into(), key: m.key.clone(), message };
-        let endpoint: url::Url =
-            m.endpoint.parse().map_err(|e| invalid(format!("invalid endpoint {:?}: {e}", m.endpoint)))?;
-        match endpoint.scheme() {
-            "https" => {}
-            "http" if allow_insecure => {}
-            "http" => {
-                return Err(invalid(
-                    "plain-http S3 endpoint refused (set BACKUPY_DEV_ALLOW_INSECURE=true)".into(),
-                ));
-            }
-            other => return Err(invalid(format!("unsupported endpoint scheme {other:?}"))),
-        }
+        let endpoint = crate::env::check_handed_url(&m.endpoint, allow_insecure)
+            .map_err(|e| invalid(format!("S3 endpoint {}: {e}", crate::secrets::redact_url(&m.endpoint))))?;
         if m.bucket.len() < 3
             || m.key.is_empty()
             || m.access_key_id.is_empty()
@@ -925,10 +915,20 @@ pub struct PresignedPut {
 pub const MAX_SINGLE_PUT: u64 = 5 << 30;
 
 impl PresignedPut {
-    /// Refuses an expired URL before anything is dumped.
-    pub fn new(url: &str, key: &str, expires_at_ms: u64, spool_dir: &Path) -> Result<Self, S3Error> {
+    /// Refuses an expired URL, and one that breaks the scheme rule of
+    /// [`crate::env::check_handed_url`] (`allow_insecure`: `BACKUPY_DEV_ALLOW_INSECURE`),
+    /// before anything is dumped.
+    pub fn new(
+        url: &str,
+        key: &str,
+        expires_at_ms: u64,
+        spool_dir: &Path,
+        allow_insecure: bool,
+    ) -> Result<Self, S3Error> {
         let invalid =
             |m: String| S3Error::Invalid { op: "PutObject (presigned)".into(), key: key.into(), message: m };
+        crate::env::check_handed_url(url, allow_insecure)
+            .map_err(|e| invalid(format!("presigned URL {}: {e}", crate::secrets::redact_url(url))))?;
         if expires_at_ms != 0 && crate::clock::now_ms() >= expires_at_ms {
             return Err(invalid("the presigned URL has expired; ask the control plane for a new run".into()));
         }
@@ -1101,7 +1101,8 @@ mod tests {
     fn presigned_put_refuses_more_than_5_gib_before_writing_it() {
         let dir = tempfile::tempdir().unwrap();
         let mut w =
-            PresignedPut::new("https://s3.example.com/b/k?X-Amz-Signature=s", "k", 0, dir.path()).unwrap();
+            PresignedPut::new("https://s3.example.com/b/k?X-Amz-Signature=s", "k", 0, dir.path(), false)
+                .unwrap();
         w.size = MAX_SINGLE_PUT - 2;
         w.write_all(b"ab").unwrap();
         let err = w.write_all(b"c").unwrap_err().to_string();

@@ -39,6 +39,7 @@ mod secrets_in_logs;
 mod selfupdate;
 mod session;
 mod standalone;
+mod trust_connected;
 mod trust_pushed_secrets;
 mod trust_storage;
 mod wire_protocol;
