@@ -1,6 +1,7 @@
 //! Issue 16, defects 2 and 12, against the test control plane: one scheme rule for every
 //! URL the control plane hands over (a presigned PUT over plain http is refused without
-//! BACKUPY_DEV_ALLOW_INSECURE, as the multipart endpoint already was).
+//! BACKUPY_DEV_ALLOW_INSECURE, as the multipart endpoint already was), and every
+//! heartbeat carries the config version applied when it is sent.
 
 use std::process::Command;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use crate::connected::{
 };
 use crate::trust_pushed_secrets::StandIn;
 use backupy_agent::wire::pb;
+use backupy_agent::wire::pb::envelope::Payload;
 
 /// A CA and a 127.0.0.1 leaf (P-256, PKCS#8 key) made by openssl in `dir`.
 fn make_pki(dir: &std::path::Path) {
@@ -100,4 +102,37 @@ fn a_plain_http_presigned_put_is_refused_without_the_dev_flag() {
         "bytes went out over plain http: {} connection(s)",
         sink.connections().len()
     );
+}
+
+#[test]
+fn the_first_heartbeat_after_register_ack_reports_the_config_it_carried() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hb.db");
+    sqlite_db(&db, 1, 1);
+    let cp = ControlPlane::plain();
+    {
+        let mut s = cp.state();
+        s.ack_config = Some(config(1, vec![sqlite_target("t", &db)], vec![job("j", "t")]));
+        s.heartbeat_interval_sec = 1;
+    }
+    let agent = spawn_agent(&cp, &dir.path().join("state"), &[]);
+    let heartbeats = |s: &crate::common::control_plane::Shared, conn: usize| -> Vec<u64> {
+        s.conns
+            .get(conn)
+            .map(|c| {
+                c.payloads()
+                    .into_iter()
+                    .filter_map(|p| match p {
+                        Payload::Heartbeat(h) => Some(h.config_version),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_for(&cp, &agent, "two heartbeats", Duration::from_secs(20), |s| heartbeats(s, 0).len() >= 2);
+    let register = cp.state().register(0);
+    assert_eq!(register.last_known_config_version, 0, "a fresh agent starts from no config");
+    let seen = heartbeats(&cp.state(), 0);
+    assert!(seen.iter().all(|v| *v == 1), "every heartbeat after a RegisterAck with version 1: {seen:?}");
 }
