@@ -179,7 +179,7 @@ impl Outbox {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        std::fs::create_dir_all(state_dir).map_err(|e| db_err(state_dir, &e))?;
+        crate::state::create_state_dir(state_dir).map_err(|e| db_err(state_dir, &e))?;
         let path = crate::state::db_path(state_dir);
         let conn = crate::state::open_connection(state_dir).map_err(|e| db_err(&path, &e))?;
         conn.execute_batch(

@@ -82,7 +82,7 @@ pub fn run() -> Result<()> {
 
 /// Connected mode with `stop` as the signal source (a message = SIGTERM).
 pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
-    std::fs::create_dir_all(&settings.state_dir)
+    crate::state::create_state_dir(&settings.state_dir)
         .with_context(|| format!("cannot create the state directory {}", settings.state_dir.display()))?;
     let state = Arc::new(StateDb::open(&settings.state_dir)?);
     let cipher = StateCipher::from_agent_key(&settings.agent_key);

@@ -1,13 +1,21 @@
 //! Local directory storage: every file is written under a temporary name in its final
 //! directory, fsynced, renamed into place and the directory fsynced, so a crash leaves
 //! either the whole object or nothing under the final name.
+//!
+//! Every object and manifest gets mode [`OBJECT_MODE`] (0640: the owner writes, a backup
+//! operators' group may read, others nothing), set explicitly so the umask neither widens
+//! nor narrows it (docs/security.md "File modes").
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{ObjectWriter, StoredObject};
+
+/// The mode of every stored object and manifest.
+pub const OBJECT_MODE: u32 = 0o640;
 
 #[derive(Debug, Clone)]
 pub struct DirStorage {
@@ -111,10 +119,14 @@ impl DirObjectWriter {
         })?;
         let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp_path = dir.join(format!(".{name}.partial"));
-        let file =
-            OpenOptions::new().write(true).create(true).truncate(true).open(&temp_path).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot create {}: {e}", temp_path.display()))
-            })?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(OBJECT_MODE)
+            .open(&temp_path)
+            .and_then(|f| f.set_permissions(fs::Permissions::from_mode(OBJECT_MODE)).map(|_| f))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", temp_path.display())))?;
         Ok(Self { key, final_path, temp_path, file: Some(file), size: 0 })
     }
 }

@@ -40,6 +40,7 @@ mod selfupdate;
 mod session;
 mod standalone;
 mod trust_connected;
+mod trust_files;
 mod trust_pushed_secrets;
 mod trust_storage;
 mod wire_protocol;
