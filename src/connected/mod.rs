@@ -90,6 +90,7 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
         Arc::new(Outbox::open(&settings.state_dir, settings.outbox_limits)?.sealed_with(cipher.clone()));
     let store = Store::open(&settings.state_dir, cipher)?;
     let metrics = Metrics::new().context("cannot create the metrics registry")?;
+    outbox.report_undecryptable_to(metrics.outbox_undecryptable_entries.clone());
     metrics.set_connection_state("disconnected");
     if let Some(addr) = &settings.metrics_addr {
         crate::metrics::serve(addr, metrics.clone(), settings.state_dir.clone())

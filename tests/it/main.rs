@@ -41,6 +41,7 @@ mod session;
 mod standalone;
 mod trust_connected;
 mod trust_files;
+mod trust_outbox;
 mod trust_pushed_secrets;
 mod trust_storage;
 mod wire_protocol;
