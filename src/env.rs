@@ -39,6 +39,9 @@ pub struct Env {
     pub server_pin_sha256: Option<String>,
     /// `BACKUPY_ALLOW_HOOKS`: run hooks a control plane pushes.
     pub allow_hooks: bool,
+    /// `BACKUPY_ALLOW_DOWNGRADE`: a forced SelfUpdate from the control plane may install
+    /// an older version.
+    pub allow_downgrade: bool,
     /// `BACKUPY_DEV_ALLOW_INSECURE`: plain `ws://` and `http://` for development.
     pub dev_allow_insecure: bool,
     /// `BACKUPY_METRICS_LISTEN_ADDR`: `None` when set to empty (no endpoint).
@@ -114,6 +117,7 @@ impl Env {
             server_pin_sha256: text("BACKUPY_SERVER_PIN_SHA256"),
             allow_hooks: flag("BACKUPY_ALLOW_HOOKS"),
             dev_allow_insecure: flag("BACKUPY_DEV_ALLOW_INSECURE"),
+            allow_downgrade: flag("BACKUPY_ALLOW_DOWNGRADE"),
             metrics_listen_addr: match lookup("BACKUPY_METRICS_LISTEN_ADDR") {
                 None => Some(DEFAULT_METRICS_ADDR.to_string()),
                 Some(_) => text("BACKUPY_METRICS_LISTEN_ADDR"),

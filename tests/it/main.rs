@@ -44,4 +44,5 @@ mod trust_files;
 mod trust_outbox;
 mod trust_pushed_secrets;
 mod trust_storage;
+mod trust_update;
 mod wire_protocol;
