@@ -175,6 +175,9 @@ pub struct Config {
     pub maintenance: Option<(String, String)>,
     pub health_checks: Vec<HealthCheck>,
     pub shutdown_grace: std::time::Duration,
+    /// What is allowed but unwise, each with file:line; logged as warnings at load (so
+    /// `check-config` shows them too).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -350,6 +353,7 @@ impl Config {
             }
         }
 
+        let mut warnings = Vec::new();
         let mut jobs = Vec::new();
         let mut seen = HashSet::new();
         for j in &raw.jobs {
@@ -405,6 +409,13 @@ impl Config {
                         format!("job {id:?}: format v1 cannot seal to a recipient; use v2 or a key_file"),
                     ));
                 }
+            }
+            if !plaintext
+                && format.unwrap_or(encryption.format) == FormatChoice::V1
+                && let Some(w) = v1_compression_warning(&id, compression)
+            {
+                let line = rj.compression.as_ref().map_or(j.span(), |c| c.span());
+                warnings.push(format!("{}:{}: {w}", path.display(), line_of(line)));
             }
             if let Some(c) = &rj.cron {
                 crate::scheduler::CronSchedule::parse(c.get_ref()).map_err(|why| {
@@ -478,6 +489,12 @@ impl Config {
             maintenance,
             health_checks,
             shutdown_grace: std::time::Duration::from_secs(raw.shutdown_grace_sec.unwrap_or(60)),
+            warnings: {
+                for w in &warnings {
+                    log::warn!("{w}");
+                }
+                warnings
+            },
         })
     }
 
@@ -854,6 +871,21 @@ fn parse_notify(rj: &RawJob, id: &str, fail: &Fail) -> Result<crate::notify::Not
         webhook_url: url(&rj.webhook_url, "webhook_url")?,
         webhook_always,
     })
+}
+
+/// The warning for a v1 job whose compression the original Go `backupy-decrypt` cannot
+/// undo: it always zstd-decodes a v1 object, so gzip or no compression makes it hang
+/// (issue 16). Allowed, since this agent's own `backupy-decrypt` opens it.
+pub fn v1_compression_warning(job: &str, compression: Compression) -> Option<String> {
+    match compression {
+        Compression::Zstd { .. } => None,
+        other => Some(format!(
+            "job {job:?}: format v1 with compression {:?}: the original Go backupy-decrypt always \
+             zstd-decodes v1 objects and cannot open (hangs on) this one; only this agent's \
+             backupy-decrypt can. Use compression = \"zstd\" or format = \"v2\"",
+            other.name()
+        )),
+    }
 }
 
 fn parse_format(f: &Spanned<String>) -> Result<FormatChoice, String> {

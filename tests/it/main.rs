@@ -39,6 +39,7 @@ mod secrets_in_logs;
 mod selfupdate;
 mod session;
 mod standalone;
+mod trust_config;
 mod trust_connected;
 mod trust_files;
 mod trust_outbox;
