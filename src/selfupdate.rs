@@ -417,8 +417,9 @@ fn download(url: &str, part: &Path, settings: &Settings) -> Result<[u8; 32], Upd
         if got > settings.max_bytes {
             return Err(UpdateError::TooLarge { limit: settings.max_bytes });
         }
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(io(format!("cannot write {}", part.display())))?;
+        let chunk = buf.get(..n).unwrap_or_default();
+        hasher.update(chunk);
+        file.write_all(chunk).map_err(io(format!("cannot write {}", part.display())))?;
     }
     if let Some(expected) = expected_len.filter(|e| got < *e) {
         return Err(UpdateError::Truncated { got, expected });

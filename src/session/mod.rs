@@ -225,7 +225,7 @@ pub fn hostname() -> String {
     if rc == 0 {
         let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
         if end > 0 {
-            return String::from_utf8_lossy(&buf[..end]).into_owned();
+            return String::from_utf8_lossy(buf.get(..end).unwrap_or_default()).into_owned();
         }
     }
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()

@@ -710,11 +710,7 @@ impl S3ObjectWriter {
         loop {
             let msg = if block { up.done.recv().ok() } else { up.done.try_recv().ok() };
             let Some(done) = msg else { return Ok(()) };
-            let idx = done.number as usize - 1;
-            if up.etags.len() <= idx {
-                up.etags.resize(idx + 1, None);
-            }
-            up.etags[idx] = Some(done.result?);
+            record_etag(&mut up.etags, done.number, done.result?);
         }
     }
 
@@ -733,7 +729,8 @@ impl S3ObjectWriter {
         let data = std::mem::take(&mut self.buf);
         let number = self.next_part;
         self.next_part += 1;
-        let up = self.upload.as_mut().expect("upload started above");
+        let key = self.key.clone();
+        let up = self.upload.as_mut().ok_or_else(|| no_upload("UploadPart", key))?;
         let Some(tx) = up.jobs.as_ref() else {
             return Err(S3Error::Invalid {
                 op: "UploadPart".into(),
@@ -776,7 +773,8 @@ impl S3ObjectWriter {
             self.send_part()?;
         }
         let parts = self.next_part - 1;
-        let up = self.upload.as_mut().expect("multipart upload in progress");
+        let key = self.key.clone();
+        let up = self.upload.as_mut().ok_or_else(|| no_upload("UploadPart", key.clone()))?;
         drop(up.jobs.take());
         // Wait for every part's result, but not past a cancel: a stuck request must not
         // hold a cancelled run hostage.
@@ -790,11 +788,7 @@ impl S3ObjectWriter {
             }
             match up.done.recv_timeout(Duration::from_millis(100)) {
                 Ok(done) => {
-                    let idx = done.number as usize - 1;
-                    if up.etags.len() <= idx {
-                        up.etags.resize(idx + 1, None);
-                    }
-                    up.etags[idx] = Some(done.result?);
+                    record_etag(&mut up.etags, done.number, done.result?);
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
@@ -803,7 +797,7 @@ impl S3ObjectWriter {
         for w in up.workers.drain(..) {
             let _ = w.join();
         }
-        let up = self.upload.as_ref().expect("multipart upload in progress");
+        let up = self.upload.as_ref().ok_or_else(|| no_upload("CompleteMultipartUpload", key))?;
         let etags: Option<Vec<String>> =
             (0..parts as usize).map(|i| up.etags.get(i).cloned().flatten()).collect();
         let etags = etags.ok_or_else(|| S3Error::Invalid {
@@ -840,7 +834,7 @@ impl Write for S3ObjectWriter {
             self.buf.reserve_exact(part_size.min(data.len().max(64 << 10)));
         }
         let take = (part_size - self.buf.len()).min(data.len());
-        self.buf.extend_from_slice(&data[..take]);
+        self.buf.extend_from_slice(data.get(..take).unwrap_or(data));
         self.total += take as u64;
         if self.total > MAX_OBJECT_SIZE {
             return Err(S3Error::Invalid {
@@ -896,6 +890,22 @@ impl Drop for S3ObjectWriter {
             self.abort_upload();
         }
     }
+}
+
+/// Stores part `number`'s (1-based) ETag, growing the list as parts finish out of order.
+fn record_etag(etags: &mut Vec<Option<String>>, number: u32, etag: String) {
+    let Some(idx) = (number as usize).checked_sub(1) else { return };
+    if etags.len() <= idx {
+        etags.resize(idx + 1, None);
+    }
+    if let Some(slot) = etags.get_mut(idx) {
+        *slot = Some(etag);
+    }
+}
+
+/// An internal-state error: a multipart step ran without an upload in progress.
+fn no_upload(op: &str, key: String) -> S3Error {
+    S3Error::Invalid { op: op.into(), key, message: "internal error: no multipart upload in progress".into() }
 }
 
 /// The control plane's presigned single PUT: S3 needs Content-Length, so the ciphertext

@@ -42,6 +42,7 @@ mod standalone;
 mod trust_config;
 mod trust_connected;
 mod trust_files;
+mod trust_lints;
 mod trust_outbox;
 mod trust_pushed_secrets;
 mod trust_storage;
