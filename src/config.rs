@@ -78,6 +78,8 @@ struct RawRetry {
 #[serde(deny_unknown_fields)]
 struct RawStorage {
     dir: Option<Spanned<String>>,
+    /// Octal mode of stored objects and manifests in a storage directory ("0640").
+    file_mode: Option<Spanned<String>>,
     s3: Option<Spanned<RawS3>>,
 }
 
@@ -175,6 +177,9 @@ pub struct Config {
     pub maintenance: Option<(String, String)>,
     pub health_checks: Vec<HealthCheck>,
     pub shutdown_grace: std::time::Duration,
+    /// The mode of objects and manifests in a storage directory (`[storage] file_mode`,
+    /// default [`crate::storage::dir::OBJECT_MODE`], 0640).
+    pub storage_file_mode: u32,
     /// What is allowed but unwise, each with file:line; logged as warnings at load (so
     /// `check-config` shows them too).
     pub warnings: Vec<String>,
@@ -281,6 +286,10 @@ impl Config {
             .storage
             .as_ref()
             .ok_or_else(|| fail(None, "missing [storage] section (e.g. dir = \"./backups\")".into()))?;
+        let storage_file_mode = match &storage.get_ref().file_mode {
+            Some(m) => parse_file_mode(m.get_ref()).map_err(|e| fail(Some(m.span()), e))?,
+            None => crate::storage::dir::OBJECT_MODE,
+        };
         let storage = match (&storage.get_ref().dir, &storage.get_ref().s3) {
             (Some(d), None) if !d.get_ref().is_empty() => StorageConfig::Dir(resolve(d.get_ref())),
             (None, Some(s3)) => StorageConfig::S3(Box::new(parse_s3(s3, &resolve, &fail)?)),
@@ -489,6 +498,7 @@ impl Config {
             maintenance,
             health_checks,
             shutdown_grace: std::time::Duration::from_secs(raw.shutdown_grace_sec.unwrap_or(60)),
+            storage_file_mode,
             warnings: {
                 for w in &warnings {
                     log::warn!("{w}");
@@ -502,7 +512,9 @@ impl Config {
     pub fn open_storage(&self) -> Result<crate::storage::Storage, String> {
         use crate::storage::{DirStorage, S3Storage, Storage};
         match &self.storage {
-            StorageConfig::Dir(d) => DirStorage::open(d).map(Storage::Dir).map_err(|e| e.to_string()),
+            StorageConfig::Dir(d) => DirStorage::open(d)
+                .map(|d| Storage::Dir(d.with_file_mode(self.storage_file_mode)))
+                .map_err(|e| e.to_string()),
             StorageConfig::S3(t) => S3Storage::new((**t).clone(), Some(&self.state_dir))
                 .map(Storage::S3)
                 .map_err(|e| e.to_string()),
@@ -886,6 +898,18 @@ pub fn v1_compression_warning(job: &str, compression: Compression) -> Option<Str
             other.name()
         )),
     }
+}
+
+/// `[storage] file_mode`: octal, at most 0777, and the owner must read and write.
+fn parse_file_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim(), 8)
+        .map_err(|_| format!("[storage] file_mode {s:?} is not an octal mode such as \"0640\""))?;
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "[storage] file_mode {s:?} must be at most 0777 and let the owner read and write (e.g. \"0640\" or \"0600\")"
+        ));
+    }
+    Ok(mode)
 }
 
 fn parse_format(f: &Spanned<String>) -> Result<FormatChoice, String> {

@@ -3,8 +3,9 @@
 //! either the whole object or nothing under the final name.
 //!
 //! Every object and manifest gets mode [`OBJECT_MODE`] (0640: the owner writes, a backup
-//! operators' group may read, others nothing), set explicitly so the umask neither widens
-//! nor narrows it (docs/security.md "File modes").
+//! operators' group may read, others nothing) unless the config's `[storage] file_mode`
+//! says otherwise, set explicitly so the umask neither widens nor narrows it
+//! (docs/security.md).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -20,6 +21,7 @@ pub const OBJECT_MODE: u32 = 0o640;
 #[derive(Debug, Clone)]
 pub struct DirStorage {
     root: PathBuf,
+    file_mode: u32,
 }
 
 impl DirStorage {
@@ -37,7 +39,13 @@ impl DirStorage {
         File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| {
             io::Error::new(e.kind(), format!("storage directory {} is not writable: {e}", root.display()))
         })?;
-        Ok(Self { root })
+        Ok(Self { root, file_mode: OBJECT_MODE })
+    }
+
+    /// Stores objects and manifests with `mode` instead of [`OBJECT_MODE`].
+    pub fn with_file_mode(mut self, mode: u32) -> Self {
+        self.file_mode = mode;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -50,7 +58,7 @@ impl DirStorage {
 
     /// Starts writing the object `key`; it appears only on commit.
     pub fn create(&self, key: &str) -> io::Result<DirObjectWriter> {
-        DirObjectWriter::create(self.path_of(key), key.to_string())
+        DirObjectWriter::create(self.path_of(key), key.to_string(), self.file_mode)
     }
 
     /// Writes a small file (a manifest) atomically.
@@ -112,7 +120,7 @@ pub struct DirObjectWriter {
 }
 
 impl DirObjectWriter {
-    fn create(final_path: PathBuf, key: String) -> io::Result<Self> {
+    fn create(final_path: PathBuf, key: String, mode: u32) -> io::Result<Self> {
         let dir = final_path.parent().unwrap_or(Path::new(".")).to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot create directory {}: {e}", dir.display()))
@@ -123,9 +131,9 @@ impl DirObjectWriter {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(OBJECT_MODE)
+            .mode(mode)
             .open(&temp_path)
-            .and_then(|f| f.set_permissions(fs::Permissions::from_mode(OBJECT_MODE)).map(|_| f))
+            .and_then(|f| f.set_permissions(fs::Permissions::from_mode(mode)).map(|_| f))
             .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", temp_path.display())))?;
         Ok(Self { key, final_path, temp_path, file: Some(file), size: 0 })
     }

@@ -63,3 +63,44 @@ fn stored_objects_and_manifests_are_0640_whatever_the_umask() {
         assert_eq!(mode(&dir.path().join(manifest_key(key))), 0o640, "manifest, umask {umask:o}");
     }
 }
+
+#[test]
+fn storage_file_mode_in_the_config_sets_the_mode_of_what_backup_stores() {
+    // SAFETY: as above.
+    unsafe { libc::umask(0o022) };
+    let dir = tempfile::tempdir().unwrap();
+    rusqlite::Connection::open(dir.path().join("app.db"))
+        .unwrap()
+        .execute_batch("CREATE TABLE t(x);")
+        .unwrap();
+    let write = |mode: &str| {
+        std::fs::write(
+            dir.path().join("backupy.toml"),
+            format!(
+                "state_dir = \"./state\"\n[storage]\ndir = \"./backups\"\nfile_mode = \"{mode}\"\n\
+                 [[targets]]\nid = \"app\"\ntype = \"sqlite\"\npath = \"app.db\"\n\
+                 [[jobs]]\nid = \"j\"\ntarget = \"app\"\nencryption = \"none\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    let backup = || {
+        let mut c = crate::common::agent();
+        c.args(["backup", "--config"]).arg(dir.path().join("backupy.toml"));
+        crate::common::run(c)
+    };
+    write("0600");
+    let out = backup();
+    assert!(out.status.success(), "{}", crate::common::text(&out.stderr));
+    let stored = crate::common::files_under(&dir.path().join("backups"));
+    assert_eq!(stored.len(), 2, "an object and its manifest: {stored:?}");
+    for f in &stored {
+        assert_eq!(mode(&dir.path().join("backups").join(f)), 0o600, "{f}");
+    }
+    // A mode that would lock the agent out of its own files is refused, with file:line.
+    write("0440");
+    let out = backup();
+    let err = crate::common::text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("backupy.toml:4") && err.contains("file_mode"), "{err}");
+}
