@@ -21,7 +21,8 @@ ARG GIT_COMMIT=
 ENV BACKUPY_GIT_COMMIT=${GIT_COMMIT}
 WORKDIR /src
 COPY . .
-RUN RELEASE_TARGETS=x86_64-unknown-linux-musl RELEASE_OUT=/out scripts/release.sh \
+# An image is updated by pulling a new one: its binary has no self-update (no update key).
+RUN BACKUPY_RELEASE_NO_SELF_UPDATE=1 RELEASE_TARGETS=x86_64-unknown-linux-musl RELEASE_OUT=/out scripts/release.sh \
     && cp /out/x86_64-unknown-linux-musl/backupy-agent /backupy-agent \
     && dist/docker/rootfs.sh /rootfs
 

@@ -4,9 +4,16 @@
 # aarch64. Prints each binary's size against the 20 MB budget and what dominates it, and
 # writes dist/release/SHA256SUMS.
 #
-#   scripts/release.sh                       # → dist/release/<target>/backupy-agent, …
-#   BACKUPY_UPDATE_PUBKEY="$(cat key.pub.pem)" scripts/release.sh   # trust another update key
+#   BACKUPY_UPDATE_PUBKEY="$(cat key.pub.pem)" scripts/release.sh
+#                          # → dist/release/<target>/backupy-agent, …, trusting that key
+#                          # (PEM of the P-256 public half of the release signing key)
+#   BACKUPY_RELEASE_NO_SELF_UPDATE=1 scripts/release.sh
+#                          # a build with self-update switched off (container images:
+#                          # they are updated by pulling a new image)
 #   RELEASE_TARGETS=x86_64-unknown-linux-musl scripts/release.sh     # only these targets
+#
+# It refuses to build with neither: the update key is the one thing that decides which
+# binaries an agent will install, so it is never a default (issue 16, docs/security.md).
 #
 # Needs: rustup target add x86_64-unknown-linux-musl; Debian musl-tools (musl-gcc, for
 # the C parts: SQLite, zstd). On this 2-core machine the x86_64 build takes ~7 min.
@@ -18,6 +25,18 @@ out=${RELEASE_OUT:-dist/release}
 targets=${RELEASE_TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl"}
 
 die() { echo "release: $*" >&2; exit 1; }
+
+if [[ -n ${BACKUPY_UPDATE_PUBKEY:-} ]]; then
+    grep -q -- '-----BEGIN PUBLIC KEY-----' <<<"$BACKUPY_UPDATE_PUBKEY" \
+        || die "BACKUPY_UPDATE_PUBKEY does not hold a PEM public key (-----BEGIN PUBLIC KEY-----)"
+    echo "release: self-update trusts the update key in BACKUPY_UPDATE_PUBKEY" >&2
+elif [[ ${BACKUPY_RELEASE_NO_SELF_UPDATE:-} == 1 ]]; then
+    unset BACKUPY_UPDATE_PUBKEY
+    echo "release: building without an update key: self-update is unavailable in this build" >&2
+else
+    die "no update key: set BACKUPY_UPDATE_PUBKEY to the PEM public key that signs releases, or \
+BACKUPY_RELEASE_NO_SELF_UPDATE=1 for a build without self-update (see docs/security.md)"
+fi
 
 have_target() { rustup target list --installed 2>/dev/null | grep -qx "$1"; }
 

@@ -78,6 +78,8 @@ struct RawRetry {
 #[serde(deny_unknown_fields)]
 struct RawStorage {
     dir: Option<Spanned<String>>,
+    /// Octal mode of stored objects and manifests in a storage directory ("0640").
+    file_mode: Option<Spanned<String>>,
     s3: Option<Spanned<RawS3>>,
 }
 
@@ -178,6 +180,12 @@ pub struct Config {
     pub maintenance: Option<(String, String)>,
     pub health_checks: Vec<HealthCheck>,
     pub shutdown_grace: std::time::Duration,
+    /// The mode of objects and manifests in a storage directory (`[storage] file_mode`,
+    /// default [`crate::storage::dir::OBJECT_MODE`], 0640).
+    pub storage_file_mode: u32,
+    /// What is allowed but unwise, each with file:line; logged as warnings at load (so
+    /// `check-config` shows them too).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -283,6 +291,10 @@ impl Config {
             .storage
             .as_ref()
             .ok_or_else(|| fail(None, "missing [storage] section (e.g. dir = \"./backups\")".into()))?;
+        let storage_file_mode = match &storage.get_ref().file_mode {
+            Some(m) => parse_file_mode(m.get_ref()).map_err(|e| fail(Some(m.span()), e))?,
+            None => crate::storage::dir::OBJECT_MODE,
+        };
         let storage = match (&storage.get_ref().dir, &storage.get_ref().s3) {
             (Some(d), None) if !d.get_ref().is_empty() => StorageConfig::Dir(resolve(d.get_ref())),
             (None, Some(s3)) => StorageConfig::S3(Box::new(parse_s3(s3, &resolve, &fail)?)),
@@ -355,6 +367,7 @@ impl Config {
             }
         }
 
+        let mut warnings = Vec::new();
         let mut jobs = Vec::new();
         let mut seen = HashSet::new();
         for j in &raw.jobs {
@@ -410,6 +423,13 @@ impl Config {
                         format!("job {id:?}: format v1 cannot seal to a recipient; use v2 or a key_file"),
                     ));
                 }
+            }
+            if !plaintext
+                && format.unwrap_or(encryption.format) == FormatChoice::V1
+                && let Some(w) = v1_compression_warning(&id, compression)
+            {
+                let line = rj.compression.as_ref().map_or(j.span(), |c| c.span());
+                warnings.push(format!("{}:{}: {w}", path.display(), line_of(line)));
             }
             if let Some(c) = &rj.cron {
                 crate::scheduler::CronSchedule::parse(c.get_ref()).map_err(|why| {
@@ -484,6 +504,13 @@ impl Config {
             maintenance,
             health_checks,
             shutdown_grace: std::time::Duration::from_secs(raw.shutdown_grace_sec.unwrap_or(60)),
+            storage_file_mode,
+            warnings: {
+                for w in &warnings {
+                    log::warn!("{w}");
+                }
+                warnings
+            },
         })
     }
 
@@ -491,7 +518,9 @@ impl Config {
     pub fn open_storage(&self) -> Result<crate::storage::Storage, String> {
         use crate::storage::{DirStorage, S3Storage, Storage};
         match &self.storage {
-            StorageConfig::Dir(d) => DirStorage::open(d).map(Storage::Dir).map_err(|e| e.to_string()),
+            StorageConfig::Dir(d) => DirStorage::open(d)
+                .map(|d| Storage::Dir(d.with_file_mode(self.storage_file_mode)))
+                .map_err(|e| e.to_string()),
             StorageConfig::S3(t) => S3Storage::new((**t).clone(), Some(&self.state_dir))
                 .map(Storage::S3)
                 .map_err(|e| e.to_string()),
@@ -860,6 +889,33 @@ fn parse_notify(rj: &RawJob, id: &str, fail: &Fail) -> Result<crate::notify::Not
         webhook_url: url(&rj.webhook_url, "webhook_url")?,
         webhook_always,
     })
+}
+
+/// The warning for a v1 job whose compression the original Go `backupy-decrypt` cannot
+/// undo: it always zstd-decodes a v1 object, so gzip or no compression makes it hang
+/// (issue 16). Allowed, since this agent's own `backupy-decrypt` opens it.
+pub fn v1_compression_warning(job: &str, compression: Compression) -> Option<String> {
+    match compression {
+        Compression::Zstd { .. } => None,
+        other => Some(format!(
+            "job {job:?}: format v1 with compression {:?}: the original Go backupy-decrypt always \
+             zstd-decodes v1 objects and cannot open (hangs on) this one; only this agent's \
+             backupy-decrypt can. Use compression = \"zstd\" or format = \"v2\"",
+            other.name()
+        )),
+    }
+}
+
+/// `[storage] file_mode`: octal, at most 0777, and the owner must read and write.
+fn parse_file_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim(), 8)
+        .map_err(|_| format!("[storage] file_mode {s:?} is not an octal mode such as \"0640\""))?;
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "[storage] file_mode {s:?} must be at most 0777 and let the owner read and write (e.g. \"0640\" or \"0600\")"
+        ));
+    }
+    Ok(mode)
 }
 
 fn parse_format(f: &Spanned<String>) -> Result<FormatChoice, String> {

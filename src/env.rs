@@ -39,6 +39,9 @@ pub struct Env {
     pub server_pin_sha256: Option<String>,
     /// `BACKUPY_ALLOW_HOOKS`: run hooks a control plane pushes.
     pub allow_hooks: bool,
+    /// `BACKUPY_ALLOW_DOWNGRADE`: a forced SelfUpdate from the control plane may install
+    /// an older version.
+    pub allow_downgrade: bool,
     /// `BACKUPY_DEV_ALLOW_INSECURE`: plain `ws://` and `http://` for development.
     pub dev_allow_insecure: bool,
     /// `BACKUPY_METRICS_LISTEN_ADDR`: `None` when set to empty (no endpoint).
@@ -53,6 +56,9 @@ pub struct Env {
     pub disable_discovery: bool,
     /// `BACKUPY_SECRETS_DIR`: where a bare secret name is looked up.
     pub secrets_dir: Option<PathBuf>,
+    /// `BACKUPY_PUSHED_SECRET_ENV`: the variables a pushed `env:` reference may read
+    /// (comma-separated; never a `BACKUPY_*` one, see `secrets::resolve_pushed`).
+    pub pushed_secret_env: Vec<String>,
     /// `BACKUPY_RESTORE_PASSWORD`: a secret reference for `restore --to`.
     pub restore_password: Option<String>,
     /// `BACKUPY_TOOL_PATH`: the only place dump and restore tools are looked for.
@@ -111,6 +117,7 @@ impl Env {
             server_pin_sha256: text("BACKUPY_SERVER_PIN_SHA256"),
             allow_hooks: flag("BACKUPY_ALLOW_HOOKS"),
             dev_allow_insecure: flag("BACKUPY_DEV_ALLOW_INSECURE"),
+            allow_downgrade: flag("BACKUPY_ALLOW_DOWNGRADE"),
             metrics_listen_addr: match lookup("BACKUPY_METRICS_LISTEN_ADDR") {
                 None => Some(DEFAULT_METRICS_ADDR.to_string()),
                 Some(_) => text("BACKUPY_METRICS_LISTEN_ADDR"),
@@ -122,6 +129,9 @@ impl Env {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DOCKER_SOCKET)),
             disable_discovery: flag("BACKUPY_DISABLE_DISCOVERY"),
             secrets_dir: os("BACKUPY_SECRETS_DIR").map(PathBuf::from),
+            pushed_secret_env: text("BACKUPY_PUSHED_SECRET_ENV")
+                .map(|v| v.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect())
+                .unwrap_or_default(),
             restore_password: text("BACKUPY_RESTORE_PASSWORD"),
             tool_path: os("BACKUPY_TOOL_PATH"),
             shutdown_grace,
@@ -146,6 +156,18 @@ impl Env {
         secrets::resolve_in(reference, self.secrets_dir.as_ref().unwrap_or(&default))
     }
 
+    /// Resolves a secret reference from a config the control plane pushed, under the
+    /// narrower rules of `secrets::resolve_pushed` (`BACKUPY_PUSHED_SECRET_ENV`,
+    /// `BACKUPY_SECRETS_DIR`).
+    pub fn resolve_pushed_secret(&self, reference: &str) -> Result<Secret, SecretError> {
+        let default = PathBuf::from(secrets::DEFAULT_SECRETS_DIR);
+        secrets::resolve_pushed(
+            reference,
+            self.secrets_dir.as_ref().unwrap_or(&default),
+            &self.pushed_secret_env,
+        )
+    }
+
     /// The password of `restore --to` from `BACKUPY_RESTORE_PASSWORD`, resolved; `None`
     /// when it is unset (the URL may carry one).
     pub fn restore_password(&self) -> Result<Option<Secret>, String> {
@@ -163,6 +185,32 @@ impl Env {
             Some(p) => Err(p.clone()),
             None => Ok(()),
         }
+    }
+}
+
+/// Why a URL the control plane handed over is refused (see [`check_handed_url`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlRefusal {
+    #[error(
+        "plain-http URL refused (https is required; set BACKUPY_DEV_ALLOW_INSECURE=true for development)"
+    )]
+    Insecure,
+    #[error("unsupported URL scheme {0:?} (https is required)")]
+    Scheme(String),
+    #[error("not a URL: {0}")]
+    Invalid(String),
+}
+
+/// The one scheme rule for every URL the agent is handed (an S3 endpoint of the
+/// multipart extension, a presigned PUT, a self-update download): `https`, or `http`
+/// only with `BACKUPY_DEV_ALLOW_INSECURE=true` (`allow_insecure`).
+pub fn check_handed_url(url: &str, allow_insecure: bool) -> Result<url::Url, UrlRefusal> {
+    let parsed = url::Url::parse(url).map_err(|e| UrlRefusal::Invalid(e.to_string()))?;
+    match parsed.scheme() {
+        "https" => Ok(parsed),
+        "http" if allow_insecure => Ok(parsed),
+        "http" => Err(UrlRefusal::Insecure),
+        other => Err(UrlRefusal::Scheme(other.to_string())),
     }
 }
 
@@ -205,6 +253,22 @@ mod tests {
         assert_eq!((e.ca_file, e.agent_key.is_none()), (None, true));
         assert_eq!(env(&[("BACKUPY_STATE_DIR", "/srv/b")]).state_dir(), PathBuf::from("/srv/b"));
         assert_eq!(env(&[]).docker_socket, PathBuf::from(DEFAULT_DOCKER_SOCKET));
+    }
+
+    #[test]
+    fn one_scheme_rule_for_handed_urls() {
+        assert!(check_handed_url("https://s3.example/b/k?X-Amz-Signature=s", false).is_ok());
+        assert_eq!(check_handed_url("http://s3.example/b/k", false).unwrap_err(), UrlRefusal::Insecure);
+        assert!(check_handed_url("http://s3.example/b/k", true).is_ok());
+        assert!(matches!(check_handed_url("ftp://h/x", true), Err(UrlRefusal::Scheme(_))));
+        assert!(matches!(check_handed_url("not a url", true), Err(UrlRefusal::Invalid(_))));
+        assert!(UrlRefusal::Insecure.to_string().contains("BACKUPY_DEV_ALLOW_INSECURE=true"));
+    }
+
+    #[test]
+    fn pushed_secret_env_is_a_trimmed_comma_separated_list() {
+        assert_eq!(env(&[("BACKUPY_PUSHED_SECRET_ENV", " A, B ,,C ")]).pushed_secret_env, ["A", "B", "C"]);
+        assert!(env(&[]).pushed_secret_env.is_empty());
     }
 
     #[test]

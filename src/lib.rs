@@ -15,11 +15,17 @@
 //! `BACKUPY_*` variable once, `secrets` resolves password references and redacts, `cli`
 //! holds the two binaries. Threads and channels: docs/architecture.md.
 
+// The modules that read bytes from the network, the store or a manifest: no `unwrap`,
+// `expect` or indexing there, so hostile input gets an error, never a panic (issue 16,
+// docs/security.md). Tests inside them may (clippy.toml). tests/it/trust_lints.rs keeps
+// the list.
 pub mod cancel;
 pub mod cli;
 pub mod clock;
 pub mod config;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod connected;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod crypto;
 pub mod docker;
 pub mod drivers;
@@ -30,20 +36,27 @@ pub mod interrupt;
 pub mod logfwd;
 pub mod metrics;
 pub mod notify;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod outbox;
 pub mod pipeline;
 pub mod restore;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod retention;
 pub mod retry;
 pub mod runner;
 pub mod scheduler;
 pub mod secrets;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod selfupdate;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod session;
 pub mod standalone;
 pub mod state;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod storage;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod verify;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod wire;
 
 /// This build's version, as Register, the manifest, `version` and the Docker user agent report it.

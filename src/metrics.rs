@@ -38,6 +38,8 @@ pub struct Metrics {
     pub bytes_uploaded_total: IntCounter,
     pub health_check_up: GaugeVec,
     pub health_check_duration_seconds: HistogramVec,
+    /// Outbox entries kept because they do not open with the agent key (issue 16).
+    pub outbox_undecryptable_entries: IntGauge,
     /// Set while the agent can do its job (standalone: the scheduler runs).
     pub ready: AtomicBool,
     /// Held while a run is recorded and while a scrape is gathered: a scrape shows whole
@@ -106,6 +108,10 @@ impl Metrics {
                 h("health_check_duration_seconds", "probe latency", prometheus::DEFAULT_BUCKETS.to_vec()),
                 &["check_id"],
             )?,
+            outbox_undecryptable_entries: IntGauge::with_opts(n(
+                "outbox_undecryptable_entries",
+                "outbox entries kept unsent because they do not open with the agent key",
+            ))?,
             ready: AtomicBool::new(false),
             whole_runs: Mutex::new(()),
             registry,
@@ -126,6 +132,7 @@ impl Metrics {
         r.register(Box::new(m.bytes_uploaded_total.clone()))?;
         r.register(Box::new(m.health_check_up.clone()))?;
         r.register(Box::new(m.health_check_duration_seconds.clone()))?;
+        r.register(Box::new(m.outbox_undecryptable_entries.clone()))?;
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         m.up.set(1);
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);

@@ -136,6 +136,11 @@ struct Inner {
     /// and buy nothing.
     sent: HashMap<u64, Sent>,
     warning: DropWarning,
+    /// Entries that do not open with this process's key (sealed under another agent
+    /// key): kept in the database, never sent, reported once (see [`Outbox::pending`]).
+    unopenable: std::collections::BTreeSet<u64>,
+    /// `backupy_agent_outbox_undecryptable_entries`, when the caller gave it.
+    unopenable_gauge: Option<prometheus::IntGauge>,
 }
 
 #[derive(Clone, Copy)]
@@ -179,7 +184,7 @@ impl Outbox {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        std::fs::create_dir_all(state_dir).map_err(|e| db_err(state_dir, &e))?;
+        crate::state::create_state_dir(state_dir).map_err(|e| db_err(state_dir, &e))?;
         let path = crate::state::db_path(state_dir);
         let conn = crate::state::open_connection(state_dir).map_err(|e| db_err(&path, &e))?;
         conn.execute_batch(
@@ -218,6 +223,8 @@ impl Outbox {
             write_ordinal: 0,
             sent: HashMap::new(),
             warning: DropWarning::default(),
+            unopenable: Default::default(),
+            unopenable_gauge: None,
         };
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         Ok(Outbox { inner: Mutex::new(inner), path, limits, cipher: None, wake_tx, wake_rx })
@@ -283,31 +290,73 @@ impl Outbox {
     /// skips one; start from 0 on every new connection.
     pub fn pending(&self, after_seq: u64, limit: usize) -> Result<Vec<Entry>, OutboxError> {
         let inner = self.lock();
-        let rows = {
-            let mut stmt = inner
-                .conn
-                .prepare_cached("SELECT seq, envelope FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-                .map_err(|e| self.err(e))?;
-            let rows = stmt
-                .query_map(params![sql_int(after_seq), limit as i64], |r| {
-                    Ok(Entry { seq: column_u64(r, 0)?, envelope: r.get(1)? })
-                })
-                .map_err(|e| self.err(e))?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))?
-        };
+        let rows = self.rows_after(&inner.conn, after_seq, limit)?;
         let Some(cipher) = &self.cipher else { return Ok(rows) };
-        let mut out = Vec::with_capacity(rows.len());
-        for Entry { seq, envelope } in rows {
-            match cipher.open(OUTBOX_LABEL, &envelope) {
-                Ok(envelope) => out.push(Entry { seq, envelope }),
-                Err(e) => {
-                    // It can never be delivered: keeping it would block the queue forever.
-                    log::error!("outbox entry {seq} removed: {e}");
-                    let _ = inner.conn.execute("DELETE FROM outbox WHERE seq = ?1", [sql_int(seq)]);
+        let mut inner = inner;
+        let (mut out, mut rows, mut newly) = (Vec::with_capacity(rows.len()), rows, Vec::new());
+        loop {
+            let full = limit > 0 && rows.len() >= limit;
+            let mut cursor = after_seq;
+            for Entry { seq, envelope } in rows {
+                cursor = seq;
+                if inner.unopenable.contains(&seq) {
+                    continue;
                 }
+                match cipher.open(OUTBOX_LABEL, &envelope) {
+                    Ok(envelope) => out.push(Entry { seq, envelope }),
+                    // Sealed under another agent key. BackupCompleted must never be lost
+                    // (agent.md "Outbox"), so it stays; it is skipped so that it does not
+                    // block the entries behind it.
+                    Err(_) => {
+                        inner.unopenable.insert(seq);
+                        newly.push(seq);
+                    }
+                }
+            }
+            // A whole batch that did not open: read on, or the queue would stall.
+            if !out.is_empty() || !full {
+                break;
+            }
+            rows = self.rows_after(&inner.conn, cursor, limit)?;
+        }
+        if let (Some(first), Some(last)) = (newly.first(), newly.last()) {
+            log::error!(
+                "{} outbox entr{} (seq {first}..={last}) cannot be opened with this agent key: they were \
+                 sealed under another BACKUPY_AGENT_KEY and are kept, not sent. To deliver them, start \
+                 the agent once with the previous key; see docs/security.md#outbox-entries-sealed-under-another-key",
+                newly.len(),
+                if newly.len() == 1 { "y" } else { "ies" }
+            );
+            if let Some(g) = &inner.unopenable_gauge {
+                g.set(inner.unopenable.len() as i64);
             }
         }
         Ok(out)
+    }
+
+    /// Counts the entries that do not open into `gauge`
+    /// (`backupy_agent_outbox_undecryptable_entries`).
+    pub fn report_undecryptable_to(&self, gauge: prometheus::IntGauge) {
+        let mut inner = self.lock();
+        gauge.set(inner.unopenable.len() as i64);
+        inner.unopenable_gauge = Some(gauge);
+    }
+
+    /// How many stored entries were found not to open with this process's key.
+    pub fn undecryptable(&self) -> usize {
+        self.lock().unopenable.len()
+    }
+
+    fn rows_after(&self, conn: &Connection, after_seq: u64, limit: usize) -> Result<Vec<Entry>, OutboxError> {
+        let mut stmt = conn
+            .prepare_cached("SELECT seq, envelope FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![sql_int(after_seq), limit as i64], |r| {
+                Ok(Entry { seq: column_u64(r, 0)?, envelope: r.get(1)? })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
     /// A token after each push (coalesced), for the session writer to select on. The

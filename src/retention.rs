@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
-use crate::storage::{Manifest, Storage, manifest_key};
+use crate::storage::{ForeignManifest, Manifest, Storage, manifest_key};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rules {
@@ -45,10 +45,37 @@ pub fn plan(rules: Rules, manifests: &[Manifest], incomplete: &[String], now: Da
     delete
 }
 
+/// What one pass of retention did: the object keys it deleted (each with its manifest)
+/// and the manifests it left alone as foreign.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    pub deleted: Vec<String>,
+    pub foreign: Vec<ForeignManifest>,
+}
+
 /// Applies the rules to `job`'s backups in `storage`; returns the deleted keys.
 pub fn apply(storage: &Storage, target: &str, job: &str, rules: Rules) -> Result<Vec<String>, String> {
+    prune(storage, target, job, rules).map(|p| p.deleted)
+}
+
+/// Applies the rules to `job`'s backups in `storage`. Only manifests the storage layer
+/// accepts as this job's own count ([`Manifest::check_stored_at`]); a foreign manifest
+/// is reported and neither it nor the object beside it is touched, whatever its
+/// `object_key` says.
+pub fn prune(storage: &Storage, target: &str, job: &str, rules: Rules) -> Result<Pruned, String> {
     let prefix = format!("{target}/{job}/");
-    let manifests = storage.manifests(&prefix).map_err(|e| format!("cannot list {prefix}: {e}"))?;
+    let listing = storage.manifests_checked(&prefix).map_err(|e| format!("cannot list {prefix}: {e}"))?;
+    let manifests: Vec<Manifest> =
+        listing.manifests.into_iter().filter(|m| m.target == target && m.job == job).collect();
+    // Objects beside a foreign or unreadable manifest are not "incomplete": someone put
+    // a manifest there, and it is not ours to judge.
+    let not_ours: std::collections::HashSet<String> = listing
+        .foreign
+        .iter()
+        .map(|f| f.key.clone())
+        .chain(listing.unreadable.iter().cloned())
+        .filter_map(|k| k.strip_suffix(".json").map(str::to_string))
+        .collect();
     let with_manifest: std::collections::HashSet<&str> =
         manifests.iter().map(|m| m.object_key.as_str()).collect();
     let incomplete: Vec<String> = storage
@@ -56,7 +83,7 @@ pub fn apply(storage: &Storage, target: &str, job: &str, rules: Rules) -> Result
         .map_err(|e| format!("cannot list {prefix}: {e}"))?
         .into_iter()
         .map(|(k, _)| k)
-        .filter(|k| !k.ends_with(".json") && !with_manifest.contains(k.as_str()))
+        .filter(|k| !k.ends_with(".json") && !with_manifest.contains(k.as_str()) && !not_ours.contains(k))
         .collect();
     let mut deleted = Vec::new();
     for key in plan(rules, &manifests, &incomplete, Utc::now()) {
@@ -66,7 +93,7 @@ pub fn apply(storage: &Storage, target: &str, job: &str, rules: Rules) -> Result
         storage.delete(&key).map_err(|e| format!("cannot delete {key}: {e}"))?;
         deleted.push(key);
     }
-    Ok(deleted)
+    Ok(Pruned { deleted, foreign: listing.foreign })
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {

@@ -146,6 +146,23 @@ pub enum SecretError {
     MissingEnv(String),
     #[error("cannot read secret file {path} (from file:{path}): {error}")]
     File { path: String, error: std::io::Error },
+    /// A pushed `env:` reference to a `BACKUPY_*` variable: the agent's own settings and
+    /// its key are never a control plane's to read.
+    #[error(
+        "pushed secret reference env:{0} refused: BACKUPY_* variables are the agent's own and never resolve for a config pushed by the control plane"
+    )]
+    PushedAgentVariable(String),
+    /// A pushed `env:` reference to a variable the host did not list.
+    #[error(
+        "pushed secret reference env:{0} refused: a control plane may read only the variables the host lists in BACKUPY_PUSHED_SECRET_ENV (set BACKUPY_PUSHED_SECRET_ENV={0} to allow this one)"
+    )]
+    PushedEnvNotListed(String),
+    /// A pushed `file:` reference (or a secret name) that resolves outside the secrets
+    /// directory, after `..` and symlinks.
+    #[error(
+        "pushed secret reference file:{path} refused: a control plane may read only files inside BACKUPY_SECRETS_DIR ({dir}), after resolving .. and symlinks; move the secret there or set BACKUPY_SECRETS_DIR"
+    )]
+    PushedFileOutside { path: String, dir: String },
 }
 
 /// Resolves a secret reference; a bare name is looked up in `secrets_dir` (the caller
@@ -161,11 +178,7 @@ pub fn resolve_in(reference: &str, secrets_dir: &Path) -> Result<Secret, SecretE
     if let Some(text) = reference.strip_prefix("literal:") {
         return Ok(Secret::new(text));
     }
-    let is_name = !reference.is_empty()
-        && reference.len() <= 255
-        && reference.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        && !reference.starts_with('.');
-    if is_name {
+    if is_secret_name(reference) {
         let candidate = secrets_dir.join(reference);
         if candidate.is_file() {
             return read_trimmed(&candidate)
@@ -173,6 +186,67 @@ pub fn resolve_in(reference: &str, secrets_dir: &Path) -> Result<Secret, SecretE
         }
     }
     Ok(Secret::new(reference))
+}
+
+/// Resolves a reference from a config a control plane pushed (agent.md "Secrets"): less
+/// trusted than the host, so `env:` reads only the names in `allowed_env`
+/// (`BACKUPY_PUSHED_SECRET_ENV`) and never a `BACKUPY_*` one, and `file:` (and a bare
+/// name) reads only a file that is inside `secrets_dir` once `..` and symlinks are
+/// resolved. A refusal names the rule and the variable to set.
+pub fn resolve_pushed(
+    reference: &str,
+    secrets_dir: &Path,
+    allowed_env: &[String],
+) -> Result<Secret, SecretError> {
+    if let Some(name) = reference.strip_prefix("env:") {
+        if name.to_ascii_uppercase().starts_with("BACKUPY_") {
+            return Err(SecretError::PushedAgentVariable(name.to_string()));
+        }
+        if !allowed_env.iter().any(|allowed| allowed == name) {
+            return Err(SecretError::PushedEnvNotListed(name.to_string()));
+        }
+        return resolve_in(reference, secrets_dir);
+    }
+    if let Some(path) = reference.strip_prefix("file:") {
+        // A relative path is taken inside the secrets directory; `join` keeps an absolute
+        // one as it is, and the containment check below decides.
+        let inside = contained_file(&secrets_dir.join(path), secrets_dir).ok_or_else(|| {
+            SecretError::PushedFileOutside { path: path.to_string(), dir: secrets_dir.display().to_string() }
+        })?;
+        return read_trimmed(&inside).map_err(|error| SecretError::File { path: path.to_string(), error });
+    }
+    if reference.starts_with("literal:") {
+        return resolve_in(reference, secrets_dir);
+    }
+    // A bare name: a file of that name in the secrets directory counts only when it does
+    // not lead out of it (a symlink planted there); otherwise the value itself.
+    let candidate = secrets_dir.join(reference);
+    if is_secret_name(reference) && candidate.is_file() {
+        let inside =
+            contained_file(&candidate, secrets_dir).ok_or_else(|| SecretError::PushedFileOutside {
+                path: candidate.display().to_string(),
+                dir: secrets_dir.display().to_string(),
+            })?;
+        return read_trimmed(&inside)
+            .map_err(|error| SecretError::File { path: candidate.display().to_string(), error });
+    }
+    Ok(Secret::new(reference))
+}
+
+/// `path` with `..` and symlinks resolved, when that lies inside `dir` (also resolved);
+/// `None` when either does not exist or it lies outside.
+fn contained_file(path: &Path, dir: &Path) -> Option<std::path::PathBuf> {
+    let dir = dir.canonicalize().ok()?;
+    let resolved = path.canonicalize().ok()?;
+    (resolved.starts_with(&dir) && resolved != dir).then_some(resolved)
+}
+
+/// A name that may be looked up in the secrets directory: one plain path segment.
+fn is_secret_name(reference: &str) -> bool {
+    !reference.is_empty()
+        && reference.len() <= 255
+        && reference.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !reference.starts_with('.')
 }
 
 /// A secret file's content without its final newline (`\n` or `\r\n`).
@@ -210,6 +284,52 @@ mod tests {
             Err(SecretError::MissingEnv(_))
         ));
         assert!(resolve_in("file:/nonexistent/x", dir.path()).is_err());
+    }
+
+    #[test]
+    fn pushed_references_read_only_listed_variables_and_files_inside_the_secrets_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("secrets");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("db-pass"), "from-dir\n").unwrap();
+        let outside = root.path().join("agent.key.pem");
+        std::fs::write(&outside, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
+        // SAFETY: tests in this module are the only users of these variables.
+        unsafe {
+            std::env::set_var("BACKUPY_TEST_PUSHED_X", "agent-own");
+            std::env::set_var("TEST_PUSHED_LISTED", "listed-value");
+            std::env::set_var("TEST_PUSHED_UNLISTED", "unlisted-value");
+        }
+        let allowed = vec!["TEST_PUSHED_LISTED".to_string(), "BACKUPY_TEST_PUSHED_X".to_string()];
+        let r = |s: &str| resolve_pushed(s, &dir, &allowed);
+        assert_eq!(r("env:TEST_PUSHED_LISTED").unwrap().expose(), "listed-value");
+        assert!(matches!(r("env:TEST_PUSHED_UNLISTED"), Err(SecretError::PushedEnvNotListed(_))));
+        // Never a BACKUPY_* name, even when listed.
+        assert!(matches!(r("env:BACKUPY_TEST_PUSHED_X"), Err(SecretError::PushedAgentVariable(_))));
+        assert!(matches!(r("env:backupy_agent_key"), Err(SecretError::PushedAgentVariable(_))));
+        assert_eq!(r(&format!("file:{}", dir.join("db-pass").display())).unwrap().expose(), "from-dir");
+        assert_eq!(r("file:db-pass").unwrap().expose(), "from-dir");
+        for refused in [
+            format!("file:{}", outside.display()),
+            format!("file:{}/../agent.key.pem", dir.display()),
+            "file:../agent.key.pem".to_string(),
+            format!("file:{}", dir.join("link").display()),
+            format!("file:{}", dir.display()),
+            "link".to_string(),
+        ] {
+            let e = r(&refused).map(|_| ()).unwrap_err();
+            assert!(matches!(e, SecretError::PushedFileOutside { .. }), "{refused}: {e}");
+            assert!(e.to_string().contains("BACKUPY_SECRETS_DIR"), "{e}");
+        }
+        assert_eq!(r("literal:x").unwrap().expose(), "x");
+        assert_eq!(r("db-pass").unwrap().expose(), "from-dir");
+        assert_eq!(r("plain password").unwrap().expose(), "plain password");
+        let e = r("env:TEST_PUSHED_UNLISTED").map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains("BACKUPY_PUSHED_SECRET_ENV=TEST_PUSHED_UNLISTED") && !e.contains("unlisted-value"),
+            "{e}"
+        );
     }
 
     #[test]

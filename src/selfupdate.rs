@@ -4,9 +4,10 @@
 //! `apply` (on the thread that received the SelfUpdate command, or the `self-update`
 //! command line) downloads the binary into `<state_dir>/updates` with a size cap, checks
 //! its SHA-256, then the ECDSA P-256 / SHA-256 signature over its bytes against the
-//! public key compiled in (`BACKUPY_UPDATE_PUBKEY` at build time overrides the project's
-//! key in `dist/update-key.pub.pem`), runs `version --json` of the candidate to learn its
-//! version (refusing a downgrade unless forced), then swaps it in with a rename, keeping
+//! public key compiled in (`BACKUPY_UPDATE_PUBKEY` at build time; a build without one
+//! has no self-update, see [`UNAVAILABLE`]), runs `version --json` of the candidate to
+//! learn its version (refusing a downgrade unless forced, and a forced one unless
+//! allowed: `BACKUPY_ALLOW_DOWNGRADE`), then swaps it in with a rename, keeping
 //! the previous binary as `<exe>.previous`, and leaves a pending-update marker in the
 //! state directory.
 //!
@@ -43,12 +44,20 @@ use sha2::{Digest, Sha256};
 
 use crate::AGENT_VERSION;
 
-/// The public key release binaries are signed with. A build with `BACKUPY_UPDATE_PUBKEY`
-/// set (PEM text of a P-256 SubjectPublicKeyInfo) trusts that key instead.
-pub const COMPILED_KEY_PEM: &str = match option_env!("BACKUPY_UPDATE_PUBKEY") {
-    Some(k) => k,
-    None => include_str!("../dist/update-key.pub.pem"),
-};
+/// The public key updates must be signed with: `BACKUPY_UPDATE_PUBKEY` at build time
+/// (PEM text of a P-256 SubjectPublicKeyInfo). There is no fallback: a build without one
+/// has no self-update at all (issue 16: the repository's placeholder key has no private
+/// half anybody holds, so trusting it would trust nobody, or anybody who claims it).
+pub const COMPILED_KEY_PEM: Option<&str> = option_env!("BACKUPY_UPDATE_PUBKEY");
+
+/// Why self-update is off in this build, for `version --json` and the Ack of a SelfUpdate.
+pub const UNAVAILABLE: &str = "self-update unavailable: this binary was built without an update key \
+     (release builds set BACKUPY_UPDATE_PUBKEY; scripts/release.sh refuses to build without it)";
+
+/// The compiled-in update key, when this build has one.
+pub fn compiled_key() -> Option<&'static str> {
+    COMPILED_KEY_PEM.map(str::trim).filter(|k| !k.is_empty())
+}
 
 /// A release binary is ≤ 20 MB; anything far larger is not one of ours.
 pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
@@ -68,9 +77,12 @@ pub struct UpdateRequest {
     pub signature: Vec<u8>,
     /// The version the control plane announces; when set, the binary must report it.
     pub version: Option<String>,
-    /// Installs a downgrade or the same version, and (for the session) ignores
-    /// `auto_update_enabled`.
+    /// Installs the same version again, and (for the session) ignores
+    /// `auto_update_enabled`; with `allow_downgrade` also an older version.
     pub force: bool,
+    /// Whether `force` may install an older version: the operator's own `self-update
+    /// --force`, or `BACKUPY_ALLOW_DOWNGRADE=true` for a control plane's forced SelfUpdate.
+    pub allow_downgrade: bool,
 }
 
 /// Where and how updates are applied.
@@ -95,10 +107,11 @@ impl Settings {
         let exe = std::env::current_exe()
             .and_then(fs::canonicalize)
             .map_err(|e| UpdateError::Io { context: "cannot find this executable".into(), source: e })?;
+        let key = compiled_key().ok_or_else(|| UpdateError::Unavailable(UNAVAILABLE.to_string()))?;
         Ok(Settings {
             state_dir: state_dir.to_path_buf(),
             exe,
-            public_key_pem: COMPILED_KEY_PEM.to_string(),
+            public_key_pem: key.to_string(),
             max_bytes: DEFAULT_MAX_BYTES,
             ca_file: crate::env::Env::get().ca_file.clone(),
             allow_insecure: crate::env::Env::get().dev_allow_insecure,
@@ -180,6 +193,12 @@ pub enum UpdateError {
     VersionMismatch { announced: String, actual: String },
     #[error("refused: {candidate} is a downgrade from {current} (force it to install anyway)")]
     Downgrade { current: String, candidate: String },
+    #[error(
+        "refused: {candidate} is older than the running {current}; a forced update from the control plane may downgrade only where the host sets BACKUPY_ALLOW_DOWNGRADE=true"
+    )]
+    DowngradeNotAllowed { current: String, candidate: String },
+    #[error("{0}")]
+    Unavailable(String),
     #[error("refused: version {version} is already running (force it to reinstall)")]
     SameVersion { version: String },
     #[error("refused: an update to {version} is still waiting for confirmation")]
@@ -231,9 +250,14 @@ pub fn key_id(public_key_pem: &str) -> Result<String, UpdateError> {
     Ok(hex::encode(Sha256::digest(der.as_bytes()))[..16].to_string())
 }
 
-/// The compiled-in key's id, for `version --json`.
-pub fn compiled_key_id() -> String {
-    key_id(COMPILED_KEY_PEM).unwrap_or_else(|e| format!("invalid: {e}"))
+/// The compiled-in key's id, for `version --json`; `None` without a key.
+pub fn compiled_key_id() -> Option<String> {
+    compiled_key().map(|k| key_id(k).unwrap_or_else(|e| format!("invalid: {e}")))
+}
+
+/// `available` or the reason it is not, for `version --json`.
+pub fn status() -> &'static str {
+    if compiled_key().is_some() { "available" } else { UNAVAILABLE }
 }
 
 /// Downloads, verifies and installs an update; the previous binary is kept beside it.
@@ -308,13 +332,14 @@ fn parse_sha256(s: &str) -> Result<[u8; 32], UpdateError> {
         .ok_or_else(|| UpdateError::BadRequest(format!("sha256 {s:?} is not 64 hex digits")))
 }
 
+/// The scheme rule every URL handed to the agent follows (`env::check_handed_url`).
 fn check_url(url: &str, allow_insecure: bool) -> Result<(), UpdateError> {
-    let parsed = url::Url::parse(url).map_err(|e| UpdateError::BadRequest(format!("bad URL: {e}")))?;
-    match parsed.scheme() {
-        "https" => Ok(()),
-        "http" if allow_insecure => Ok(()),
-        "http" => Err(UpdateError::Insecure { url: crate::secrets::redact_url(url) }),
-        other => Err(UpdateError::BadRequest(format!("unsupported URL scheme {other:?}"))),
+    use crate::env::UrlRefusal;
+    match crate::env::check_handed_url(url, allow_insecure) {
+        Ok(_) => Ok(()),
+        Err(UrlRefusal::Insecure) => Err(UpdateError::Insecure { url: crate::secrets::redact_url(url) }),
+        Err(UrlRefusal::Invalid(e)) => Err(UpdateError::BadRequest(format!("bad URL: {e}"))),
+        Err(e @ UrlRefusal::Scheme(_)) => Err(UpdateError::BadRequest(e.to_string())),
     }
 }
 
@@ -392,8 +417,9 @@ fn download(url: &str, part: &Path, settings: &Settings) -> Result<[u8; 32], Upd
         if got > settings.max_bytes {
             return Err(UpdateError::TooLarge { limit: settings.max_bytes });
         }
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(io(format!("cannot write {}", part.display())))?;
+        let chunk = buf.get(..n).unwrap_or_default();
+        hasher.update(chunk);
+        file.write_all(chunk).map_err(io(format!("cannot write {}", part.display())))?;
     }
     if let Some(expected) = expected_len.filter(|e| got < *e) {
         return Err(UpdateError::Truncated { got, expected });
@@ -446,13 +472,20 @@ fn check_version(req: &UpdateRequest, version: &str) -> Result<(), UpdateError> 
     {
         return Err(UpdateError::VersionMismatch { announced: announced.into(), actual: version.into() });
     }
-    if req.force {
-        return Ok(());
-    }
     let parse = |v: &str| semver::Version::parse(v.trim_start_matches('v'));
     let candidate =
         parse(version).map_err(|e| UpdateError::NotRunnable(format!("version {version:?}: {e}")))?;
     let current = parse(AGENT_VERSION).map_err(|e| UpdateError::BadRequest(e.to_string()))?;
+    if req.force {
+        // Forced: the same version again, or an older one only where the host allows it.
+        if candidate < current && !req.allow_downgrade {
+            return Err(UpdateError::DowngradeNotAllowed {
+                current: AGENT_VERSION.into(),
+                candidate: version.into(),
+            });
+        }
+        return Ok(());
+    }
     match candidate.cmp(&current) {
         std::cmp::Ordering::Less => {
             Err(UpdateError::Downgrade { current: AGENT_VERSION.into(), candidate: version.into() })
@@ -747,7 +780,7 @@ mod tests {
         Settings {
             state_dir: dir.to_path_buf(),
             exe: dir.join("backupy-agent"),
-            public_key_pem: COMPILED_KEY_PEM.to_string(),
+            public_key_pem: String::new(),
             max_bytes,
             ca_file: None,
             allow_insecure: true,
@@ -797,6 +830,7 @@ mod tests {
             signature: Vec::new(),
             version: version.map(str::to_string),
             force,
+            allow_downgrade: force,
         };
         assert!(matches!(check_version(&req(None, false), "0.0.9"), Err(UpdateError::Downgrade { .. })));
         assert!(matches!(
@@ -821,7 +855,33 @@ mod tests {
     }
 
     #[test]
-    fn the_project_key_is_a_p256_key() {
-        assert_eq!(compiled_key_id().len(), 16, "{}", compiled_key_id());
+    fn a_forced_update_downgrades_only_where_allowed() {
+        let req = |allow_downgrade| UpdateRequest {
+            url: String::new(),
+            sha256: String::new(),
+            signature: Vec::new(),
+            version: None,
+            force: true,
+            allow_downgrade,
+        };
+        let err = check_version(&req(false), "0.0.9").unwrap_err();
+        assert!(matches!(err, UpdateError::DowngradeNotAllowed { .. }), "{err}");
+        assert!(err.to_string().contains("BACKUPY_ALLOW_DOWNGRADE=true"), "{err}");
+        assert!(check_version(&req(true), "0.0.9").is_ok());
+        assert!(check_version(&req(false), AGENT_VERSION).is_ok(), "forced reinstall of the same version");
+        assert!(check_version(&req(false), "99.0.0").is_ok());
+    }
+
+    #[test]
+    fn a_build_key_is_a_p256_key_and_without_one_self_update_is_unavailable() {
+        match compiled_key() {
+            Some(_) => assert_eq!(compiled_key_id().map(|k| k.len()), Some(16), "{:?}", compiled_key_id()),
+            None => {
+                assert_eq!(compiled_key_id(), None);
+                assert!(status().starts_with("self-update unavailable"));
+                let err = Settings::from_env(Path::new("/nonexistent")).map(|_| ()).unwrap_err();
+                assert!(matches!(err, UpdateError::Unavailable(_)), "{err}");
+            }
+        }
     }
 }

@@ -5,8 +5,14 @@
 //! Shared by the scheduler thread and the worker threads through one mutex-guarded
 //! connection (the database is the one piece of state made for sharing); every write is
 //! a short transaction.
+//!
+//! File modes (issue 16): a state directory the agent creates is 0700 and `state.db`
+//! is 0600 (SQLite gives its `-wal` and `-shm` files the database's mode), because the
+//! database holds run records, the sealed outbox and connected mode's config. An existing
+//! directory is left as the operator made it; a `state.db` open to others is tightened.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -75,13 +81,54 @@ pub fn db_path(state_dir: &Path) -> PathBuf {
 /// committed outbox entry or run record survives a power cut; and a busy timeout, as
 /// several connections of one process write to it.
 pub fn open_connection(state_dir: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(db_path(state_dir))?;
+    let path = db_path(state_dir);
+    private_db_file(&path).map_err(|e| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("cannot create {} with mode 0600: {e}", path.display())),
+        )
+    })?;
+    let conn = Connection::open(&path)?;
     conn.execute_batch(
         "PRAGMA journal_mode=WAL;
          PRAGMA synchronous=FULL;
          PRAGMA busy_timeout=5000;",
     )?;
     Ok(conn)
+}
+
+/// The mode of a state directory the agent creates.
+pub const STATE_DIR_MODE: u32 = 0o700;
+/// The mode of `state.db` (and, through SQLite, its `-wal` and `-shm` files).
+pub const STATE_DB_MODE: u32 = 0o600;
+
+/// Creates the state directory (and missing parents) with mode 0700; an existing one is
+/// left as it is.
+pub fn create_state_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(STATE_DIR_MODE).create(dir)?;
+    // The umask may have narrowed it further, never widened it; make it exact.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
+}
+
+/// Creates `path` empty with mode 0600 before SQLite opens it, or tightens an existing
+/// one that group or others could read (made by an older agent).
+fn private_db_file(path: &Path) -> std::io::Result<()> {
+    match OpenOptions::new().write(true).create_new(true).mode(STATE_DB_MODE).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                log::warn!("{} was mode {mode:o}; setting it to 600", path.display());
+                // Best effort: a read-only view (dump-state as another user) must still open.
+                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(STATE_DB_MODE));
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 pub struct StateDb {
@@ -99,12 +146,13 @@ impl StateDb {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        std::fs::create_dir_all(state_dir).map_err(|e| db_err(state_dir, &e))?;
+        create_state_dir(state_dir).map_err(|e| db_err(state_dir, &e))?;
         let lock_path = state_dir.join("agent.lock");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(STATE_DB_MODE)
             .open(&lock_path)
             .map_err(|e| db_err(&lock_path, &e))?;
         // SAFETY: flock(2) on a descriptor we own; released when the file is closed.
@@ -129,7 +177,7 @@ impl StateDb {
     /// directory, without its lock: for a one-shot `backup`, which records its run but
     /// must neither keep `run` from starting nor mark the running agent's runs as failed.
     pub fn open_shared(state_dir: &Path) -> Result<Self, StateError> {
-        std::fs::create_dir_all(state_dir)
+        create_state_dir(state_dir)
             .map_err(|e| StateError::Db { path: state_dir.display().to_string(), message: e.to_string() })?;
         Self::connect(state_dir, None)
     }

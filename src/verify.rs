@@ -43,7 +43,7 @@ impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         let mut d = self.digest.lock().unwrap_or_else(|p| p.into_inner());
-        d.hasher.update(&buf[..n]);
+        d.hasher.update(buf.get(..n).unwrap_or_default());
         d.bytes += n as u64;
         Ok(n)
     }

@@ -329,6 +329,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                         "build_date": env!("BACKUPY_BUILD_DATE"),
                         "target": env!("BACKUPY_BUILD_TARGET"),
                         "update_key_id": crate::selfupdate::compiled_key_id(),
+                        "self_update": crate::selfupdate::status(),
                         "engines": crate::drivers::capabilities()
                             .into_iter()
                             .map(|(e, detail)| (e.name().to_string(), serde_json::json!(detail)))
@@ -357,7 +358,15 @@ fn self_update(
     let signature = std::fs::read(signature)
         .with_context(|| format!("cannot read the signature file {}", signature.display()))?;
     let signature = crate::selfupdate::signature_from_file(&signature);
-    let req = crate::selfupdate::UpdateRequest { url, sha256, signature, version: None, force };
+    // The operator's own --force may also downgrade.
+    let req = crate::selfupdate::UpdateRequest {
+        url,
+        sha256,
+        signature,
+        version: None,
+        force,
+        allow_downgrade: force,
+    };
     let settings = crate::selfupdate::Settings::from_env(&state_dir)?;
     let applied = crate::selfupdate::apply(&req, &settings)?;
     println!("installed {} over {} at {}", applied.version, applied.previous_version, applied.exe.display());

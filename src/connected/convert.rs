@@ -30,7 +30,8 @@ pub fn engine_of(db_type: i32) -> Result<Engine, String> {
 }
 
 /// A control plane `Target` as the drivers take it. The password reference is resolved
-/// here (agent.md "Secrets"), so it is only ever in memory for the run.
+/// here under the pushed rules (agent.md "Secrets"), so it is only ever in memory for the
+/// run, and a refused reference fails the run before anything connects to the database.
 pub fn target_spec(target: &pb::Target) -> Result<TargetSpec, String> {
     let engine = engine_of(target.r#type).map_err(|e| format!("target {}: {e}", target.id))?;
     let c = target.connection.clone().unwrap_or_default();
@@ -53,7 +54,7 @@ pub fn target_spec(target: &pb::Target) -> Result<TargetSpec, String> {
     spec.username = c.username;
     if !c.password_secret_ref.is_empty() {
         let password = crate::env::Env::get()
-            .resolve_secret(&c.password_secret_ref)
+            .resolve_pushed_secret(&c.password_secret_ref)
             .map_err(|e| format!("target {}: password: {e}", target.id))?;
         spec.password = Some(password);
     }

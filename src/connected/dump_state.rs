@@ -98,7 +98,9 @@ pub fn dump(state_dir: &Path, agent_key: Option<&Secret>, allow_secrets: bool) -
         let kinds: serde_json::Map<String, Value> = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, json!(r.get::<_, i64>(1)?))))?
             .collect::<Result<_, _>>()?;
-        outbox["by_kind"] = Value::Object(kinds);
+        if let Some(o) = outbox.as_object_mut() {
+            o.insert("by_kind".into(), Value::Object(kinds));
+        }
     }
 
     let mut runs = Vec::new();

@@ -56,7 +56,7 @@ fn cpu_times() -> Option<(u64, u64)> {
     }
     let total: u64 = v.iter().sum();
     // idle + iowait are not busy.
-    let idle = v[3] + v.get(4).copied().unwrap_or(0);
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     Some((total - idle, total))
 }
 

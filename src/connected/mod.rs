@@ -82,7 +82,7 @@ pub fn run() -> Result<()> {
 
 /// Connected mode with `stop` as the signal source (a message = SIGTERM).
 pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
-    std::fs::create_dir_all(&settings.state_dir)
+    crate::state::create_state_dir(&settings.state_dir)
         .with_context(|| format!("cannot create the state directory {}", settings.state_dir.display()))?;
     let state = Arc::new(StateDb::open(&settings.state_dir)?);
     let cipher = StateCipher::from_agent_key(&settings.agent_key);
@@ -90,6 +90,7 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
         Arc::new(Outbox::open(&settings.state_dir, settings.outbox_limits)?.sealed_with(cipher.clone()));
     let store = Store::open(&settings.state_dir, cipher)?;
     let metrics = Metrics::new().context("cannot create the metrics registry")?;
+    outbox.report_undecryptable_to(metrics.outbox_undecryptable_entries.clone());
     metrics.set_connection_state("disconnected");
     // The jobs the control plane ran here before: their last outcomes survive a restart.
     match state.job_outcomes() {

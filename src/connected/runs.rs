@@ -226,6 +226,7 @@ fn upload(
         &creds.final_s3_key,
         creds.expires_at_ms,
         &settings.state_dir.join("spool"),
+        settings.allow_insecure,
     )
     .map_err(|e| e.to_string())?;
     if let Some(ca) = &settings.ca_file {

@@ -35,10 +35,13 @@ pub struct UpdateState {
     pub busy: usize,
 }
 
-/// Why `u` may not start now, or `None`: only with `auto_update_enabled` or `force`, one
-/// at a time, never while shutting down or while a backup runs or waits.
+/// Why `u` may not start now, or `None`: never in a build without an update key, only
+/// with `auto_update_enabled` or `force`, one at a time, never while shutting down or
+/// while a backup runs or waits.
 pub fn refusal(u: &pb::SelfUpdate, s: &UpdateState) -> Option<String> {
-    if !s.auto_update_enabled && !u.force {
+    if selfupdate::compiled_key().is_none() {
+        Some(selfupdate::UNAVAILABLE.to_string())
+    } else if !s.auto_update_enabled && !u.force {
         Some("auto_update_enabled is off in the config and the command is not forced".to_string())
     } else if s.updating {
         Some("a self-update is already in progress".into())
@@ -59,6 +62,8 @@ pub fn request(u: pb::SelfUpdate) -> UpdateRequest {
         signature: selfupdate::signature_from_file(&u.cosign_signature),
         version: (!u.target_version.is_empty()).then_some(u.target_version),
         force: u.force,
+        // A control plane's force never downgrades unless the host says so.
+        allow_downgrade: crate::env::Env::get().allow_downgrade,
     }
 }
 

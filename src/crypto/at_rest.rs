@@ -45,6 +45,8 @@ impl StateCipher {
     pub fn from_agent_key(key: &Secret) -> Self {
         let hk = Hkdf::<Sha256>::new(Some(SALT), key.expose().as_bytes());
         let mut okm = zeroize::Zeroizing::new([0u8; 32]);
+        // A constant 32-byte output, which HKDF-SHA256 always accepts.
+        #[allow(clippy::expect_used)]
         hk.expand(INFO, okm.as_mut()).expect("32 bytes is a valid HKDF-SHA256 output length");
         Self { cipher: Aes256Gcm::new((&*okm).into()) }
     }
@@ -58,7 +60,11 @@ impl StateCipher {
         out.extend_from_slice(plaintext);
         let tag = self
             .cipher
-            .encrypt_inout_detached(&Nonce::from(nonce), label.as_bytes(), (&mut out[NONCE_LEN..]).into())
+            .encrypt_inout_detached(
+                &Nonce::from(nonce),
+                label.as_bytes(),
+                out.get_mut(NONCE_LEN..).unwrap_or_default().into(),
+            )
             .map_err(|_| AtRestError::Random("AES-GCM refused the record".into()))?;
         out.extend_from_slice(&tag);
         Ok(out)
@@ -66,13 +72,12 @@ impl StateCipher {
 
     pub fn open(&self, label: &str, sealed: &[u8]) -> Result<Vec<u8>, AtRestError> {
         let fail = || AtRestError::Open { label: label.to_string() };
-        if sealed.len() < NONCE_LEN + TAG_LEN {
-            return Err(fail());
-        }
-        let nonce: [u8; NONCE_LEN] = sealed[..NONCE_LEN].try_into().expect("12 bytes");
-        let ct_end = sealed.len() - TAG_LEN;
-        let tag = Tag::try_from(&sealed[ct_end..]).map_err(|_| fail())?;
-        let mut buf = sealed[NONCE_LEN..ct_end].to_vec();
+        // Bytes from state.db: every length is checked, nothing indexes blindly.
+        let ct_end = sealed.len().checked_sub(TAG_LEN).filter(|end| *end >= NONCE_LEN).ok_or_else(fail)?;
+        let nonce: [u8; NONCE_LEN] =
+            sealed.get(..NONCE_LEN).and_then(|n| n.try_into().ok()).ok_or_else(fail)?;
+        let tag = sealed.get(ct_end..).and_then(|t| Tag::try_from(t).ok()).ok_or_else(fail)?;
+        let mut buf = sealed.get(NONCE_LEN..ct_end).ok_or_else(fail)?.to_vec();
         self.cipher
             .decrypt_inout_detached(&Nonce::from(nonce), label.as_bytes(), buf.as_mut_slice().into(), &tag)
             .map_err(|_| fail())?;

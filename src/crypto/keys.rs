@@ -175,7 +175,10 @@ impl Identity {
                 block.len()
             )));
         }
-        let enc = EncappedKey::from_bytes(&block[..ENC_LEN])
+        let (enc_bytes, ciphertext) = block
+            .split_at_checked(ENC_LEN)
+            .ok_or_else(|| Error::BadHeader("sealed key block is too short".into()))?;
+        let enc = EncappedKey::from_bytes(enc_bytes)
             .map_err(|_| Error::BadHeader("sealed key block has an invalid encapsulated key".into()))?;
         let key = Zeroizing::new(
             hpke::single_shot_open::<AesGcm256, HkdfSha256, X25519HkdfSha256>(
@@ -183,7 +186,7 @@ impl Identity {
                 &self.private_key()?,
                 &enc,
                 HPKE_INFO,
-                &block[ENC_LEN..],
+                ciphertext,
                 b"",
             )
             .map_err(|_| Error::WrongIdentity)?,

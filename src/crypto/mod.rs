@@ -244,7 +244,7 @@ pub enum Format {
 pub fn open<R: Read + 'static>(mut inner: R, key: &KeySource) -> io::Result<(Format, Box<dyn Read>)> {
     let mut head = [0u8; 4];
     let n = read_up_to(&mut inner, &mut head)?;
-    let rest = io::Cursor::new(head[..n].to_vec()).chain(inner);
+    let rest = io::Cursor::new(head.get(..n).unwrap_or(&head).to_vec()).chain(inner);
     if n == 4 && &head == v2::MAGIC {
         Ok((Format::V2, Box::new(v2::Reader::new(rest, key)?)))
     } else {
@@ -263,7 +263,8 @@ pub fn open<R: Read + 'static>(mut inner: R, key: &KeySource) -> io::Result<(For
 pub(crate) fn read_up_to<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
-        match r.read(&mut buf[n..]) {
+        let Some(rest) = buf.get_mut(n..) else { break };
+        match r.read(rest) {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

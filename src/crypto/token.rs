@@ -52,7 +52,7 @@ pub fn parse(jwt: &str, now_unix: i64) -> Result<Token, TokenError> {
         return Err(err("a token has three dot-separated parts (header.payload.signature)"));
     }
     let payload = URL_SAFE_NO_PAD
-        .decode(parts[1].trim_end_matches('='))
+        .decode(parts.get(1).copied().unwrap_or_default().trim_end_matches('='))
         .map_err(|_| err("the payload is not base64url"))?;
     let payload = Zeroizing::new(payload);
     let claims: Claims = serde_json::from_slice(&payload)

@@ -61,7 +61,7 @@ impl<W: Write> Writer<W> {
 impl<W: Write> Write for Writer<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let take = (FRAME_PLAINTEXT - self.buf.len()).min(data.len());
-        self.buf.extend_from_slice(&data[..take]);
+        self.buf.extend_from_slice(data.get(..take).unwrap_or(data));
         if self.buf.len() == FRAME_PLAINTEXT {
             self.emit_frame()?;
         }
@@ -132,8 +132,9 @@ impl<R: Read> Reader<R> {
         if read_up_to(&mut self.inner, &mut self.frame)? < body {
             return Err(Error::Truncated(format!("frame {} cut short", self.index)).into());
         }
-        let ct_len = body - TAG_LEN;
-        let tag = Tag::try_from(&self.frame[ct_len..]).expect("tag slice is 16 bytes");
+        let short = || Error::Truncated(format!("frame {} is shorter than its tag", self.index));
+        let ct_len = body.checked_sub(TAG_LEN).ok_or_else(short)?;
+        let tag = self.frame.get(ct_len..).and_then(|t| Tag::try_from(t).ok()).ok_or_else(short)?;
         self.frame.truncate(ct_len);
         self.cipher
             .decrypt_inout_detached(&Nonce::from(nonce), b"", self.frame.as_mut_slice().into(), &tag)
@@ -161,8 +162,9 @@ impl<R: Read> Read for Reader<R> {
                 return Ok(0);
             }
         }
-        let n = out.len().min(self.frame.len() - self.pos);
-        out[..n].copy_from_slice(&self.frame[self.pos..self.pos + n]);
+        // `pos` never passes the frame's end (it is reset with each frame).
+        let mut rest = self.frame.get(self.pos..).unwrap_or_default();
+        let n = Read::read(&mut rest, out)?;
         self.pos += n;
         Ok(n)
     }

@@ -141,6 +141,8 @@ impl ChunkCipher {
     fn new(key: &DataKey, header: &Header, header_bytes: &[u8]) -> Self {
         let hk = Hkdf::<Sha256>::new(Some(&header.salt), key.as_bytes());
         let mut chunk_key = zeroize::Zeroizing::new([0u8; 32]);
+        // A constant 32-byte output, which HKDF-SHA256 always accepts.
+        #[allow(clippy::expect_used)]
         hk.expand(HKDF_INFO, chunk_key.as_mut()).expect("32 bytes is a valid HKDF-SHA256 output length");
         let aad: [u8; 32] = Sha256::digest(header_bytes).into();
         Self { cipher: Aes256Gcm::new((&*chunk_key).into()), nonce_prefix: header.nonce_prefix, aad }
@@ -162,8 +164,9 @@ impl ChunkCipher {
 
     /// Decrypts in place; `buf` holds ciphertext followed by its tag.
     fn open(&self, index: u32, last: bool, buf: &mut Vec<u8>) -> bool {
-        let ct_len = buf.len() - TAG_LEN;
-        let tag = Tag::try_from(&buf[ct_len..]).expect("tag slice is 16 bytes");
+        // Bytes from the store: a chunk too short to hold a tag does not authenticate.
+        let Some(ct_len) = buf.len().checked_sub(TAG_LEN) else { return false };
+        let Some(tag) = buf.get(ct_len..).and_then(|t| Tag::try_from(t).ok()) else { return false };
         let (ct, _) = buf.split_at_mut(ct_len);
         let ok =
             self.cipher.decrypt_inout_detached(&self.nonce(index, last), &self.aad, ct.into(), &tag).is_ok();
@@ -224,7 +227,7 @@ impl<W: Write> Write for Writer<W> {
             self.emit(false)?;
         }
         let take = (self.chunk_size - self.buf.len()).min(data.len());
-        self.buf.extend_from_slice(&data[..take]);
+        self.buf.extend_from_slice(data.get(..take).unwrap_or(data));
         Ok(take)
     }
 
@@ -285,7 +288,7 @@ impl<R: Read> Reader<R> {
         }
         let have = self.buf.len();
         self.buf.resize(want, 0);
-        let n = have + read_up_to(&mut self.inner, &mut self.buf[have..])?;
+        let n = have + read_up_to(&mut self.inner, self.buf.get_mut(have..).unwrap_or_default())?;
         self.buf.truncate(n);
         let at_end = if n < want {
             true
@@ -340,8 +343,9 @@ impl<R: Read> Read for Reader<R> {
             }
             self.next_chunk()?;
         }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        // `pos` never passes the chunk's end (it is reset with each chunk).
+        let mut rest = self.buf.get(self.pos..).unwrap_or_default();
+        let n = Read::read(&mut rest, out)?;
         self.pos += n;
         Ok(n)
     }

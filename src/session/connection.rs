@@ -167,9 +167,10 @@ fn upgrade(stream: &mut Stream, endpoint: &Endpoint, key: &Secret) -> Result<Vec
         if n == 0 {
             return Err(err("connection closed before the response".into()));
         }
-        buf.extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]);
+    let (head, rest) = buf.split_at_checked(head_end).unwrap_or((buf.as_slice(), &[]));
+    let head = String::from_utf8_lossy(head);
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or_default();
     if status.split_whitespace().nth(1) != Some("101") {
@@ -183,7 +184,7 @@ fn upgrade(stream: &mut Stream, endpoint: &Endpoint, key: &Secret) -> Result<Vec
     if accept.as_deref() != Some(expected.as_str()) {
         return Err(err("wrong Sec-WebSocket-Accept".into()));
     }
-    Ok(buf[head_end..].to_vec())
+    Ok(rest.to_vec())
 }
 
 /// What the reader (or the writer, on failure) tells the supervisor.

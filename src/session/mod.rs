@@ -225,7 +225,7 @@ pub fn hostname() -> String {
     if rc == 0 {
         let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
         if end > 0 {
-            return String::from_utf8_lossy(&buf[..end]).into_owned();
+            return String::from_utf8_lossy(buf.get(..end).unwrap_or_default()).into_owned();
         }
     }
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
@@ -340,9 +340,14 @@ impl Supervisor {
             ack.session_id,
             heartbeat_every.as_secs_f64()
         );
+        // A newer config in the RegisterAck is applied by the caller, on its own thread:
+        // the first heartbeat waits for it (a little), so that it reports the version
+        // applied when it is sent, not the one before (issue 16).
+        let current = self.config.config_version.load(Ordering::SeqCst);
+        let pending = ack.config.as_ref().map(|c| c.version).filter(|v| *v > current);
         let _ = self.events.send(SessionEvent::Connected { session_id: ack.session_id, config: ack.config });
         let since = Instant::now();
-        let reason = self.serve(&live, &in_rx, heartbeat_every)?;
+        let reason = self.serve(&live, &in_rx, heartbeat_every, pending)?;
         drop(live);
         Ok(Ended { reason, connected_for: Some(since.elapsed()) })
     }
@@ -379,10 +384,12 @@ impl Supervisor {
         live: &Live,
         inbound: &Receiver<Inbound>,
         heartbeat_every: Duration,
+        mut pending_version: Option<u64>,
     ) -> Result<String, Stop> {
         let timing = self.config.timing.clone();
         let mut last_frame = Instant::now();
         let mut next_heartbeat = Instant::now();
+        let pending_until = Instant::now() + PENDING_CONFIG_WAIT;
         let mut next_ping = Instant::now() + timing.ws_ping_every;
         let mut delivery = Delivery::default();
         let pushes = match &self.config.outbox {
@@ -395,7 +402,12 @@ impl Supervisor {
         };
         loop {
             let now = Instant::now();
-            if now >= next_heartbeat {
+            if pending_version.is_some_and(|v| {
+                self.config.config_version.load(Ordering::SeqCst) >= v || now >= pending_until
+            }) {
+                pending_version = None;
+            }
+            if now >= next_heartbeat && pending_version.is_none() {
                 self.send_heartbeat(live);
                 next_heartbeat = now + heartbeat_every;
             }
@@ -414,7 +426,7 @@ impl Supervisor {
                 ));
             }
             let mut wake = next_heartbeat.min(next_ping).min(dead_at);
-            if delivery.backlog {
+            if delivery.backlog || pending_version.is_some() {
                 wake = wake.min(Instant::now() + BACKLOG_POLL);
             }
             select! {
@@ -591,6 +603,10 @@ struct Stop;
 const BATCH: usize = 256;
 const MAX_QUEUED_FRAMES: usize = 512;
 const BACKLOG_POLL: Duration = Duration::from_millis(5);
+
+/// How long the first heartbeat of a connection waits for the caller to apply the newer
+/// config its RegisterAck carried; after that it goes out with the version applied then.
+const PENDING_CONFIG_WAIT: Duration = Duration::from_secs(5);
 
 /// Per-connection delivery state of the supervisor.
 #[derive(Default)]

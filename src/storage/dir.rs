@@ -1,17 +1,27 @@
 //! Local directory storage: every file is written under a temporary name in its final
 //! directory, fsynced, renamed into place and the directory fsynced, so a crash leaves
 //! either the whole object or nothing under the final name.
+//!
+//! Every object and manifest gets mode [`OBJECT_MODE`] (0640: the owner writes, a backup
+//! operators' group may read, others nothing) unless the config's `[storage] file_mode`
+//! says otherwise, set explicitly so the umask neither widens nor narrows it
+//! (docs/security.md).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{ObjectWriter, StoredObject};
 
+/// The mode of every stored object and manifest.
+pub const OBJECT_MODE: u32 = 0o640;
+
 #[derive(Debug, Clone)]
 pub struct DirStorage {
     root: PathBuf,
+    file_mode: u32,
 }
 
 impl DirStorage {
@@ -29,7 +39,13 @@ impl DirStorage {
         File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| {
             io::Error::new(e.kind(), format!("storage directory {} is not writable: {e}", root.display()))
         })?;
-        Ok(Self { root })
+        Ok(Self { root, file_mode: OBJECT_MODE })
+    }
+
+    /// Stores objects and manifests with `mode` instead of [`OBJECT_MODE`].
+    pub fn with_file_mode(mut self, mode: u32) -> Self {
+        self.file_mode = mode;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -42,7 +58,7 @@ impl DirStorage {
 
     /// Starts writing the object `key`; it appears only on commit.
     pub fn create(&self, key: &str) -> io::Result<DirObjectWriter> {
-        DirObjectWriter::create(self.path_of(key), key.to_string())
+        DirObjectWriter::create(self.path_of(key), key.to_string(), self.file_mode)
     }
 
     /// Writes a small file (a manifest) atomically.
@@ -104,17 +120,21 @@ pub struct DirObjectWriter {
 }
 
 impl DirObjectWriter {
-    fn create(final_path: PathBuf, key: String) -> io::Result<Self> {
+    fn create(final_path: PathBuf, key: String, mode: u32) -> io::Result<Self> {
         let dir = final_path.parent().unwrap_or(Path::new(".")).to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot create directory {}: {e}", dir.display()))
         })?;
         let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp_path = dir.join(format!(".{name}.partial"));
-        let file =
-            OpenOptions::new().write(true).create(true).truncate(true).open(&temp_path).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot create {}: {e}", temp_path.display()))
-            })?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&temp_path)
+            .and_then(|f| f.set_permissions(fs::Permissions::from_mode(mode)).map(|_| f))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", temp_path.display())))?;
         Ok(Self { key, final_path, temp_path, file: Some(file), size: 0 })
     }
 }

@@ -41,6 +41,7 @@ impl Storage {
     }
 
     pub fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        check_key(key)?;
         match self {
             Storage::Dir(d) => d.put(key, bytes),
             Storage::S3(s) => Ok(s.put(key, bytes)?),
@@ -48,6 +49,7 @@ impl Storage {
     }
 
     pub fn get(&self, key: &str) -> io::Result<Box<dyn Read + Send>> {
+        check_key(key)?;
         match self {
             Storage::Dir(d) => {
                 let p = d.path_of(key);
@@ -60,6 +62,7 @@ impl Storage {
     }
 
     pub fn delete(&self, key: &str) -> io::Result<()> {
+        check_key(key)?;
         match self {
             Storage::Dir(d) => d.delete(key),
             Storage::S3(s) => Ok(s.delete(key)?),
@@ -76,9 +79,19 @@ impl Storage {
         Ok(out)
     }
 
-    /// Reads every manifest under `prefix`; unreadable ones are reported, not fatal.
+    /// Reads every manifest under `prefix` that the agent may act on; unreadable and
+    /// foreign ones are reported (a warning each) and left out. See [`Self::manifests_checked`].
     pub fn manifests(&self, prefix: &str) -> io::Result<Vec<Manifest>> {
-        let mut out = Vec::new();
+        Ok(self.manifests_checked(prefix)?.manifests)
+    }
+
+    /// Reads every manifest under `prefix`. A manifest is the agent's to act on (list,
+    /// retention, restore, verify) only when [`Manifest::check_stored_at`] accepts it
+    /// where it was found; anything else is foreign: reported once here, returned in
+    /// [`Manifests::foreign`], and left alone, as are unreadable ones (issue 16: a
+    /// planted `object_key` must not steer a delete or a download).
+    pub fn manifests_checked(&self, prefix: &str) -> io::Result<Manifests> {
+        let mut out = Manifests::default();
         for (key, _) in self.list(prefix)? {
             if !key.ends_with(".json") {
                 continue;
@@ -86,17 +99,49 @@ impl Storage {
             let mut text = Vec::new();
             let parsed = self
                 .get(&key)
-                .and_then(|mut r| r.read_to_end(&mut text))
+                .and_then(|r| r.take(MAX_MANIFEST_BYTES).read_to_end(&mut text))
                 .map_err(|e| e.to_string())
                 .and_then(|_| serde_json::from_slice::<Manifest>(&text).map_err(|e| e.to_string()));
             match parsed {
-                Ok(m) => out.push(m),
-                Err(e) => log::warn!("skipping manifest {key}: {e}"),
+                Ok(m) => match m.check_stored_at(&key) {
+                    Ok(()) => out.manifests.push(m),
+                    Err(reason) => {
+                        log::warn!(
+                            "foreign manifest {}: {reason}; left alone (not listed, deleted, verified or restored)",
+                            self.describe(&key)
+                        );
+                        out.foreign.push(ForeignManifest { key, reason });
+                    }
+                },
+                Err(e) => {
+                    log::warn!("skipping manifest {key}: {e}");
+                    out.unreadable.push(key);
+                }
             }
         }
-        out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
+        out.manifests.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
         Ok(out)
     }
+}
+
+/// A manifest is small; a larger file under a `.json` name is not one of ours.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// The manifests found under a prefix, sorted by start time, and those left alone.
+#[derive(Debug, Default)]
+pub struct Manifests {
+    pub manifests: Vec<Manifest>,
+    pub foreign: Vec<ForeignManifest>,
+    /// Keys of `.json` files that are not manifests at all.
+    pub unreadable: Vec<String>,
+}
+
+/// A manifest the agent does not act on, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignManifest {
+    /// Where it was found.
+    pub key: String,
+    pub reason: String,
 }
 
 /// A writer for one object. Dropping it without `commit` discards the object.
@@ -160,6 +205,21 @@ pub fn check_key_segment(what: &str, s: &str) -> Result<(), String> {
     }
 }
 
+/// Checks the file-name segment of an object key (`<yyyymmddThhmmssZ>-<run id>.<ext>`):
+/// the characters of [`check_key_segment`], up to 255 of them (a run id alone may have 128).
+pub fn check_name_segment(what: &str, s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s != "."
+        && s != ".."
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{what} {s:?} must be 1-255 characters of letters, digits, '-', '_' or '.'"))
+    }
+}
+
 /// The JSON manifest stored beside each object (`manifest_version` 1).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Manifest {
@@ -180,6 +240,53 @@ pub struct Manifest {
     pub started_at: String,
     pub finished_at: String,
     pub agent_version: String,
+}
+
+impl Manifest {
+    /// Whether this manifest, found at `key`, may be acted on: its own name must be
+    /// `object_key + ".json"`, and `object_key` must be `<target>/<job>/<name>` for the
+    /// manifest's own target and job, every segment a valid one. Otherwise the reason
+    /// (the manifest is foreign: planted, or another tool's).
+    pub fn check_stored_at(&self, key: &str) -> Result<(), String> {
+        if manifest_key(&self.object_key) != key {
+            return Err(format!(
+                "its object_key {:?} is not its own name without \".json\"",
+                self.object_key
+            ));
+        }
+        check_key_segment("target", &self.target)?;
+        check_key_segment("job", &self.job)?;
+        let segments: Vec<&str> = self.object_key.split('/').collect();
+        let [target, job, name] = segments.as_slice() else {
+            return Err(format!("its object_key {:?} is not <target>/<job>/<name>", self.object_key));
+        };
+        if *target != self.target || *job != self.job {
+            return Err(format!(
+                "its object_key {:?} lies outside the prefix {}/{}/ of its own job",
+                self.object_key, self.target, self.job
+            ));
+        }
+        check_name_segment("object name", name)
+    }
+}
+
+/// Refuses a key that could leave the storage root or name a parent: empty, absolute,
+/// or with an empty, `.` or `..` segment. Keys the agent made never do; keys read from a
+/// manifest or a listing are checked before they reach the file system.
+pub fn check_key(key: &str) -> io::Result<()> {
+    let bad = key.is_empty()
+        || key.starts_with('/')
+        || key.contains('\0')
+        || key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..");
+    if bad {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "refusing storage key {key:?}: it is empty, absolute, or has an empty, '.' or '..' segment"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub fn rfc3339(t: DateTime<Utc>) -> String {

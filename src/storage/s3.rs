@@ -98,18 +98,8 @@ impl S3Target {
     /// (`BACKUPY_DEV_ALLOW_INSECURE=true`).
     pub fn from_wire(m: &crate::wire::pb::S3MultipartTarget, allow_insecure: bool) -> Result<Self, S3Error> {
         let invalid = |message: String| S3Error::Invalid { op: "setup".into(), key: m.key.clone(), message };
-        let endpoint: url::Url =
-            m.endpoint.parse().map_err(|e| invalid(format!("invalid endpoint {:?}: {e}", m.endpoint)))?;
-        match endpoint.scheme() {
-            "https" => {}
-            "http" if allow_insecure => {}
-            "http" => {
-                return Err(invalid(
-                    "plain-http S3 endpoint refused (set BACKUPY_DEV_ALLOW_INSECURE=true)".into(),
-                ));
-            }
-            other => return Err(invalid(format!("unsupported endpoint scheme {other:?}"))),
-        }
+        let endpoint = crate::env::check_handed_url(&m.endpoint, allow_insecure)
+            .map_err(|e| invalid(format!("S3 endpoint {}: {e}", crate::secrets::redact_url(&m.endpoint))))?;
         if m.bucket.len() < 3
             || m.key.is_empty()
             || m.access_key_id.is_empty()
@@ -720,11 +710,7 @@ impl S3ObjectWriter {
         loop {
             let msg = if block { up.done.recv().ok() } else { up.done.try_recv().ok() };
             let Some(done) = msg else { return Ok(()) };
-            let idx = done.number as usize - 1;
-            if up.etags.len() <= idx {
-                up.etags.resize(idx + 1, None);
-            }
-            up.etags[idx] = Some(done.result?);
+            record_etag(&mut up.etags, done.number, done.result?);
         }
     }
 
@@ -743,7 +729,8 @@ impl S3ObjectWriter {
         let data = std::mem::take(&mut self.buf);
         let number = self.next_part;
         self.next_part += 1;
-        let up = self.upload.as_mut().expect("upload started above");
+        let key = self.key.clone();
+        let up = self.upload.as_mut().ok_or_else(|| no_upload("UploadPart", key))?;
         let Some(tx) = up.jobs.as_ref() else {
             return Err(S3Error::Invalid {
                 op: "UploadPart".into(),
@@ -786,7 +773,8 @@ impl S3ObjectWriter {
             self.send_part()?;
         }
         let parts = self.next_part - 1;
-        let up = self.upload.as_mut().expect("multipart upload in progress");
+        let key = self.key.clone();
+        let up = self.upload.as_mut().ok_or_else(|| no_upload("UploadPart", key.clone()))?;
         drop(up.jobs.take());
         // Wait for every part's result, but not past a cancel: a stuck request must not
         // hold a cancelled run hostage.
@@ -800,11 +788,7 @@ impl S3ObjectWriter {
             }
             match up.done.recv_timeout(Duration::from_millis(100)) {
                 Ok(done) => {
-                    let idx = done.number as usize - 1;
-                    if up.etags.len() <= idx {
-                        up.etags.resize(idx + 1, None);
-                    }
-                    up.etags[idx] = Some(done.result?);
+                    record_etag(&mut up.etags, done.number, done.result?);
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
@@ -813,7 +797,7 @@ impl S3ObjectWriter {
         for w in up.workers.drain(..) {
             let _ = w.join();
         }
-        let up = self.upload.as_ref().expect("multipart upload in progress");
+        let up = self.upload.as_ref().ok_or_else(|| no_upload("CompleteMultipartUpload", key))?;
         let etags: Option<Vec<String>> =
             (0..parts as usize).map(|i| up.etags.get(i).cloned().flatten()).collect();
         let etags = etags.ok_or_else(|| S3Error::Invalid {
@@ -850,7 +834,7 @@ impl Write for S3ObjectWriter {
             self.buf.reserve_exact(part_size.min(data.len().max(64 << 10)));
         }
         let take = (part_size - self.buf.len()).min(data.len());
-        self.buf.extend_from_slice(&data[..take]);
+        self.buf.extend_from_slice(data.get(..take).unwrap_or(data));
         self.total += take as u64;
         if self.total > MAX_OBJECT_SIZE {
             return Err(S3Error::Invalid {
@@ -908,6 +892,22 @@ impl Drop for S3ObjectWriter {
     }
 }
 
+/// Stores part `number`'s (1-based) ETag, growing the list as parts finish out of order.
+fn record_etag(etags: &mut Vec<Option<String>>, number: u32, etag: String) {
+    let Some(idx) = (number as usize).checked_sub(1) else { return };
+    if etags.len() <= idx {
+        etags.resize(idx + 1, None);
+    }
+    if let Some(slot) = etags.get_mut(idx) {
+        *slot = Some(etag);
+    }
+}
+
+/// An internal-state error: a multipart step ran without an upload in progress.
+fn no_upload(op: &str, key: String) -> S3Error {
+    S3Error::Invalid { op: op.into(), key, message: "internal error: no multipart upload in progress".into() }
+}
+
 /// The control plane's presigned single PUT: S3 needs Content-Length, so the ciphertext
 /// (never plaintext: this sink comes after the encrypt stage) is spooled to a 0600 file
 /// in the state directory, PUT from there (retried from the file), and deleted.
@@ -925,10 +925,20 @@ pub struct PresignedPut {
 pub const MAX_SINGLE_PUT: u64 = 5 << 30;
 
 impl PresignedPut {
-    /// Refuses an expired URL before anything is dumped.
-    pub fn new(url: &str, key: &str, expires_at_ms: u64, spool_dir: &Path) -> Result<Self, S3Error> {
+    /// Refuses an expired URL, and one that breaks the scheme rule of
+    /// [`crate::env::check_handed_url`] (`allow_insecure`: `BACKUPY_DEV_ALLOW_INSECURE`),
+    /// before anything is dumped.
+    pub fn new(
+        url: &str,
+        key: &str,
+        expires_at_ms: u64,
+        spool_dir: &Path,
+        allow_insecure: bool,
+    ) -> Result<Self, S3Error> {
         let invalid =
             |m: String| S3Error::Invalid { op: "PutObject (presigned)".into(), key: key.into(), message: m };
+        crate::env::check_handed_url(url, allow_insecure)
+            .map_err(|e| invalid(format!("presigned URL {}: {e}", crate::secrets::redact_url(url))))?;
         if expires_at_ms != 0 && crate::clock::now_ms() >= expires_at_ms {
             return Err(invalid("the presigned URL has expired; ask the control plane for a new run".into()));
         }
@@ -1101,7 +1111,8 @@ mod tests {
     fn presigned_put_refuses_more_than_5_gib_before_writing_it() {
         let dir = tempfile::tempdir().unwrap();
         let mut w =
-            PresignedPut::new("https://s3.example.com/b/k?X-Amz-Signature=s", "k", 0, dir.path()).unwrap();
+            PresignedPut::new("https://s3.example.com/b/k?X-Amz-Signature=s", "k", 0, dir.path(), false)
+                .unwrap();
         w.size = MAX_SINGLE_PUT - 2;
         w.write_all(b"ab").unwrap();
         let err = w.write_all(b"c").unwrap_err().to_string();

@@ -20,30 +20,30 @@ use backupy_agent::wire::pb;
 use backupy_agent::wire::pb::envelope::Payload;
 use sha2::{Digest, Sha256};
 
-const KEY: &str = "bk_test_agent_key_0d5e1c2a9f";
+pub(crate) const KEY: &str = "bk_test_agent_key_0d5e1c2a9f";
 
-struct Agent {
-    child: Child,
-    log: PathBuf,
+pub(crate) struct Agent {
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
 }
 
 impl Agent {
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The end of the agent's log, for failure messages.
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         common::log_tail(&self.log)
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// SIGTERM, then the exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn stop(&mut self) -> std::process::ExitStatus {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -63,7 +63,7 @@ impl Drop for Agent {
     }
 }
 
-fn spawn_agent(cp: &ControlPlane, state: &Path, env: &[(&str, &str)]) -> Agent {
+pub(crate) fn spawn_agent(cp: &ControlPlane, state: &Path, env: &[(&str, &str)]) -> Agent {
     let log = state.with_extension("log");
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
     let mut cmd = common::agent();
@@ -87,7 +87,7 @@ fn spawn_agent(cp: &ControlPlane, state: &Path, env: &[(&str, &str)]) -> Agent {
 }
 
 #[track_caller]
-fn wait_for(
+pub(crate) fn wait_for(
     cp: &ControlPlane,
     agent: &Agent,
     what: &str,
@@ -104,14 +104,14 @@ fn wait_for(
 /// Waits until connection `index` has sent Register and been answered: commands sent
 /// earlier could reach the agent before RegisterAck, and its first frame is read then.
 #[track_caller]
-fn wait_registered(cp: &ControlPlane, agent: &Agent, index: usize) {
+pub(crate) fn wait_registered(cp: &ControlPlane, agent: &Agent, index: usize) {
     wait_for(cp, agent, &format!("Register on connection {index}"), Duration::from_secs(20), |s| {
         s.registered(index)
     });
 }
 
 /// A SQLite database with `rows` rows of ~`row_bytes` random bytes each.
-fn sqlite_db(path: &Path, rows: usize, row_bytes: usize) {
+pub(crate) fn sqlite_db(path: &Path, rows: usize, row_bytes: usize) {
     let c = rusqlite::Connection::open(path).unwrap();
     c.execute_batch("CREATE TABLE orders(id INTEGER PRIMARY KEY, note TEXT, blob BLOB);").unwrap();
     let tx = c.unchecked_transaction().unwrap();
@@ -125,7 +125,7 @@ fn sqlite_db(path: &Path, rows: usize, row_bytes: usize) {
     tx.commit().unwrap();
 }
 
-fn sqlite_target(id: &str, path: &Path) -> pb::Target {
+pub(crate) fn sqlite_target(id: &str, path: &Path) -> pb::Target {
     pb::Target {
         id: id.into(),
         r#type: pb::DbType::Sqlite as i32,
@@ -134,7 +134,7 @@ fn sqlite_target(id: &str, path: &Path) -> pb::Target {
     }
 }
 
-fn job(id: &str, target: &str) -> pb::BackupJobSpec {
+pub(crate) fn job(id: &str, target: &str) -> pb::BackupJobSpec {
     pb::BackupJobSpec {
         id: id.into(),
         target_id: target.into(),
@@ -145,7 +145,11 @@ fn job(id: &str, target: &str) -> pb::BackupJobSpec {
     }
 }
 
-fn config(version: u64, targets: Vec<pb::Target>, jobs: Vec<pb::BackupJobSpec>) -> pb::AgentConfig {
+pub(crate) fn config(
+    version: u64,
+    targets: Vec<pb::Target>,
+    jobs: Vec<pb::BackupJobSpec>,
+) -> pb::AgentConfig {
     pb::AgentConfig { version, targets, jobs, ..Default::default() }
 }
 
@@ -163,7 +167,7 @@ fn multipart(env: &S3Env, endpoint: &str, bucket: &str, key: &str) -> pb::S3Mult
     }
 }
 
-fn presigned_creds(env: &S3Env, bucket: &str, key: &str) -> pb::S3UploadCreds {
+pub(crate) fn presigned_creds(env: &S3Env, bucket: &str, key: &str) -> pb::S3UploadCreds {
     pb::S3UploadCreds {
         presigned_put_url: common::s3::presign_put(env, bucket, key, Duration::from_secs(600)),
         expires_at_ms: 0,
@@ -172,7 +176,7 @@ fn presigned_creds(env: &S3Env, bucket: &str, key: &str) -> pb::S3UploadCreds {
     }
 }
 
-fn run_backup(job_id: &str, run_id: &str, creds: pb::S3UploadCreds, dek: &[u8]) -> Payload {
+pub(crate) fn run_backup(job_id: &str, run_id: &str, creds: pb::S3UploadCreds, dek: &[u8]) -> Payload {
     Payload::RunBackup(pb::RunBackup {
         job_id: job_id.into(),
         run_id: run_id.into(),
@@ -188,11 +192,11 @@ fn stored_object(env: &S3Env, bucket: &str, key: &str) -> Vec<u8> {
     std::fs::read(env.dir.join(bucket).join(key)).unwrap_or_else(|e| panic!("object {bucket}/{key}: {e}"))
 }
 
-fn status(u: &pb::JobUpdate) -> pb::JobStatus {
+pub(crate) fn status(u: &pb::JobUpdate) -> pb::JobStatus {
     pb::JobStatus::try_from(u.status).unwrap()
 }
 
-fn terminal(cp: &common::control_plane::Shared, run_id: &str) -> Option<pb::JobUpdate> {
+pub(crate) fn terminal(cp: &common::control_plane::Shared, run_id: &str) -> Option<pb::JobUpdate> {
     cp.job_updates(run_id).into_iter().find(|u| {
         matches!(status(u), pb::JobStatus::Success | pb::JobStatus::Failed | pb::JobStatus::Cancelled)
     })
@@ -219,7 +223,7 @@ fn restore_and_count(dir: &Path, object: &[u8], sha256: &str, key_args: &[&str])
     common::sqlite3(&out_path, "SELECT count(*) || ':' || sum(length(blob)) FROM orders")
 }
 
-fn setup(tag: &str, rows: usize, row_bytes: usize) -> (tempfile::TempDir, PathBuf, ControlPlane) {
+pub(crate) fn setup(tag: &str, rows: usize, row_bytes: usize) -> (tempfile::TempDir, PathBuf, ControlPlane) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join(format!("{tag}.db"));
     sqlite_db(&db, rows, row_bytes);
@@ -503,7 +507,11 @@ fn cancel_job_stops_a_blocked_pg_dump_within_five_seconds() {
         }),
     };
     cp.state().ack_config = Some(config(9, vec![target], vec![job("pgjob", "pg")]));
-    let agent = spawn_agent(&cp, &dir.path().join("state"), &[("TEST_PG_PASSWORD", &pg.password)]);
+    let agent = spawn_agent(
+        &cp,
+        &dir.path().join("state"),
+        &[("TEST_PG_PASSWORD", &pg.password), ("BACKUPY_PUSHED_SECRET_ENV", "TEST_PG_PASSWORD")],
+    );
     wait_registered(&cp, &agent, 0);
     let key = "cancel/run-cancel.bkpy";
     cp.send(

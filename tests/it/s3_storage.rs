@@ -238,7 +238,7 @@ fn presigned_put_uploads_the_spooled_object_and_removes_the_spool() {
         .unwrap()
         .as_millis() as u64;
     let bytes = data(7 * MIB + 3, 4);
-    let mut w = Box::new(PresignedPut::new(&url, "run-1.bkpy", expires, spool.path()).unwrap());
+    let mut w = Box::new(PresignedPut::new(&url, "run-1.bkpy", expires, spool.path(), true).unwrap());
     w.write_all(&bytes).unwrap();
     assert_eq!(common::files_under(spool.path()).len(), 1, "spooled while writing");
     let stored = w.commit().unwrap();
@@ -254,7 +254,7 @@ fn expired_presigned_url_is_refused_before_upload() {
     let past =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 - 1000;
     let url = common::s3::presign_put(&env, "whatever", "k", Duration::from_secs(1));
-    let err = PresignedPut::new(&url, "k", past, spool.path()).err().expect("refused");
+    let err = PresignedPut::new(&url, "k", past, spool.path(), true).err().expect("refused");
     let msg = err.to_string();
     assert!(msg.contains("expired"), "{msg}");
     assert!(!msg.contains("X-Amz"), "no signature in the message: {msg}");
