@@ -26,6 +26,7 @@ pub mod drivers;
 pub mod env;
 pub mod health;
 pub mod hooks;
+pub mod leftovers;
 pub mod logfwd;
 pub mod metrics;
 pub mod notify;

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub bytes_uploaded_total: IntCounter,
     pub health_check_up: GaugeVec,
     pub health_check_duration_seconds: HistogramVec,
+    /// What the start-up cleanup removed of dead runs (`leftovers`), by kind.
+    pub leftovers_removed_total: IntCounterVec,
+    pub leftovers_removed_bytes_total: IntCounterVec,
     /// Set while the agent can do its job (standalone: the scheduler runs).
     pub ready: AtomicBool,
     /// Held while a run is recorded and while a scrape is gathered: a scrape shows whole
@@ -93,6 +96,14 @@ impl Metrics {
                 h("health_check_duration_seconds", "probe latency", prometheus::DEFAULT_BUCKETS.to_vec()),
                 &["check_id"],
             )?,
+            leftovers_removed_total: IntCounterVec::new(
+                n("leftovers_removed_total", "files of dead runs removed at start, by kind"),
+                &["kind"],
+            )?,
+            leftovers_removed_bytes_total: IntCounterVec::new(
+                n("leftovers_removed_bytes_total", "bytes of dead runs' files removed at start, by kind"),
+                &["kind"],
+            )?,
             ready: AtomicBool::new(false),
             whole_runs: Mutex::new(()),
             registry,
@@ -111,6 +122,8 @@ impl Metrics {
         r.register(Box::new(m.bytes_uploaded_total.clone()))?;
         r.register(Box::new(m.health_check_up.clone()))?;
         r.register(Box::new(m.health_check_duration_seconds.clone()))?;
+        r.register(Box::new(m.leftovers_removed_total.clone()))?;
+        r.register(Box::new(m.leftovers_removed_bytes_total.clone()))?;
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         m.up.set(1);
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);

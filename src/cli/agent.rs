@@ -297,6 +297,7 @@ fn self_update(
 
 fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
+    crate::leftovers::clean_for(&cfg, false);
     let jobs: Vec<_> = match only {
         Some(id) => vec![cfg.job(id).with_context(|| {
             let known: Vec<&str> = cfg.jobs.iter().map(|j| j.id.as_str()).collect();
@@ -478,6 +479,7 @@ fn restore(
     force: bool,
 ) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
+    crate::leftovers::clean_for(&cfg, false);
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
     let m = find_backup(storage.manifests("").context("cannot list the storage")?, id, job)?;
     let key = restore_key(&cfg, identity, &m)?;

@@ -326,14 +326,15 @@ impl Docker<'_> {
             .unwrap_or_else(|| "MongoDB".to_string());
         let (cmd, cleanup) = self.mongo_tool(self.cmd(&["mongodump", "--archive", "--quiet"]))?;
         let cmd = if spec.database.is_empty() { cmd } else { cmd.arg(format!("--db={}", spec.database)) };
-        let source = self.source(&cmd, "mongodump")?;
-        Ok((
-            match cleanup {
-                Some(c) => source.with_guard(c),
-                None => source,
-            },
-            version,
-        ))
+        let mut source = self.source(&cmd, "mongodump")?;
+        if let Some(c) = cleanup {
+            // mongodump has read its config (the password) once it writes its first byte:
+            // the file goes then, not at the end of the dump, so that an agent killed
+            // mid-dump leaves it in the container for seconds at most, not for good.
+            let inner = std::mem::replace(&mut source.reader, Box::new(std::io::empty()));
+            source.reader = Box::new(DropAfterFirstByte { inner, guard: Some(c) });
+        }
+        Ok((source, version))
     }
 
     /// A MongoDB tool's connection arguments, and with a password the 0600 config file
@@ -384,6 +385,22 @@ fn redis_cli_streams_rdb(version_line: &str) -> bool {
         .and_then(|v| v.split('.').next())
         .and_then(|m| m.parse::<u32>().ok())
         .is_some_and(|major| major >= 7)
+}
+
+/// Passes reads through and drops `guard` once the first byte came (or with itself).
+struct DropAfterFirstByte<G> {
+    inner: Box<dyn std::io::Read + Send>,
+    guard: Option<G>,
+}
+
+impl<G> std::io::Read for DropAfterFirstByte<G> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.guard.take();
+        }
+        Ok(n)
+    }
 }
 
 /// Removes a file inside the container when dropped (a snapshot, a secret config).

@@ -42,7 +42,9 @@ pub fn find_tool(names: &[&str]) -> Option<PathBuf> {
     })
 }
 
-/// A private temporary directory (0700) for secret files, removed on drop.
+/// A private temporary directory (0700) for secret files, removed on drop. Its name
+/// carries this process's owner tag, so that the next start removes it after a crash
+/// (`leftovers`).
 pub struct PrivateDir {
     dir: tempfile::TempDir,
 }
@@ -50,7 +52,9 @@ pub struct PrivateDir {
 impl PrivateDir {
     pub fn new(parent: &Path) -> io::Result<Self> {
         fs::create_dir_all(parent)?;
-        let dir = tempfile::Builder::new().prefix(".backupy-secrets-").tempdir_in(parent)?;
+        let dir = tempfile::Builder::new()
+            .prefix(&crate::leftovers::tagged_prefix(crate::leftovers::SECRETS_DIR))
+            .tempdir_in(parent)?;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))?;
         Ok(Self { dir })
     }

@@ -1,6 +1,7 @@
 //! SQLite through its online backup API: a consistent snapshot copied in one backup
 //! step (so concurrent writers cannot make it inconsistent) into a 0600 temporary file
-//! in the state directory, streamed by the pipeline and deleted once the dump stage has read it.
+//! in the state directory, streamed by the pipeline and deleted once the dump stage has read it
+//! (or, after a crash, at the next start: its name carries the owner tag of `leftovers`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -36,7 +37,7 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path) -> Result<Source, Dr
     std::fs::create_dir_all(temp_dir)
         .map_err(|e| err(format!("cannot create temporary directory {}: {e}", temp_dir.display())))?;
     let snapshot = tempfile::Builder::new()
-        .prefix(".sqlite-snapshot-")
+        .prefix(&crate::leftovers::tagged_prefix(crate::leftovers::SQLITE_SNAPSHOT))
         .tempfile_in(temp_dir)
         .map_err(|e| err(format!("cannot create a snapshot file in {}: {e}", temp_dir.display())))?;
     {

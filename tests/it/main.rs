@@ -24,6 +24,7 @@ mod e2e_sqlite;
 mod fuzz_envelope;
 mod health;
 mod hooks;
+mod leftovers;
 mod metrics;
 mod monitoring;
 mod notify;
