@@ -186,6 +186,10 @@ pub struct StoredBackup {
     /// The private key (default: [encryption] identity, else backupy.key beside the config).
     #[arg(long, value_name = "FILE")]
     identity: Option<PathBuf>,
+    /// Accept a backup whose manifest says `"encryption": "none"` although this config
+    /// encrypts its job: anyone who can write to the storage can plant such a backup.
+    #[arg(long)]
+    allow_plaintext: bool,
 }
 
 pub fn main() -> ExitCode {
@@ -236,12 +240,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),
         Command::List { config, job, json } => list(&config, job.as_deref(), json),
-        Command::Restore { stored: s, to, force } => {
-            restore(&s.config, &s.backup, s.job.as_deref(), &to, s.identity.as_deref(), force)
-        }
-        Command::Verify { stored: s } => {
-            verify(&s.config, &s.backup, s.job.as_deref(), s.identity.as_deref())
-        }
+        Command::Restore { stored: s, to, force } => restore(&s, &to, force),
+        Command::Verify { stored: s } => verify(&s),
         Command::Version { json } => {
             if json {
                 println!(
@@ -453,11 +453,39 @@ fn restore_key(cfg: &Config, identity: Option<&Path>, m: &Manifest) -> Result<Op
     )
 }
 
-fn verify(config: &Path, id: &str, job: Option<&str>, identity: Option<&Path>) -> Result<ExitCode> {
-    let cfg = Config::load(config)?;
+/// Refuses a plaintext backup of a job this config encrypts (issue 16.9): a store writer
+/// could otherwise plant a plaintext dump for a host that always encrypts. The config
+/// requires encryption for the backup's job when it defines that job without
+/// `encryption = "none"`, or, for a job it does not define, when it names a key at all.
+fn check_plaintext(cfg: &Config, m: &Manifest, allow_plaintext: bool) -> Result<()> {
+    if m.encryption != "none" || allow_plaintext {
+        return Ok(());
+    }
+    let required = match cfg.job(&m.job) {
+        Some(job) => !job.plaintext,
+        None => cfg.encryption.recipient.is_some() || cfg.encryption.key_file.is_some(),
+    };
+    if required {
+        bail!(
+            "backup {} ({}) is not encrypted (its manifest says \"encryption\": \"none\"), but {} encrypts job {:?}; \
+             refusing it, since anyone who can write to the storage can plant such a backup. \
+             Pass --allow-plaintext if you know this backup is genuine",
+            m.id,
+            m.object_key,
+            cfg.file.display(),
+            m.job
+        );
+    }
+    Ok(())
+}
+
+fn verify(s: &StoredBackup) -> Result<ExitCode> {
+    let cfg = Config::load(&s.config)?;
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
-    let m = find_backup(storage.manifests("").context("cannot list the storage")?, id, job)?;
-    let key = restore_key(&cfg, identity, &m)?;
+    let m =
+        find_backup(storage.manifests("").context("cannot list the storage")?, &s.backup, s.job.as_deref())?;
+    check_plaintext(&cfg, &m, s.allow_plaintext)?;
+    let key = restore_key(&cfg, s.identity.as_deref(), &m)?;
     match crate::verify::verify(&storage, &m, key.as_ref()) {
         Ok(v) => {
             println!(
@@ -470,19 +498,14 @@ fn verify(config: &Path, id: &str, job: Option<&str>, identity: Option<&Path>) -
     }
 }
 
-fn restore(
-    config: &Path,
-    id: &str,
-    job: Option<&str>,
-    to: &str,
-    identity: Option<&Path>,
-    force: bool,
-) -> Result<ExitCode> {
-    let cfg = Config::load(config)?;
+fn restore(s: &StoredBackup, to: &str, force: bool) -> Result<ExitCode> {
+    let cfg = Config::load(&s.config)?;
     crate::leftovers::clean_for(&cfg, false);
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
-    let m = find_backup(storage.manifests("").context("cannot list the storage")?, id, job)?;
-    let key = restore_key(&cfg, identity, &m)?;
+    let m =
+        find_backup(storage.manifests("").context("cannot list the storage")?, &s.backup, s.job.as_deref())?;
+    check_plaintext(&cfg, &m, s.allow_plaintext)?;
+    let key = restore_key(&cfg, s.identity.as_deref(), &m)?;
     let opts =
         crate::restore::RestoreOptions { to: to.to_string(), force, temp_dir: cfg.state_dir.join("tmp") };
     match crate::restore::restore(&storage, &m, key.as_ref(), &opts) {

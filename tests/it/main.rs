@@ -40,4 +40,5 @@ mod secrets_in_logs;
 mod selfupdate;
 mod session;
 mod standalone;
+mod trust_restore;
 mod wire_protocol;
