@@ -112,6 +112,11 @@ enum Command {
         /// Replace an existing file, or existing tables/collections/keys on the server.
         #[arg(long)]
         force: bool,
+        /// Apply the backup to the server while it is downloaded and decrypted, in one
+        /// pass, instead of checking the whole object first: a damaged or tampered
+        /// object is then found only part-way through the restore.
+        #[arg(long)]
+        no_preverify: bool,
     },
     /// Ask the running agent's /healthz (on BACKUPY_METRICS_LISTEN_ADDR); exit 0 when
     /// healthy, 1 otherwise. For Docker's HEALTHCHECK.
@@ -240,7 +245,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),
         Command::List { config, job, json } => list(&config, job.as_deref(), json),
-        Command::Restore { stored: s, to, force } => restore(&s, &to, force),
+        Command::Restore { stored: s, to, force, no_preverify } => restore(&s, &to, force, !no_preverify),
         Command::Verify { stored: s } => verify(&s),
         Command::Version { json } => {
             if json {
@@ -498,7 +503,7 @@ fn verify(s: &StoredBackup) -> Result<ExitCode> {
     }
 }
 
-fn restore(s: &StoredBackup, to: &str, force: bool) -> Result<ExitCode> {
+fn restore(s: &StoredBackup, to: &str, force: bool, preverify: bool) -> Result<ExitCode> {
     let cfg = Config::load(&s.config)?;
     crate::leftovers::clean_for(&cfg, false);
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
@@ -506,8 +511,12 @@ fn restore(s: &StoredBackup, to: &str, force: bool) -> Result<ExitCode> {
         find_backup(storage.manifests("").context("cannot list the storage")?, &s.backup, s.job.as_deref())?;
     check_plaintext(&cfg, &m, s.allow_plaintext)?;
     let key = restore_key(&cfg, s.identity.as_deref(), &m)?;
-    let opts =
-        crate::restore::RestoreOptions { to: to.to_string(), force, temp_dir: cfg.state_dir.join("tmp") };
+    let opts = crate::restore::RestoreOptions {
+        to: to.to_string(),
+        force,
+        temp_dir: cfg.state_dir.join("tmp"),
+        preverify,
+    };
     match crate::restore::restore(&storage, &m, key.as_ref(), &opts) {
         Ok(msg) => {
             println!("{msg}");

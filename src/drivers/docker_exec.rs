@@ -446,7 +446,14 @@ pub fn restore(
         Engine::PostgreSql => {
             let db = if spec.database.is_empty() { "postgres" } else { &spec.database };
             let user = if spec.username.is_empty() { "postgres" } else { &spec.username };
-            let mut cmd = d.cmd(&["pg_restore", "--no-password", "--exit-on-error", "--no-owner"]);
+            // One transaction, as for a restore over TCP: a failure rolls everything back.
+            let mut cmd = d.cmd(&[
+                "pg_restore",
+                "--no-password",
+                "--exit-on-error",
+                "--no-owner",
+                "--single-transaction",
+            ]);
             if replace {
                 cmd = cmd.arg("--clean").arg("--if-exists");
             }
