@@ -30,7 +30,7 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext, container: &str) -> Result<Dum
     let err = |m: String| DriverError::new(&spec.id, m);
     check_container_ref(container).map_err(err)?;
     let client = Client::from_env().map_err(|e| err(e.to_string()))?;
-    let d = Docker { client: &client, spec, container };
+    let d = Docker { client: &client, spec, container, cancel: &ctx.cancel };
     let (source, engine_version) = match spec.engine {
         Engine::PostgreSql => d.postgres(ctx)?,
         Engine::MySql | Engine::MariaDb => d.mysql()?,
@@ -49,6 +49,8 @@ struct Docker<'a> {
     client: &'a Client,
     spec: &'a TargetSpec,
     container: &'a str,
+    /// The run's cancel flag, watched by the waits before the dump starts (BGSAVE).
+    cancel: &'a crate::cancel::Cancel,
 }
 
 impl Docker<'_> {
@@ -247,6 +249,15 @@ impl Docker<'_> {
         let deadline = std::time::Instant::now() + SNAPSHOT_TIMEOUT;
         loop {
             std::thread::sleep(Duration::from_millis(200));
+            if self.cancel.is_cancelled() {
+                // The BGSAVE itself runs on in the server and ends by itself; only the
+                // wait for it is ours to stop.
+                return Err(self.err(format!(
+                    "stopped while waiting for BGSAVE inside container {} ({})",
+                    self.container,
+                    self.cancel.reason().map_or("cancelled".to_string(), |r| r.to_string())
+                )));
+            }
             let persistence = self.helper(&cli(&["INFO", "persistence"]))?;
             let in_progress = persistence.lines().any(|l| l.trim() == "rdb_bgsave_in_progress:1");
             if !in_progress && self.helper(&cli(&["LASTSAVE"]))? != before {
@@ -439,7 +450,8 @@ pub fn restore(
     let err = |m: String| DriverError::new(&spec.id, m);
     check_container_ref(container).map_err(err)?;
     let client = Client::from_env().map_err(|e| err(e.to_string()))?;
-    let d = Docker { client: &client, spec, container };
+    let no_cancel = crate::cancel::Cancel::default();
+    let d = Docker { client: &client, spec, container, cancel: &no_cancel };
     // Kept until the tool has exited: it reads the password from there.
     let _mongo_config: Option<Cleanup>;
     let cmd = match spec.engine {

@@ -752,3 +752,46 @@ fn a_tampered_object_restored_to_docker_fails_promptly_and_changes_nothing() {
         assert_eq!(pg_checksum(&mut pg.client("shop_copy")), before, "{extra:?}: the rows were replaced");
     }
 }
+
+/// Issue 16.6: a cancel reaches the wait for a BGSAVE inside the container (it used to
+/// wait up to an hour). Every key takes a second to save (`rdb-key-save-delay`), so the
+/// BGSAVE of these 501 keys cannot end during the test.
+#[test]
+fn a_cancel_stops_the_wait_for_a_bgsave_in_the_container_within_five_seconds() {
+    let _l = docker::shared_lock();
+    let (container, port, password, _data) = redis_in_docker();
+    let url = format!("redis://:{password}@127.0.0.1:{port}/");
+    let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("rdb-key-save-delay").arg("1000000").query(&mut c).unwrap();
+    let mut spec = TargetSpec::new("redis-in-docker", Engine::Redis);
+    spec.strategy = Strategy::DockerExec { container: container.name.clone() };
+    spec.host = "127.0.0.1".into();
+    spec.port = port;
+    spec.password = Some(Secret::new(password.clone()));
+    spec.options.insert("docker_redis_method".into(), "bgsave".into());
+    let dir = tempfile::tempdir().unwrap();
+    let cancel = backupy_agent::cancel::Cancel::default();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    {
+        let (cancel, root) = (cancel.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            let opts = db::RunOpts { cancel, ..Default::default() };
+            let _ = tx.send(db::backup(&spec, &storage(&root), &root, &opts).map(|_| ()));
+        });
+    }
+    wait_for("the agent's BGSAVE", Duration::from_secs(30), || {
+        let info: String = redis::cmd("INFO").arg("persistence").query(&mut c).unwrap();
+        info.lines().any(|l| l.trim() == "rdb_bgsave_in_progress:1")
+    });
+    let t0 = Instant::now();
+    cancel.cancel();
+    let result = rx.recv_timeout(Duration::from_secs(5));
+    // Let the server's BGSAVE finish at once, whatever happened.
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("rdb-key-save-delay").arg("0").query(&mut c).unwrap();
+    match result {
+        Ok(Err(e)) => assert!(e.contains("stopped while waiting for BGSAVE"), "{e}"),
+        Ok(Ok(())) => panic!("the backup succeeded although it was cancelled"),
+        Err(_) => panic!("the backup was still waiting for BGSAVE {:?} after the cancel", t0.elapsed()),
+    }
+}

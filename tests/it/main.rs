@@ -8,6 +8,7 @@ mod common;
 
 mod agent_cli;
 mod blob_vectors;
+mod cancel_sources;
 mod connected;
 mod crypto_format;
 mod decrypt_cli;
