@@ -202,3 +202,63 @@ fn a_planted_plaintext_backup_of_an_encrypted_job_is_refused() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(sqlite3(&to, "SELECT x FROM t"), "planted");
 }
+
+/// The MongoDB case of issue 16.4: a tampered object restored with --force into a
+/// database with documents of its own leaves them untouched (nothing reaches the server
+/// before the whole object is checked), and the error names the authentication failure.
+/// With --no-preverify the tool is killed and the error names the same cause (what
+/// mongorestore applied before stays, as the user guide says).
+#[test]
+fn a_tampered_object_never_reaches_mongodb() {
+    use mongodb::bson::{Document, doc};
+    let host = db::need("BACKUPY_TEST_SECANTUS_HOST", "mongo");
+    let port = db::need("BACKUPY_TEST_SECANTUS_PORT", "mongo");
+    let user = db::need("BACKUPY_TEST_SECANTUS_USER", "mongo");
+    let pw = db::need("BACKUPY_TEST_SECANTUS_PASSWORD", "mongo");
+    let client = mongodb::sync::Client::with_uri_str(db::need("BACKUPY_TEST_SECANTUS_URL", "mongo")).unwrap();
+    let src = db::unique("tmsrc");
+    let dst = db::unique("tmdst");
+    // Hex text from a simple generator: several MiB even after zstd.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let docs: Vec<Document> = (0..60_000)
+        .map(|i| {
+            let v: String = (0..6)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    format!("{x:016x}")
+                })
+                .collect();
+            doc! { "_id": i, "v": v }
+        })
+        .collect();
+    client.database(&src).collection::<Document>("people").insert_many(docs).run().unwrap();
+    let existing = client.database(&dst).collection::<Document>("people");
+    existing.insert_one(doc! { "_id": 1, "v": "existing" }).run().unwrap();
+    let url =
+        |db: &str| format!("mongodb://{user}@{host}:{port}/{db}?authSource=admin&directConnection=true");
+    let (dir, config) =
+        setup(&format!("type = \"mongodb\"\nurl = \"{}\"\npassword = \"env:TEST_MONGO_PW\"", url(&src)));
+    let env = [("TEST_MONGO_PW", pw.as_str()), ("BACKUPY_RESTORE_PASSWORD", "env:TEST_MONGO_PW")];
+    backup(&config, &env);
+    let object = stored_object(&dir.path().join("backups"));
+    let size = std::fs::metadata(&object).unwrap().len();
+    assert!(size > 2 << 20, "the object has {size} bytes: too few chunks for the test to mean anything");
+    flip_byte_near_end(&object, 5);
+
+    let out = restore(&config, &url(&dst), &env, &["--force"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("authentication failed") && err.contains("nothing was written"), "{err}");
+    let docs: Vec<Document> = existing.find(doc! {}).run().unwrap().collect::<Result<_, _>>().unwrap();
+    assert_eq!(docs, vec![doc! { "_id": 1, "v": "existing" }], "the existing documents are untouched");
+
+    let out = restore(&config, &url(&dst), &env, &["--force", "--no-preverify"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("authentication failed"), "the error names the cause: {err}");
+    for db in [&src, &dst] {
+        client.database(db).drop().run().unwrap();
+    }
+}
