@@ -39,7 +39,7 @@ pub struct RestoreOptions {
 /// What a one-pass restore into a server risks, logged and returned with the result.
 pub const NO_PREVERIFY_WARNING: &str = "--no-preverify: the backup is applied while it is downloaded and \
      decrypted; a damaged or tampered object is found only part-way through, and then PostgreSQL rolls \
-     back but MySQL/MariaDB, MongoDB and Redis keep what was applied before the failure";
+     back but MySQL/MariaDB and MongoDB keep what was applied before the failure";
 
 /// Restores `m`; returns a one-line description of what was restored where.
 pub fn restore(
