@@ -98,7 +98,9 @@ enum Command {
     },
     /// Restore a backup: SQLite to a file, Redis to a data directory or a server, the
     /// other engines into a server (password from the URL or BACKUPY_RESTORE_PASSWORD,
-    /// which takes env:/file: references).
+    /// which takes env:/file: references). Into a server, the whole object is first
+    /// downloaded to state_dir/tmp and checked (every chunk authenticated, SHA-256
+    /// against the manifest); only then is it applied (PostgreSQL in one transaction).
     #[command(
         after_help = "Examples:\n  backupy-agent restore --config backupy.toml --backup latest --job app-nightly --to ./restored.db\n  \
         BACKUPY_RESTORE_PASSWORD=env:PGPASS backupy-agent restore --config backupy.toml --backup 3f2c… --to postgres://postgres@127.0.0.1/app_restored"
