@@ -4,7 +4,9 @@
 //! the storage writer, hooks, and whoever may stop the run (the scheduler on a timeout or
 //! at shutdown, connected mode on a CancelJob, a signal in the CLI). It is a flag, not a
 //! channel: the stages poll it between buffers. The first reason set wins, so a run that
-//! timed out and was then shut down still reports that it timed out.
+//! timed out and was then shut down still reports that it timed out. [`on_cancel`]
+//! watches the flag on a thread of its own for work that blocks where nothing polls it
+//! (a driver waiting for a server before the pipeline starts).
 
 use std::fmt;
 use std::sync::Arc;
@@ -75,6 +77,33 @@ impl Cancel {
     }
 }
 
+/// Calls `stop` once, on a `cancel-watch` thread, as soon as `cancel` is set (checked
+/// every 100 ms), for as long as the returned guard lives. For work that blocks where no
+/// flag is polled: a socket read is ended by shutting the socket down.
+pub fn on_cancel(cancel: &Cancel, stop: impl FnOnce() + Send + 'static) -> std::io::Result<CancelWatch> {
+    let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+    let cancel = cancel.clone();
+    std::thread::Builder::new().name("cancel-watch".into()).spawn(move || {
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if cancel.is_cancelled() => {
+                    stop();
+                    return;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                // The guard was dropped: the work is over.
+                _ => return,
+            }
+        }
+    })?;
+    Ok(CancelWatch { _stop: tx })
+}
+
+/// Keeps an [`on_cancel`] watch alive; dropping it ends the watch.
+pub struct CancelWatch {
+    _stop: crossbeam_channel::Sender<()>,
+}
+
 impl fmt::Debug for Cancel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("Cancel").field(&self.reason()).finish()
@@ -96,5 +125,18 @@ mod tests {
         c.cancel();
         assert!(seen_by_a_stage.is_cancelled());
         assert_eq!(seen_by_a_stage.reason(), Some(CancelReason::TimedOut));
+    }
+
+    #[test]
+    fn a_watch_calls_its_stop_once_on_cancel_and_never_after_it_was_dropped() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let c = Cancel::default();
+        let tx2 = tx.clone();
+        let dropped = on_cancel(&c, move || tx2.send("dropped").unwrap()).unwrap();
+        drop(dropped);
+        let _kept = on_cancel(&c, move || tx.send("kept").unwrap()).unwrap();
+        c.cancel();
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Ok("kept"));
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(300)).is_err());
     }
 }

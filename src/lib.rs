@@ -33,6 +33,7 @@ pub mod env;
 pub mod health;
 pub mod hooks;
 pub mod interrupt;
+pub mod leftovers;
 pub mod logfwd;
 pub mod metrics;
 pub mod notify;

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub health_check_duration_seconds: HistogramVec,
     /// Outbox entries kept because they do not open with the agent key (issue 16).
     pub outbox_undecryptable_entries: IntGauge,
+    /// What the start-up cleanup removed of dead runs (`leftovers`), by kind.
+    pub leftovers_removed_total: IntCounterVec,
+    pub leftovers_removed_bytes_total: IntCounterVec,
     /// Set while the agent can do its job (standalone: the scheduler runs).
     pub ready: AtomicBool,
     /// Held while a run is recorded and while a scrape is gathered: a scrape shows whole
@@ -112,6 +115,14 @@ impl Metrics {
                 "outbox_undecryptable_entries",
                 "outbox entries kept unsent because they do not open with the agent key",
             ))?,
+            leftovers_removed_total: IntCounterVec::new(
+                n("leftovers_removed_total", "files of dead runs removed at start, by kind"),
+                &["kind"],
+            )?,
+            leftovers_removed_bytes_total: IntCounterVec::new(
+                n("leftovers_removed_bytes_total", "bytes of dead runs' files removed at start, by kind"),
+                &["kind"],
+            )?,
             ready: AtomicBool::new(false),
             whole_runs: Mutex::new(()),
             registry,
@@ -133,6 +144,8 @@ impl Metrics {
         r.register(Box::new(m.health_check_up.clone()))?;
         r.register(Box::new(m.health_check_duration_seconds.clone()))?;
         r.register(Box::new(m.outbox_undecryptable_entries.clone()))?;
+        r.register(Box::new(m.leftovers_removed_total.clone()))?;
+        r.register(Box::new(m.leftovers_removed_bytes_total.clone()))?;
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         m.up.set(1);
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);

@@ -2,17 +2,28 @@
 //! the manifest, decrypt, decompress, and hand the dump to its engine's restore — a file
 //! for SQLite (and a Redis data directory), the engine's own tool or protocol for servers.
 //! Runs on the caller's thread; the dump streams through in O(chunk) memory.
+//!
+//! A restore into a server is applied only after the whole object has been checked
+//! (issue 16.4): the stored bytes are downloaded once into a 0600 spool file in the state
+//! directory's `tmp` (ciphertext, unless the backup is unencrypted) while every chunk is
+//! authenticated, the dump decompressed, its magic checked and the SHA-256 compared with
+//! the manifest; only then is the spool decrypted again into the restore tool. Nothing
+//! reaches the server from an object that fails. `--no-preverify` streams in one pass;
+//! then a failure part-way kills the tool (its process group, or the exec in the
+//! container) before it sees the end of its input, and the error names the decrypt or
+//! verify cause. Files (SQLite, a Redis data directory) are always written under a
+//! temporary name and checked before they take their real name, so they need no spool.
 
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::config;
-use crate::crypto::KeySource;
-use crate::drivers::{self, Engine};
+use crate::crypto::{self, KeySource};
+use crate::drivers::{self, Engine, MAGIC_LEN, check_magic};
 use crate::secrets::redact_url;
 use crate::storage::{Manifest, Storage};
-use crate::verify::{Digested, OpenedBackup, check_digest, describe, open_backup};
+use crate::verify::{Digested, OpenedBackup, check_digest, describe, open_backup, open_stored};
 
 pub struct RestoreOptions {
     /// A file (SQLite), a data directory (Redis), or a server URL.
@@ -21,7 +32,14 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Where temporary files go.
     pub temp_dir: PathBuf,
+    /// Check the whole object before anything is written to a server (the default).
+    pub preverify: bool,
 }
+
+/// What a one-pass restore into a server risks, logged and returned with the result.
+pub const NO_PREVERIFY_WARNING: &str = "--no-preverify: the backup is applied while it is downloaded and \
+     decrypted; a damaged or tampered object is found only part-way through, and then PostgreSQL rolls \
+     back but MySQL/MariaDB and MongoDB keep what was applied before the failure";
 
 /// Restores `m`; returns a one-line description of what was restored where.
 pub fn restore(
@@ -30,18 +48,63 @@ pub fn restore(
     key: Option<&KeySource>,
     opts: &RestoreOptions,
 ) -> Result<String, String> {
-    let OpenedBackup { engine, mut dump, digest } = open_backup(storage, m, key)?;
-    if let Some(rest) = opts.to.strip_prefix("docker://") {
-        let spec = docker_target(engine, rest)?;
-        let drivers::Strategy::DockerExec { container } = &spec.strategy else { unreachable!() };
-        drivers::docker_exec::restore(&spec, container, &mut dump, opts.force).map_err(|e| e.to_string())?;
-        check_digest(&digest, m)?;
-        return Ok(format!("restored {} into container {container}", m.id));
-    }
+    let engine =
+        Engine::parse(&m.engine).ok_or_else(|| format!("manifest names unknown engine {:?}", m.engine))?;
+    let docker = opts.to.strip_prefix("docker://");
     let is_url = opts.to.contains("://");
-    match (engine, is_url) {
-        (Engine::Sqlite, false) => restore_file(&mut dump, Path::new(&opts.to), opts.force, &digest, m),
-        (Engine::Redis, false) => {
+    let into_server = docker.is_some() || (is_url && engine != Engine::Sqlite);
+    if !into_server {
+        if is_url {
+            return Err("a SQLite backup restores to a file path, not a URL".into());
+        }
+        let OpenedBackup { mut dump, digest, .. } = open_backup(storage, m, key)?;
+        return restore_to_path(engine, &mut dump, &digest, m, opts);
+    }
+    // Refuse a bad destination before anything is downloaded.
+    let spec = match docker {
+        Some(rest) => docker_target(engine, rest)?,
+        None => config::target_from_url("restore", engine, &opts.to)?,
+    };
+    let (mut dump, digest, _spool) = if opts.preverify {
+        let spool = preverify(storage, engine, m, key, &opts.temp_dir)?;
+        let file = spool.reopen().map_err(|e| format!("cannot reopen the verified copy: {e}"))?;
+        let (dump, digest) = open_stored(Box::new(file), m, key)?;
+        (dump, digest, Some(spool))
+    } else {
+        log::warn!("{NO_PREVERIFY_WARNING}");
+        let input =
+            storage.get(&m.object_key).map_err(|e| format!("cannot download {}: {e}", m.object_key))?;
+        let (dump, digest) = open_stored(input, m, key)?;
+        (dump, digest, None)
+    };
+    // The tool sees the end of its input only once the stored bytes matched the
+    // manifest: a mismatch is an input error, which stops the tool before it commits.
+    let mut checked = CheckedAtEnd { inner: &mut dump, digest: &digest, m, done: false };
+    let (result, place) = match &spec.strategy {
+        drivers::Strategy::DockerExec { container } => (
+            drivers::docker_exec::restore(&spec, container, &mut checked, opts.force)
+                .map_err(|e| e.to_string()),
+            format!("container {container}"),
+        ),
+        _ => (restore_to_server(engine, &spec, &mut checked, opts), redact_url(&opts.to)),
+    };
+    result?;
+    check_digest(&digest, m)?;
+    let how = if opts.preverify { "verified, then applied" } else { "applied in one pass (--no-preverify)" };
+    Ok(format!("restored {} into {place} ({how})", m.id))
+}
+
+/// SQLite to a file, Redis to a data directory.
+fn restore_to_path(
+    engine: Engine,
+    dump: &mut dyn Read,
+    digest: &Arc<Mutex<Digested>>,
+    m: &Manifest,
+    opts: &RestoreOptions,
+) -> Result<String, String> {
+    match engine {
+        Engine::Sqlite => restore_file(dump, Path::new(&opts.to), opts.force, digest, m),
+        Engine::Redis => {
             let dir = Path::new(&opts.to);
             let dest = dir.join("dump.rdb");
             if dest.exists() && !opts.force {
@@ -50,9 +113,9 @@ pub fn restore(
             // Written under a temporary name and checked against the manifest before it
             // takes the name redis-server loads.
             let tmp_name = format!(".dump.rdb.restore-{}", std::process::id());
-            let n = drivers::redis::restore_to_dir(&mut dump, dir, &tmp_name).map_err(|e| e.to_string())?;
+            let n = drivers::redis::restore_to_dir(dump, dir, &tmp_name).map_err(|e| e.to_string())?;
             let tmp = dir.join(&tmp_name);
-            if let Err(e) = check_digest(&digest, m) {
+            if let Err(e) = check_digest(digest, m) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
@@ -64,16 +127,78 @@ pub fn restore(
                 dir.display()
             ))
         }
-        (Engine::Sqlite, true) => Err("a SQLite backup restores to a file path, not a URL".into()),
-        (_, false) => {
-            Err(format!("a {engine} backup restores to a server URL, e.g. {}", example_url(engine)))
+        _ => Err(format!("a {engine} backup restores to a server URL, e.g. {}", example_url(engine))),
+    }
+}
+
+/// Downloads the object into a spool file while checking all of it: every chunk's
+/// authentication, the decompressed dump's magic, and the size and SHA-256 against the
+/// manifest. Returns the spool (deleted when dropped) only when everything held.
+fn preverify(
+    storage: &Storage,
+    engine: Engine,
+    m: &Manifest,
+    key: Option<&KeySource>,
+    temp_dir: &Path,
+) -> Result<tempfile::NamedTempFile, String> {
+    let fail = |e: String| format!("the backup failed verification, nothing was written to the server: {e}");
+    std::fs::create_dir_all(temp_dir).map_err(|e| format!("cannot create {}: {e}", temp_dir.display()))?;
+    let spool = tempfile::Builder::new()
+        .prefix(&crate::leftovers::tagged_prefix(crate::leftovers::RESTORE_SPOOL))
+        .tempfile_in(temp_dir)
+        .map_err(|e| format!("cannot create a spool file in {}: {e}", temp_dir.display()))?;
+    let copy = spool.as_file().try_clone().map_err(|e| format!("cannot open the spool file: {e}"))?;
+    let input = storage.get(&m.object_key).map_err(|e| format!("cannot download {}: {e}", m.object_key))?;
+    let tee = Tee { inner: input, copy: io::BufWriter::with_capacity(1 << 20, copy) };
+    let (mut dump, digest) = open_stored(Box::new(tee), m, key).map_err(fail)?;
+    let mut head = vec![0u8; MAGIC_LEN];
+    let n = crypto::read_up_to(&mut dump, &mut head).map_err(|e| fail(describe(e)))?;
+    head.truncate(n);
+    check_magic(engine, &head)
+        .map_err(|why| fail(format!("the dump is not a valid {engine} dump: {why}")))?;
+    io::copy(&mut dump, &mut io::sink()).map_err(|e| fail(describe(e)))?;
+    check_digest(&digest, m).map_err(fail)?;
+    drop(dump); // flushes the tee's buffer into the spool
+    spool.as_file().sync_all().map_err(|e| format!("cannot write the spool file: {e}"))?;
+    Ok(spool)
+}
+
+/// Copies every byte read into a file (the spool of [`preverify`]).
+struct Tee<R> {
+    inner: R,
+    copy: io::BufWriter<std::fs::File>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy
+            .write_all(&buf[..n])
+            .map_err(|e| io::Error::new(e.kind(), format!("writing the spool file: {e}")))?;
+        if n == 0 {
+            self.copy.flush()?;
         }
-        (_, true) => {
-            let spec = config::target_from_url("restore", engine, &opts.to)?;
-            restore_to_server(engine, &spec, &mut dump, opts)?;
-            check_digest(&digest, m)?;
-            Ok(format!("restored {} into {}", m.id, redact_url(&opts.to)))
+        Ok(n)
+    }
+}
+
+/// Turns the end of the dump into an error when the stored bytes do not match the
+/// manifest, so a restore tool never sees a clean end of input from a bad object.
+struct CheckedAtEnd<'a> {
+    inner: &'a mut Box<dyn Read>,
+    digest: &'a Arc<Mutex<Digested>>,
+    m: &'a Manifest,
+    done: bool,
+}
+
+impl Read for CheckedAtEnd<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf).map_err(|e| io::Error::new(e.kind(), describe(e)))?;
+        if n == 0 && !buf.is_empty() && !self.done {
+            check_digest(self.digest, self.m).map_err(io::Error::other)?;
+            self.done = true;
         }
+        Ok(n)
     }
 }
 
@@ -124,6 +249,9 @@ fn restore_to_server(
                 clean: opts.force,
                 no_owner: true,
                 temp_dir: temp,
+                // A failure part-way (a bad object with --no-preverify, a server error)
+                // rolls everything back instead of leaving tables half replaced.
+                single_transaction: true,
                 ..Default::default()
             },
         ),

@@ -295,6 +295,7 @@ fn backup(
     let ctx = drivers::DumpContext {
         temp_dir: plan.temp_dir.clone(),
         pipeline_compresses: plan.compression != Compression::None,
+        cancel: cancel.clone(),
     };
     let drivers::Dump { source, engine_version } = drivers::dump(&plan.target, &ctx)
         .map_err(|e| RunError::from_source(job, ErrorKind::Dump, e, cancel))?;

@@ -50,6 +50,7 @@ pub fn run(config: &Path) -> Result<Summary> {
     crate::env::Env::get().check().map_err(anyhow::Error::msg)?;
     let cfg = Arc::new(Config::load(config)?);
     let state = Arc::new(StateDb::open(&cfg.state_dir)?);
+    let leftovers = crate::leftovers::clean_for(&cfg, true);
     crate::selfupdate::on_start(&cfg.state_dir);
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
     if let Storage::S3(s3) = &storage {
@@ -80,6 +81,7 @@ pub fn run(config: &Path) -> Result<Summary> {
     let metrics = Metrics::new().context("cannot create the metrics registry")?;
     metrics.set_connection_state("standalone");
     metrics.init_jobs(cfg.jobs.iter().map(|j| j.id.as_str()), &history);
+    leftovers.record(&metrics);
     if let Some(addr) = &crate::env::Env::get().metrics_listen_addr {
         crate::metrics::serve(addr, metrics.clone(), cfg.state_dir.clone())
             .map_err(|e| anyhow::anyhow!(e))?;

@@ -69,6 +69,20 @@ pub fn open_backup(storage: &Storage, m: &Manifest, key: Option<&KeySource>) -> 
     let engine =
         Engine::parse(&m.engine).ok_or_else(|| format!("manifest names unknown engine {:?}", m.engine))?;
     let input = storage.get(&m.object_key).map_err(|e| format!("cannot download {}: {e}", m.object_key))?;
+    let (dump, digest) = open_stored(input, m, key)?;
+    Ok(OpenedBackup { engine, dump, digest })
+}
+
+/// A dump stream and the digest of the stored bytes read for it so far.
+pub type StoredStream = (Box<dyn Read>, Arc<Mutex<Digested>>);
+
+/// The stored bytes of `m` read from `input` (storage, or a local copy of them):
+/// decrypted when the manifest says so, decompressed, and hashed as they are read.
+pub fn open_stored(
+    input: Box<dyn Read + Send>,
+    m: &Manifest,
+    key: Option<&KeySource>,
+) -> Result<StoredStream, String> {
     let (hashing, digest) = HashingReader::new(input);
     let plain: Box<dyn Read> = match (m.encryption.as_str(), key) {
         ("none", _) => Box::new(hashing),
@@ -81,7 +95,7 @@ pub fn open_backup(storage: &Storage, m: &Manifest, key: Option<&KeySource>) -> 
         }
     };
     let (_, dump) = decompress_by_magic(plain).map_err(describe)?;
-    Ok(OpenedBackup { engine, dump, digest })
+    Ok((dump, digest))
 }
 
 /// Compares what was read with the manifest's size and SHA-256.

@@ -163,7 +163,9 @@ enum Command {
     },
     /// Restore a backup: SQLite to a file, Redis to a data directory or a server, the
     /// other engines into a server (password from the URL or BACKUPY_RESTORE_PASSWORD,
-    /// which takes env:/file: references).
+    /// which takes env:/file: references). Into a server, the whole object is first
+    /// downloaded to state_dir/tmp and checked (every chunk authenticated, SHA-256
+    /// against the manifest); only then is it applied (PostgreSQL in one transaction).
     #[command(after_help = help!(
         "Examples:\n  backupy-agent restore --config backupy.toml --backup latest --job app-nightly --to ./restored.db\n  \
         BACKUPY_RESTORE_PASSWORD=env:PGPASS backupy-agent restore --config backupy.toml --backup 3f2c… --to postgres://postgres@127.0.0.1/app_restored",
@@ -179,6 +181,11 @@ enum Command {
         /// Replace an existing file, or existing tables/collections/keys on the server.
         #[arg(long)]
         force: bool,
+        /// Apply the backup to the server while it is downloaded and decrypted, in one
+        /// pass, instead of checking the whole object first: a damaged or tampered
+        /// object is then found only part-way through the restore.
+        #[arg(long)]
+        no_preverify: bool,
     },
     /// Ask the running agent's /healthz (on BACKUPY_METRICS_LISTEN_ADDR); exit 0 when
     /// healthy, 1 otherwise. For Docker's HEALTHCHECK.
@@ -263,6 +270,10 @@ pub struct StoredBackup {
     /// The private key (default: [encryption] identity, else backupy.key beside the config).
     #[arg(long, value_name = "FILE")]
     identity: Option<PathBuf>,
+    /// Accept a backup whose manifest says `"encryption": "none"` although this config
+    /// encrypts its job: anyone who can write to the storage can plant such a backup.
+    #[arg(long)]
+    allow_plaintext: bool,
 }
 
 pub fn main() -> ExitCode {
@@ -313,12 +324,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Backup { config, job } => backup(&config, job.as_deref()),
         Command::Keygen { out } => keygen(&out).map(|_| ExitCode::SUCCESS),
         Command::List { config, job, json } => list(&config, job.as_deref(), json),
-        Command::Restore { stored: s, to, force } => {
-            restore(&s.config, &s.backup, s.job.as_deref(), &to, s.identity.as_deref(), force)
-        }
-        Command::Verify { stored: s } => {
-            verify(&s.config, &s.backup, s.job.as_deref(), s.identity.as_deref())
-        }
+        Command::Restore { stored: s, to, force, no_preverify } => restore(&s, &to, force, !no_preverify),
+        Command::Verify { stored: s } => verify(&s),
         Command::Version { json } => {
             if json {
                 println!(
@@ -383,6 +390,7 @@ fn self_update(
 
 fn backup(config: &Path, only: Option<&str>) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
+    crate::leftovers::clean_for(&cfg, false);
     let jobs: Vec<_> = match only {
         Some(id) => vec![cfg.job(id).with_context(|| {
             let known: Vec<&str> = cfg.jobs.iter().map(|j| j.id.as_str()).collect();
@@ -575,13 +583,41 @@ fn restore_key(cfg: &Config, identity: Option<&Path>, m: &Manifest) -> Result<Op
     )
 }
 
-fn verify(config: &Path, id: &str, job: Option<&str>, identity: Option<&Path>) -> Result<ExitCode> {
+/// Refuses a plaintext backup of a job this config encrypts (issue 16.9): a store writer
+/// could otherwise plant a plaintext dump for a host that always encrypts. The config
+/// requires encryption for the backup's job when it defines that job without
+/// `encryption = "none"`, or, for a job it does not define, when it names a key at all.
+fn check_plaintext(cfg: &Config, m: &Manifest, allow_plaintext: bool) -> Result<()> {
+    if m.encryption != "none" || allow_plaintext {
+        return Ok(());
+    }
+    let required = match cfg.job(&m.job) {
+        Some(job) => !job.plaintext,
+        None => cfg.encryption.recipient.is_some() || cfg.encryption.key_file.is_some(),
+    };
+    if required {
+        bail!(
+            "backup {} ({}) is not encrypted (its manifest says \"encryption\": \"none\"), but {} encrypts job {:?}; \
+             refusing it, since anyone who can write to the storage can plant such a backup. \
+             Pass --allow-plaintext if you know this backup is genuine",
+            m.id,
+            m.object_key,
+            cfg.file.display(),
+            m.job
+        );
+    }
+    Ok(())
+}
+
+fn verify(s: &StoredBackup) -> Result<ExitCode> {
     // Verify only reads: a signal has nothing to clean up.
     let _interrupt = Interrupt::exit_at_once("verifying", None)?;
-    let cfg = Config::load(config)?;
+    let cfg = Config::load(&s.config)?;
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
-    let m = find_backup(storage.manifests("").context("cannot list the storage")?, id, job)?;
-    let key = restore_key(&cfg, identity, &m)?;
+    let m =
+        find_backup(storage.manifests("").context("cannot list the storage")?, &s.backup, s.job.as_deref())?;
+    check_plaintext(&cfg, &m, s.allow_plaintext)?;
+    let key = restore_key(&cfg, s.identity.as_deref(), &m)?;
     match crate::verify::verify(&storage, &m, key.as_ref()) {
         Ok(v) => {
             println!(
@@ -594,20 +630,20 @@ fn verify(config: &Path, id: &str, job: Option<&str>, identity: Option<&Path>) -
     }
 }
 
-fn restore(
-    config: &Path,
-    id: &str,
-    job: Option<&str>,
-    to: &str,
-    identity: Option<&Path>,
-    force: bool,
-) -> Result<ExitCode> {
-    let cfg = Config::load(config)?;
+fn restore(s: &StoredBackup, to: &str, force: bool, preverify: bool) -> Result<ExitCode> {
+    let cfg = Config::load(&s.config)?;
+    crate::leftovers::clean_for(&cfg, false);
     let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
-    let m = find_backup(storage.manifests("").context("cannot list the storage")?, id, job)?;
-    let key = restore_key(&cfg, identity, &m)?;
-    let opts =
-        crate::restore::RestoreOptions { to: to.to_string(), force, temp_dir: cfg.state_dir.join("tmp") };
+    let m =
+        find_backup(storage.manifests("").context("cannot list the storage")?, &s.backup, s.job.as_deref())?;
+    check_plaintext(&cfg, &m, s.allow_plaintext)?;
+    let key = restore_key(&cfg, s.identity.as_deref(), &m)?;
+    let opts = crate::restore::RestoreOptions {
+        to: to.to_string(),
+        force,
+        temp_dir: cfg.state_dir.join("tmp"),
+        preverify,
+    };
     match crate::restore::restore(&storage, &m, key.as_ref(), &opts) {
         Ok(msg) => {
             println!("{msg}");

@@ -85,11 +85,14 @@ pub fn run_with(settings: Settings, stop: Receiver<i32>) -> Result<()> {
     crate::state::create_state_dir(&settings.state_dir)
         .with_context(|| format!("cannot create the state directory {}", settings.state_dir.display()))?;
     let state = Arc::new(StateDb::open(&settings.state_dir)?);
+    // Under the state lock: what a killed run left (secrets files, snapshots, spools).
+    let leftovers = crate::leftovers::clean(&settings.state_dir, None, true);
     let cipher = StateCipher::from_agent_key(&settings.agent_key);
     let outbox =
         Arc::new(Outbox::open(&settings.state_dir, settings.outbox_limits)?.sealed_with(cipher.clone()));
     let store = Store::open(&settings.state_dir, cipher)?;
     let metrics = Metrics::new().context("cannot create the metrics registry")?;
+    leftovers.record(&metrics);
     outbox.report_undecryptable_to(metrics.outbox_undecryptable_entries.clone());
     metrics.set_connection_state("disconnected");
     // The jobs the control plane ran here before: their last outcomes survive a restart.

@@ -26,6 +26,9 @@ use crate::pipeline::Source;
 use crate::pipeline::source::{RemoteProcess, STDERR_TAIL};
 use crate::secrets::Secret;
 
+/// How long a process whose feeding failed may take to end before it is given up on.
+const FAILED_FEED_WAIT: Duration = Duration::from_secs(30);
+
 /// A command to run inside a container.
 #[derive(Debug, Clone)]
 pub struct Command {
@@ -210,38 +213,69 @@ pub fn run(
     socket.set_read_timeout(timeout).map_err(|e| client.io_error("/exec/start", &e))?;
     let tail = stream.tail.clone();
     // The output is read on its own thread so that a process writing much while its
-    // stdin is fed can never block on us.
-    let reader = std::thread::Builder::new()
+    // stdin is fed can never block on us. It reports through a channel, so that the
+    // wait for it can have a deadline once feeding failed.
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<io::Result<Vec<u8>>>(1);
+    std::thread::Builder::new()
         .name("docker-exec-out".into())
-        .spawn(move || -> io::Result<Vec<u8>> {
+        .spawn(move || {
             let deadline = timeout.map(|t| Instant::now() + t);
             let mut stdout = Vec::new();
             let mut buf = [0u8; 64 << 10];
-            loop {
+            let result = loop {
                 match stream.read(&mut buf) {
-                    Ok(0) => return Ok(stdout),
+                    Ok(0) => break Ok(stdout),
                     Ok(n) => {
                         let keep = n.min(max_stdout.saturating_sub(stdout.len()));
                         stdout.extend_from_slice(&buf[..keep]);
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => break Err(e),
                 }
                 if deadline.is_some_and(|d| Instant::now() > d) {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+                    break Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
                 }
-            }
+            };
+            let _ = done_tx.send(result);
         })
         .map_err(|e| client.protocol("/exec/start", format!("cannot start a thread: {e}")))?;
+    let mut input_failed = None;
     let fed = stdin.map(|input| -> io::Result<u64> {
+        let mut watched = crate::drivers::exec::InputErrors { inner: input, error: None, bytes: 0 };
         let mut sock = &socket;
-        sock.set_write_timeout(None)?;
-        let n = io::copy(input, &mut sock)?;
-        // The half-close is what tells the process its stdin ended.
-        socket.shutdown(std::net::Shutdown::Write)?;
-        Ok(n)
+        let copied = sock.set_write_timeout(None).and_then(|_| io::copy(&mut watched, &mut sock));
+        input_failed = watched.error.take().map(|e| (watched.bytes, e));
+        // The half-close is what tells the process its stdin ended; it is sent also
+        // when the copy failed, so that nothing waits for more input for ever.
+        let _ = socket.shutdown(std::net::Shutdown::Write);
+        copied
     });
-    let read = reader.join().unwrap_or_else(|_| Err(io::Error::other("output thread panicked")));
+    if let Some((bytes, e)) = input_failed {
+        // The input failed part-way (a chunk that does not authenticate, a SHA-256
+        // mismatch): kill the process before it can take the cut for the end of its
+        // input, then drop the connection, which ends the output thread.
+        remote.kill();
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+        let _ = done_rx.recv_timeout(FAILED_FEED_WAIT);
+        return Err(client.protocol(
+            "/exec/start",
+            format!(
+                "reading the backup failed after {bytes} bytes had gone to {} in container {}, which was \
+                 killed before it could finish: {}",
+                cmd.program(),
+                cmd.container,
+                crate::drivers::exec::input_cause(&e)
+            ),
+        ));
+    }
+    let read = match fed {
+        // The process stopped reading (it exited or broke): its output ends soon, or
+        // it is killed.
+        Some(Err(_)) => done_rx.recv_timeout(FAILED_FEED_WAIT).unwrap_or_else(|_| {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "it stopped reading its input but did not exit"))
+        }),
+        _ => done_rx.recv().unwrap_or_else(|_| Err(io::Error::other("output thread panicked"))),
+    };
     let stdout = match read {
         Ok(out) => out,
         Err(e) => {

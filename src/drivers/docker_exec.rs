@@ -30,7 +30,7 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext, container: &str) -> Result<Dum
     let err = |m: String| DriverError::new(&spec.id, m);
     check_container_ref(container).map_err(err)?;
     let client = Client::from_env().map_err(|e| err(e.to_string()))?;
-    let d = Docker { client: &client, spec, container };
+    let d = Docker { client: &client, spec, container, cancel: &ctx.cancel };
     let (source, engine_version) = match spec.engine {
         Engine::PostgreSql => d.postgres(ctx)?,
         Engine::MySql | Engine::MariaDb => d.mysql()?,
@@ -49,6 +49,8 @@ struct Docker<'a> {
     client: &'a Client,
     spec: &'a TargetSpec,
     container: &'a str,
+    /// The run's cancel flag, watched by the waits before the dump starts (BGSAVE).
+    cancel: &'a crate::cancel::Cancel,
 }
 
 impl Docker<'_> {
@@ -247,6 +249,15 @@ impl Docker<'_> {
         let deadline = std::time::Instant::now() + SNAPSHOT_TIMEOUT;
         loop {
             std::thread::sleep(Duration::from_millis(200));
+            if self.cancel.is_cancelled() {
+                // The BGSAVE itself runs on in the server and ends by itself; only the
+                // wait for it is ours to stop.
+                return Err(self.err(format!(
+                    "stopped while waiting for BGSAVE inside container {} ({})",
+                    self.container,
+                    self.cancel.reason().map_or("cancelled".to_string(), |r| r.to_string())
+                )));
+            }
             let persistence = self.helper(&cli(&["INFO", "persistence"]))?;
             let in_progress = persistence.lines().any(|l| l.trim() == "rdb_bgsave_in_progress:1");
             if !in_progress && self.helper(&cli(&["LASTSAVE"]))? != before {
@@ -326,14 +337,15 @@ impl Docker<'_> {
             .unwrap_or_else(|| "MongoDB".to_string());
         let (cmd, cleanup) = self.mongo_tool(self.cmd(&["mongodump", "--archive", "--quiet"]))?;
         let cmd = if spec.database.is_empty() { cmd } else { cmd.arg(format!("--db={}", spec.database)) };
-        let source = self.source(&cmd, "mongodump")?;
-        Ok((
-            match cleanup {
-                Some(c) => source.with_guard(c),
-                None => source,
-            },
-            version,
-        ))
+        let mut source = self.source(&cmd, "mongodump")?;
+        if let Some(c) = cleanup {
+            // mongodump has read its config (the password) once it writes its first byte:
+            // the file goes then, not at the end of the dump, so that an agent killed
+            // mid-dump leaves it in the container for seconds at most, not for good.
+            let inner = std::mem::replace(&mut source.reader, Box::new(std::io::empty()));
+            source.reader = Box::new(DropAfterFirstByte { inner, guard: Some(c) });
+        }
+        Ok((source, version))
     }
 
     /// A MongoDB tool's connection arguments, and with a password the 0600 config file
@@ -386,6 +398,22 @@ fn redis_cli_streams_rdb(version_line: &str) -> bool {
         .is_some_and(|major| major >= 7)
 }
 
+/// Passes reads through and drops `guard` once the first byte came (or with itself).
+struct DropAfterFirstByte<G> {
+    inner: Box<dyn std::io::Read + Send>,
+    guard: Option<G>,
+}
+
+impl<G> std::io::Read for DropAfterFirstByte<G> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.guard.take();
+        }
+        Ok(n)
+    }
+}
+
 /// Removes a file inside the container when dropped (a snapshot, a secret config).
 struct Cleanup {
     client: Client,
@@ -422,14 +450,22 @@ pub fn restore(
     let err = |m: String| DriverError::new(&spec.id, m);
     check_container_ref(container).map_err(err)?;
     let client = Client::from_env().map_err(|e| err(e.to_string()))?;
-    let d = Docker { client: &client, spec, container };
+    let no_cancel = crate::cancel::Cancel::default();
+    let d = Docker { client: &client, spec, container, cancel: &no_cancel };
     // Kept until the tool has exited: it reads the password from there.
     let _mongo_config: Option<Cleanup>;
     let cmd = match spec.engine {
         Engine::PostgreSql => {
             let db = if spec.database.is_empty() { "postgres" } else { &spec.database };
             let user = if spec.username.is_empty() { "postgres" } else { &spec.username };
-            let mut cmd = d.cmd(&["pg_restore", "--no-password", "--exit-on-error", "--no-owner"]);
+            // One transaction, as for a restore over TCP: a failure rolls everything back.
+            let mut cmd = d.cmd(&[
+                "pg_restore",
+                "--no-password",
+                "--exit-on-error",
+                "--no-owner",
+                "--single-transaction",
+            ]);
             if replace {
                 cmd = cmd.arg("--clean").arg("--if-exists");
             }

@@ -42,7 +42,9 @@ pub fn find_tool(names: &[&str]) -> Option<PathBuf> {
     })
 }
 
-/// A private temporary directory (0700) for secret files, removed on drop.
+/// A private temporary directory (0700) for secret files, removed on drop. Its name
+/// carries this process's owner tag, so that the next start removes it after a crash
+/// (`leftovers`).
 pub struct PrivateDir {
     dir: tempfile::TempDir,
 }
@@ -50,7 +52,9 @@ pub struct PrivateDir {
 impl PrivateDir {
     pub fn new(parent: &Path) -> io::Result<Self> {
         fs::create_dir_all(parent)?;
-        let dir = tempfile::Builder::new().prefix(".backupy-secrets-").tempdir_in(parent)?;
+        let dir = tempfile::Builder::new()
+            .prefix(&crate::leftovers::tagged_prefix(crate::leftovers::SECRETS_DIR))
+            .tempdir_in(parent)?;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))?;
         Ok(Self { dir })
     }
@@ -70,17 +74,38 @@ impl PrivateDir {
 }
 
 /// Runs `cmd` (in its own process group) with `input` on its stdin; a non-zero exit is
-/// an error carrying the stderr tail.
+/// an error carrying the stderr tail. When reading `input` fails (a chunk that does not
+/// authenticate, a SHA-256 mismatch), the child's whole group is killed before its stdin
+/// is closed, so it never takes the cut as the end of its input, and the error names
+/// the input's cause rather than the tool's "unexpected end of file".
 pub fn feed(name: &str, mut cmd: Command, input: &mut dyn Read) -> Result<(), String> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
     let mut child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
-    let stderr = child.stderr.take().expect("stderr was piped");
+    let pgid = child.id() as i32;
+    let (Some(stderr), Some(mut stdin)) = (child.stderr.take(), child.stdin.take()) else {
+        kill_group(pgid);
+        let _ = child.wait();
+        return Err(format!("cannot start {name}: its stdin or stderr was not captured"));
+    };
     let tail = std::thread::Builder::new()
         .name("restore-stderr".into())
         .spawn(move || tail_of(stderr, STDERR_TAIL))
         .map_err(|e| format!("cannot start a thread: {e}"))?;
-    let mut stdin = child.stdin.take().expect("stdin was piped");
-    let copied = io::copy(input, &mut stdin);
+    let mut watched = InputErrors { inner: input, error: None, bytes: 0 };
+    let copied = io::copy(&mut watched, &mut stdin);
+    if let Some(e) = watched.error.take() {
+        // The child is still running (unreaped), so its pid is still its group's id.
+        kill_group(pgid);
+        drop(stdin);
+        let _ = child.wait();
+        let _ = tail.join();
+        return Err(format!(
+            "reading the backup failed after {} bytes had gone to {name}, which was killed before it \
+             could finish: {}",
+            watched.bytes,
+            input_cause(&e)
+        ));
+    }
     drop(stdin);
     let status = child.wait().map_err(|e| format!("waiting for {name}: {e}"))?;
     let tail = String::from_utf8_lossy(&tail.join().unwrap_or_default()).trim().to_string();
@@ -91,4 +116,42 @@ pub fn feed(name: &str, mut cmd: Command, input: &mut dyn Read) -> Result<(), St
     // A child that exits 0 without reading all its input would silently drop data.
     copied.map_err(|e| format!("feeding {name}: {e}{suffix}"))?;
     Ok(())
+}
+
+/// The words of an input error: the format error's own, when there is one.
+pub fn input_cause(e: &io::Error) -> String {
+    match crate::crypto::find_error(e) {
+        Some(c) => c.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Remembers the first error of the reader it wraps, to tell it from a write error.
+pub struct InputErrors<'a> {
+    pub inner: &'a mut dyn Read,
+    pub error: Option<io::Error>,
+    pub bytes: u64,
+}
+
+impl Read for InputErrors<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.bytes += n as u64;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                let copy = io::Error::new(e.kind(), input_cause(&e));
+                self.error = Some(e);
+                Err(copy)
+            }
+        }
+    }
+}
+
+pub fn kill_group(pgid: i32) {
+    // SAFETY: kill(2) on the process group a child of ours leads (spawned with
+    // process_group(0)); no memory-safety preconditions.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
 }

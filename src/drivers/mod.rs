@@ -180,6 +180,9 @@ pub struct DumpContext {
     pub temp_dir: PathBuf,
     /// The pipeline compresses: the tool must not compress too.
     pub pipeline_compresses: bool,
+    /// The run's cancel flag: drivers that wait before the first byte (a snapshot, a
+    /// server preparing its RDB) stop within a few seconds when it is set.
+    pub cancel: crate::cancel::Cancel,
 }
 
 /// Which engines can really be backed up from this host, and with what: the capability
@@ -203,7 +206,12 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     }
     match spec.engine {
         Engine::Sqlite => Ok(Dump {
-            source: sqlite::snapshot(&spec.id, std::path::Path::new(&spec.database), &ctx.temp_dir)?,
+            source: sqlite::snapshot(
+                &spec.id,
+                std::path::Path::new(&spec.database),
+                &ctx.temp_dir,
+                &ctx.cancel,
+            )?,
             engine_version: sqlite::engine_version(),
         }),
         Engine::PostgreSql => postgres::dump(spec, ctx),

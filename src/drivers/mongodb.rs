@@ -439,6 +439,7 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
         cursor: None,
         current: None,
         done: false,
+        cancel: ctx.cancel.clone(),
     };
     let source = Source::from_reader(name, stream)
         .with_magic(MAGIC_LEN, Box::new(|head| check_magic(Engine::MongoDb, head)))
@@ -486,13 +487,30 @@ struct NativeArchive {
     /// "db.collection" being read, for error messages.
     current: Option<String>,
     done: bool,
+    /// The run's cancel flag, checked per document: one `fill` can read many server
+    /// batches of small documents before it returns to the pipeline.
+    cancel: crate::cancel::Cancel,
 }
 
 impl NativeArchive {
     fn fill(&mut self) -> io::Result<()> {
+        let stopped = |cancel: &crate::cancel::Cancel| {
+            io::Error::other(format!(
+                "the native dump was stopped ({})",
+                cancel.reason().map_or("cancelled".to_string(), |r| r.to_string())
+            ))
+        };
+        if self.cancel.is_cancelled() {
+            // Dropping the cursor (with the reader) kills it on the server.
+            self.cursor = None;
+            return Err(stopped(&self.cancel));
+        }
         if let Some(cursor) = &mut self.cursor {
             let ns = self.current.as_deref().unwrap_or_default();
             while self.writer.get_mut().len() < FILL_TARGET {
+                if self.cancel.is_cancelled() {
+                    return Err(stopped(&self.cancel));
+                }
                 if !cursor.advance().map_err(|e| self.conn.io_error(&format!("reading {ns}"), &e))? {
                     self.cursor = None;
                     self.current = None;

@@ -54,6 +54,9 @@ pub struct PgRestoreOptions {
     pub no_owner: bool,
     /// Where the private passfile directory goes; the system temp dir when `None`.
     pub temp_dir: Option<PathBuf>,
+    /// Restore in one transaction (`--single-transaction`): a failure, or a kill because
+    /// the input failed, leaves the database as it was. Not with `create`.
+    pub single_transaction: bool,
 }
 
 /// What the server said before the dump started.
@@ -114,6 +117,9 @@ pub fn restore(spec: &TargetSpec, input: &mut dyn Read, opts: &PgRestoreOptions)
     }
     if opts.no_owner {
         cmd.arg("--no-owner");
+    }
+    if opts.single_transaction && !opts.create {
+        cmd.arg("--single-transaction");
     }
     cmd.arg(format!("--dbname={}", conninfo(spec, &spec.database, &sslmode)));
     // `dir` (the passfile) lives until pg_restore has exited.

@@ -69,11 +69,34 @@ const TLS_UNSUPPORTED: &str = "TLS (tls = \"true\") is not supported for Redis t
      reach the server through a local TLS tunnel (e.g. stunnel or spiped) and point the target at the tunnel";
 
 /// Starts streaming an RDB snapshot of `spec` over the replication protocol.
-pub fn dump(spec: &TargetSpec, _ctx: &DumpContext) -> Result<Dump, DriverError> {
+///
+/// The master may prepare the snapshot for a long time (a BGSAVE, sending keep-alive
+/// newlines meanwhile), and may stall mid-stream: a cancel or timeout of the run shuts
+/// the socket down, which ends a blocked read at once, before and during the stream.
+pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    let mut session = Session::open(spec).map_err(err)?;
-    let version = session.server_version().map_err(err)?;
-    let payload = session.start_sync().map_err(err)?;
+    let conn = connect(spec).map_err(err)?;
+    let stop = conn.stopper().map_err(|e| err(format!("cannot watch the connection: {e}")))?;
+    let watch = {
+        let stop = stop.clone();
+        crate::cancel::on_cancel(&ctx.cancel, move || stop())
+            .map_err(|e| err(format!("cannot start a thread: {e}")))?
+    };
+    let cancelled = |m: String| {
+        if ctx.cancel.is_cancelled() {
+            err(format!(
+                "stopped while waiting for the snapshot ({}): {m}",
+                ctx.cancel.reason().map_or("cancelled".to_string(), |r| r.to_string())
+            ))
+        } else {
+            err(m)
+        }
+    };
+    let endpoint = endpoint(spec);
+    let mut session = Session::new(conn, endpoint.clone());
+    session.authenticate(spec).map_err(|m| cancelled(format!("{endpoint}: {m}")))?;
+    let version = session.server_version().map_err(cancelled)?;
+    let payload = session.start_sync().map_err(cancelled)?;
     let size = match payload {
         Payload::Bulk(len) => Some(len),
         Payload::Mark(_) => None,
@@ -83,7 +106,9 @@ pub fn dump(spec: &TargetSpec, _ctx: &DumpContext) -> Result<Dump, DriverError> 
     Ok(Dump {
         source: Source::from_reader(name, reader)
             .with_magic(MAGIC_LEN, Box::new(|head| check_magic(Engine::Redis, head)))
-            .with_size_hint(size),
+            .with_size_hint(size)
+            .with_guard(watch)
+            .with_abort(stop),
         engine_version: engine_version(&version),
     })
 }
@@ -112,6 +137,24 @@ enum Conn {
 }
 
 impl Conn {
+    /// Shuts the connection down from any thread: a blocked read returns at once.
+    fn stopper(&self) -> io::Result<std::sync::Arc<dyn Fn() + Send + Sync>> {
+        Ok(match self {
+            Conn::Tcp(s) => {
+                let s = s.try_clone()?;
+                std::sync::Arc::new(move || {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                })
+            }
+            Conn::Unix(s) => {
+                let s = s.try_clone()?;
+                std::sync::Arc::new(move || {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                })
+            }
+        })
+    }
+
     fn set_idle_timeout(&self, t: Duration) -> io::Result<()> {
         match self {
             Conn::Tcp(s) => s.set_read_timeout(Some(t)).and_then(|_| s.set_write_timeout(Some(t))),

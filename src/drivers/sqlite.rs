@@ -1,6 +1,7 @@
 //! SQLite through its online backup API: a consistent snapshot copied in one backup
 //! step (so concurrent writers cannot make it inconsistent) into a 0600 temporary file
-//! in the state directory, streamed by the pipeline and deleted once the dump stage has read it.
+//! in the state directory, streamed by the pipeline and deleted once the dump stage has read it
+//! (or, after a crash, at the next start: its name carries the owner tag of `leftovers`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 use super::{DriverError, Engine, MAGIC_LEN, check_magic};
+use crate::cancel::Cancel;
 use crate::pipeline::Source;
 
 /// "SQLite <version>" of the library that takes the snapshot.
@@ -15,8 +17,22 @@ pub fn engine_version() -> String {
     format!("SQLite {}", rusqlite::version())
 }
 
+/// Pages copied per backup step: between steps the run's cancel flag is checked, so a
+/// cancel or timeout stops even the snapshot of a large database within a second or so.
+const STEP_PAGES: i32 = 4096;
+/// How long one attempt to take the read lock waits before the cancel flag is checked
+/// again; the whole wait is bounded by [`LOCK_WAIT`].
+const BUSY_SLICE: Duration = Duration::from_millis(200);
+/// How long the database may stay locked by other connections before the run fails.
+const LOCK_WAIT: Duration = Duration::from_secs(300);
+
 /// Takes a snapshot of the database at `path` and returns it as a pipeline source.
-pub fn snapshot(target: &str, path: &Path, temp_dir: &Path) -> Result<Source, DriverError> {
+///
+/// The source connection holds one read transaction over the whole copy, so the
+/// snapshot is consistent although it is copied in steps: the backup never restarts,
+/// and other connections' writes are not in it. A cancel of the run is checked between
+/// steps and while the database is locked by someone else.
+pub fn snapshot(target: &str, path: &Path, temp_dir: &Path, cancel: &Cancel) -> Result<Source, DriverError> {
     let err = |m: String| DriverError::new(target, m);
     let meta = std::fs::metadata(path).map_err(|e| {
         err(if e.kind() == std::io::ErrorKind::NotFound {
@@ -31,12 +47,44 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path) -> Result<Source, Dr
     let src =
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
-    src.busy_timeout(Duration::from_secs(30)).map_err(|e| err(format!("cannot set busy timeout: {e}")))?;
+    src.busy_timeout(BUSY_SLICE).map_err(|e| err(format!("cannot set busy timeout: {e}")))?;
+    let stopped = || {
+        err(format!(
+            "the snapshot of {} was stopped ({})",
+            path.display(),
+            cancel.reason().map_or("cancelled".to_string(), |r| r.to_string())
+        ))
+    };
+    // The read transaction that keeps the copy consistent across steps. A writer that
+    // holds the database locked makes this wait, in slices, watching the cancel flag.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(stopped());
+        }
+        let begun = src
+            .execute_batch("BEGIN")
+            .and_then(|_| src.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)));
+        match begun {
+            Ok(_) => break,
+            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                let _ = src.execute_batch("ROLLBACK");
+            }
+            Err(e) if is_busy(&e) => {
+                return Err(err(format!(
+                    "{} stayed locked by other connections for {} minutes",
+                    path.display(),
+                    LOCK_WAIT.as_secs() / 60
+                )));
+            }
+            Err(e) => return Err(err(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
 
     std::fs::create_dir_all(temp_dir)
         .map_err(|e| err(format!("cannot create temporary directory {}: {e}", temp_dir.display())))?;
     let snapshot = tempfile::Builder::new()
-        .prefix(".sqlite-snapshot-")
+        .prefix(&crate::leftovers::tagged_prefix(crate::leftovers::SQLITE_SNAPSHOT))
         .tempfile_in(temp_dir)
         .map_err(|e| err(format!("cannot create a snapshot file in {}: {e}", temp_dir.display())))?;
     {
@@ -44,30 +92,42 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path) -> Result<Source, Dr
             .map_err(|e| err(format!("cannot open snapshot file {}: {e}", snapshot.path().display())))?;
         let backup = rusqlite::backup::Backup::new(&src, &mut dst)
             .map_err(|e| err(format!("cannot start the online backup of {}: {e}", path.display())))?;
-        // -1 copies every page in one step while holding the read lock: a consistent
-        // snapshot. Smaller steps would restart whenever another connection writes.
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        // Steps of STEP_PAGES pages inside the read transaction begun above: the same
+        // consistent state throughout, and a cancel is seen between steps.
         loop {
             use rusqlite::backup::StepResult;
+            if cancel.is_cancelled() {
+                return Err(stopped());
+            }
             match backup
-                .step(-1)
+                .step(STEP_PAGES)
                 .map_err(|e| err(format!("online backup of {} failed: {e}", path.display())))?
             {
                 StepResult::Done => break,
+                StepResult::More => {}
                 _ if std::time::Instant::now() > deadline => {
                     return Err(err(format!(
-                        "online backup of {} stayed locked by other connections for 5 minutes",
-                        path.display()
+                        "online backup of {} stayed locked by other connections for {} minutes",
+                        path.display(),
+                        LOCK_WAIT.as_secs() / 60
                     )));
                 }
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
         }
     }
+    let _ = src.execute_batch("COMMIT");
     let file = snapshot.reopen().map_err(|e| err(format!("cannot read snapshot file: {e}")))?;
     let size = file.metadata().map(|m| m.len()).ok();
     Ok(Source::from_reader(format!("sqlite snapshot of {}", path.display()), file)
         .with_magic(MAGIC_LEN, Box::new(|head| check_magic(Engine::Sqlite, head)))
         .with_size_hint(size)
         .with_guard(snapshot))
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy) | Some(rusqlite::ErrorCode::DatabaseLocked)
+    )
 }

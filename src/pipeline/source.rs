@@ -27,9 +27,12 @@ pub struct Source {
     pub size_hint: Option<u64>,
     /// Kept alive until the dump stage has read everything (e.g. a snapshot file that
     /// is deleted on drop).
-    pub(crate) _guard: Option<Box<dyn Send>>,
+    pub(crate) _guard: Vec<Box<dyn Send>>,
     /// A producer that is not a local child (a command inside a container).
     pub(crate) remote: Option<RemoteProcess>,
+    /// How to stop a native reader blocked in a read (shut its socket down), called on
+    /// failure or cancel like the child's group kill.
+    pub(crate) abort: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// A process outside this host's process table (a command run inside a container): how
@@ -50,8 +53,9 @@ impl Source {
             child: None,
             magic: None,
             size_hint: None,
-            _guard: None,
+            _guard: Vec::new(),
             remote: None,
+            abort: None,
         }
     }
 
@@ -77,8 +81,9 @@ impl Source {
             }),
             magic: None,
             size_hint: None,
-            _guard: None,
+            _guard: Vec::new(),
             remote: None,
+            abort: None,
         })
     }
 
@@ -92,8 +97,15 @@ impl Source {
         self
     }
 
+    /// Keeps `guard` alive as long as the source (several guards may be added).
     pub fn with_guard(mut self, guard: impl Send + 'static) -> Self {
-        self._guard = Some(Box::new(guard));
+        self._guard.push(Box::new(guard));
+        self
+    }
+
+    /// What stops a native reader that is blocked in a read (e.g. shuts its socket down).
+    pub fn with_abort(mut self, abort: Arc<dyn Fn() + Send + Sync>) -> Self {
+        self.abort = Some(abort);
         self
     }
 
@@ -108,6 +120,7 @@ impl Source {
             pid: self.child.as_ref().map(|c| c.child.id() as i32),
             reaped: self.child.as_ref().map(|c| c.reaped.clone()),
             remote: self.remote.as_ref().map(|r| r.kill.clone()),
+            native: self.abort.clone(),
         }
     }
 }
@@ -156,6 +169,7 @@ pub(crate) struct SourceAbort {
     pid: Option<i32>,
     reaped: Option<Arc<AtomicBool>>,
     remote: Option<Arc<dyn Fn() + Send + Sync>>,
+    native: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl SourceAbort {
@@ -168,6 +182,9 @@ impl SourceAbort {
         }
         if let Some(kill) = &self.remote {
             kill();
+        }
+        if let Some(abort) = &self.native {
+            abort();
         }
     }
 }

@@ -126,7 +126,8 @@ impl DirObjectWriter {
             io::Error::new(e.kind(), format!("cannot create directory {}: {e}", dir.display()))
         })?;
         let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let temp_path = dir.join(format!(".{name}.partial"));
+        // Tagged with this process, so the next start removes it if we die (`leftovers`).
+        let temp_path = dir.join(crate::leftovers::partial_name(&name));
         let file = OpenOptions::new()
             .write(true)
             .create(true)

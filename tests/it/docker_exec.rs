@@ -353,16 +353,9 @@ fn sigint_on_the_backup_command_during_an_exec_dump_exits_130_and_leaves_nothing
     assert_eq!(status, "cancelled");
 }
 
-#[test]
-fn toml_docker_exec_target_backs_up_and_restores_to_docker_url_through_the_cli() {
-    let _l = docker::shared_lock();
-    let pg = postgres_in_docker("pg-cli");
-    let mut admin = pg.client("postgres");
-    admin.batch_execute("CREATE DATABASE shop").unwrap();
-    admin.batch_execute("CREATE DATABASE shop_copy").unwrap();
-    let mut shop = pg.client("shop");
-    shop.batch_execute("CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b')")
-        .unwrap();
+/// A standalone config whose one job backs up database `shop` of `pg` through
+/// DOCKER_EXEC, encrypted to a key pair beside it (password from `PG_IN_DOCKER`).
+fn pg_docker_config(pg: &PgInDocker) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let (_key, recipient) = keygen(dir.path());
     let config = dir.path().join("backupy.toml");
@@ -377,6 +370,20 @@ fn toml_docker_exec_target_backs_up_and_restores_to_docker_url_through_the_cli()
         ),
     )
     .unwrap();
+    (dir, config)
+}
+
+#[test]
+fn toml_docker_exec_target_backs_up_and_restores_to_docker_url_through_the_cli() {
+    let _l = docker::shared_lock();
+    let pg = postgres_in_docker("pg-cli");
+    let mut admin = pg.client("postgres");
+    admin.batch_execute("CREATE DATABASE shop").unwrap();
+    admin.batch_execute("CREATE DATABASE shop_copy").unwrap();
+    let mut shop = pg.client("shop");
+    shop.batch_execute("CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+        .unwrap();
+    let (_dir, config) = pg_docker_config(&pg);
     let env = |c: &mut Command| {
         c.env("PG_IN_DOCKER", &pg.password)
             .env("BACKUPY_DOCKER_SOCKET", docker::socket())
@@ -726,4 +733,119 @@ for a in "$@"; do case $a in --config=*) f=${a#--config=}; cp "$f" /srv/log/$(ba
     assert!(!argv.contains(&password), "{argv}");
     assert_eq!(read("mongorestore.config"), format!("password: \"{password}\"\n"));
     assert_eq!(docker_ok(&["exec", &container.name, "ls", "-A", "/tmp"]), "");
+}
+
+/// Issue 16.4: a tampered object restored with `--no-preverify` to `docker://` used to
+/// hang for ever (the exec's stdin was never shut after the failed copy, and its output
+/// was awaited without a deadline). Now the process in the container is killed, the
+/// command ends with the authentication error, and `pg_restore --single-transaction`
+/// leaves the database as it was. The default (pre-verified) restore writes nothing.
+#[test]
+fn a_tampered_object_restored_to_docker_fails_promptly_and_changes_nothing() {
+    let _l = docker::shared_lock();
+    let pg = postgres_in_docker("pg-tamper");
+    let mut admin = pg.client("postgres");
+    admin.batch_execute("CREATE DATABASE shop").unwrap();
+    admin.batch_execute("CREATE DATABASE shop_copy").unwrap();
+    pg.client("shop")
+        .batch_execute(
+            "CREATE TABLE t(id int PRIMARY KEY, v text);
+             INSERT INTO t SELECT g, md5(g::text) || md5((g * 7)::text) || md5(random()::text)
+               FROM generate_series(1, 120000) g;",
+        )
+        .unwrap();
+    let mut copy = pg.client("shop_copy");
+    copy.batch_execute("CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'existing')")
+        .unwrap();
+    let before = pg_checksum(&mut copy);
+    let (dir, config) = pg_docker_config(&pg);
+    let env = |c: &mut Command| {
+        c.env("PG_IN_DOCKER", &pg.password)
+            .env("BACKUPY_DOCKER_SOCKET", docker::socket())
+            .env("BACKUPY_RESTORE_PASSWORD", "env:PG_IN_DOCKER");
+    };
+    let mut c = agent();
+    env(&mut c);
+    let out = run({
+        c.args(["backup", "--config"]).arg(&config);
+        c
+    });
+    assert!(out.status.success(), "backup: {}", text(&out.stderr));
+    let objects: Vec<String> =
+        files_under(&dir.path().join("backups")).into_iter().filter(|f| !f.ends_with(".json")).collect();
+    let object = dir.path().join("backups").join(&objects[0]);
+    let mut bytes = std::fs::read(&object).unwrap();
+    assert!(bytes.len() > 3 << 20, "{} bytes: too few chunks", bytes.len());
+    let at = bytes.len() - 5;
+    bytes[at] ^= 1;
+    std::fs::write(&object, bytes).unwrap();
+    let to = format!("docker://postgres@{}/shop_copy?host=127.0.0.1&port={}", pg.container.name, pg.port);
+    for extra in [&["--force"][..], &["--force", "--no-preverify"][..]] {
+        let log = dir.path().join("restore.log");
+        let mut c = agent();
+        env(&mut c);
+        c.args(["restore", "--backup", "latest", "--to", &to, "--config"])
+            .arg(&config)
+            .args(extra)
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = c.spawn().unwrap();
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed() > Duration::from_secs(90) {
+                let _ = child.kill();
+                panic!("restore {extra:?} hangs:\n{}", log_tail(&log));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains("authentication failed"), "{extra:?}: {err}");
+        assert_eq!(pg_checksum(&mut pg.client("shop_copy")), before, "{extra:?}: the rows were replaced");
+    }
+}
+
+/// Issue 16.6: a cancel reaches the wait for a BGSAVE inside the container (it used to
+/// wait up to an hour). Every key takes a second to save (`rdb-key-save-delay`), so the
+/// BGSAVE of these 501 keys cannot end during the test.
+#[test]
+fn a_cancel_stops_the_wait_for_a_bgsave_in_the_container_within_five_seconds() {
+    let _l = docker::shared_lock();
+    let (container, port, password, _data) = redis_in_docker();
+    let url = format!("redis://:{password}@127.0.0.1:{port}/");
+    let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("rdb-key-save-delay").arg("1000000").query(&mut c).unwrap();
+    let mut spec = TargetSpec::new("redis-in-docker", Engine::Redis);
+    spec.strategy = Strategy::DockerExec { container: container.name.clone() };
+    spec.host = "127.0.0.1".into();
+    spec.port = port;
+    spec.password = Some(Secret::new(password.clone()));
+    spec.options.insert("docker_redis_method".into(), "bgsave".into());
+    let dir = tempfile::tempdir().unwrap();
+    let cancel = backupy_agent::cancel::Cancel::default();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    {
+        let (cancel, root) = (cancel.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            let opts = db::RunOpts { cancel, ..Default::default() };
+            let _ = tx.send(db::backup(&spec, &storage(&root), &root, &opts).map(|_| ()));
+        });
+    }
+    wait_for("the agent's BGSAVE", Duration::from_secs(30), || {
+        let info: String = redis::cmd("INFO").arg("persistence").query(&mut c).unwrap();
+        info.lines().any(|l| l.trim() == "rdb_bgsave_in_progress:1")
+    });
+    let t0 = Instant::now();
+    cancel.cancel();
+    let result = rx.recv_timeout(Duration::from_secs(5));
+    // Let the server's BGSAVE finish at once, whatever happened.
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("rdb-key-save-delay").arg("0").query(&mut c).unwrap();
+    match result {
+        Ok(Err(e)) => assert!(e.contains("stopped while waiting for BGSAVE"), "{e}"),
+        Ok(Ok(())) => panic!("the backup succeeded although it was cancelled"),
+        Err(_) => panic!("the backup was still waiting for BGSAVE {:?} after the cancel", t0.elapsed()),
+    }
 }

@@ -180,7 +180,8 @@ struct Stored {
 
 /// drivers::dump → pipeline::run → DirStorage, like a run of the agent.
 fn backup(spec: &TargetSpec, storage: &DirStorage, temp: &Path, enc: &Encryption) -> Result<Stored, String> {
-    let ctx = DumpContext { temp_dir: temp.to_path_buf(), pipeline_compresses: true };
+    let ctx =
+        DumpContext { temp_dir: temp.to_path_buf(), pipeline_compresses: true, cancel: Default::default() };
     let dump = drivers::dump(spec, &ctx).map_err(|e| e.to_string())?;
     let key = format!("{}/job/{}.{}", spec.id, unique("obj"), Engine::MongoDb.dump_extension());
     let writer = storage.create(&key).map_err(|e| e.to_string())?;

@@ -405,7 +405,11 @@ fn backup(
     wrap: impl FnOnce(Box<dyn ObjectWriter>) -> Box<dyn ObjectWriter>,
     progress: Arc<Progress>,
 ) -> Result<Backup, String> {
-    let ctx = DumpContext { temp_dir: storage.root().join("../state"), pipeline_compresses: true };
+    let ctx = DumpContext {
+        temp_dir: storage.root().join("../state"),
+        pipeline_compresses: true,
+        cancel: Default::default(),
+    };
     let dump = drivers::dump(spec, &ctx).map_err(|e| e.to_string())?;
     let size_hint = dump.source.size_hint;
     let key = format!("{}/job/object.rdb", spec.id);

@@ -98,3 +98,60 @@ fn hooks_see_the_run_ids_and_no_secret() {
     assert!(!pre.contains("BACKUPY_RUN_STATUS"));
     assert!(post.contains("BACKUPY_RUN_STATUS=success"), "{post}");
 }
+
+/// Issue 16.5: a pre-hook that leaves `sleep 300 &` behind used to hold `backup` for the
+/// whole sleep (its child kept the output pipes open). The run goes on once the shell
+/// exits, and the background process is killed with the hook's group.
+#[test]
+fn a_hook_that_leaves_a_background_process_does_not_hold_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("bg.pid");
+    let cfg = config(
+        dir.path(),
+        &format!("pre_hooks = [\"sleep 300 & echo $! > {}; echo started\"]", pidfile.display()),
+    );
+    let t0 = Instant::now();
+    let out = backup(&cfg, &[]);
+    let took = t0.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(took < Duration::from_secs(30), "backup took {took:?}: the hook's background sleep held it");
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let pid = pid.trim();
+    // The kill is sent before `backup` returns; give init a deadline to reap it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()) != Some("Z"))
+            .unwrap_or(false)
+    };
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(), "the hook's background sleep (pid {pid}) is still running");
+}
+
+/// Issue 16.5, the other half: a process that leaves the hook's group (`setsid`) cannot
+/// be killed with it and keeps the output pipes open. The output is read only until the
+/// hook's timeout (plus a short grace), then the run goes on, saying the output is
+/// incomplete.
+#[test]
+fn a_process_that_escapes_the_hooks_group_holds_the_run_no_longer_than_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("escaped.pid");
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "pre_hooks = [\"setsid sleep 120 & echo $! > {}; echo started\"]\nhook_timeout_sec = 2",
+            pidfile.display()
+        ),
+    );
+    let t0 = Instant::now();
+    let out = backup(&cfg, &[]);
+    let took = t0.elapsed();
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    // SAFETY: kill(2) on the process this test's hook started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(took < Duration::from_secs(20), "backup took {took:?}: the escaped process held it");
+    assert!(text(&out.stderr).contains("output is incomplete"), "{}", text(&out.stderr));
+}

@@ -11,7 +11,7 @@ use crate::common::*;
 
 /// A config with one target (TOML lines) and one job, encrypted to a fresh key pair
 /// whose private key sits beside the config (restore finds it there).
-fn setup(target_toml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+pub(crate) fn setup(target_toml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let (_key, recipient) = keygen(dir.path());
     let config = dir.path().join("backupy.toml");
@@ -34,14 +34,14 @@ fn agent_with(env: &[(&str, &str)]) -> Command {
     c
 }
 
-fn backup(config: &Path, env: &[(&str, &str)]) {
+pub(crate) fn backup(config: &Path, env: &[(&str, &str)]) {
     let mut c = agent_with(env);
     c.args(["backup", "--config"]).arg(config);
     let out = run(c);
     assert!(out.status.success(), "backup: {}", text(&out.stderr));
 }
 
-fn restore(config: &Path, to: &str, env: &[(&str, &str)], extra: &[&str]) -> std::process::Output {
+pub(crate) fn restore(config: &Path, to: &str, env: &[(&str, &str)], extra: &[&str]) -> std::process::Output {
     let mut c = agent_with(env);
     c.args(["restore", "--backup", "latest", "--to", to, "--config"]).arg(config).args(extra);
     run(c)

@@ -129,6 +129,7 @@ pub fn backup(
     let ctx = DumpContext {
         temp_dir: temp_dir.to_path_buf(),
         pipeline_compresses: o.compression != Compression::None,
+        cancel: o.cancel.clone(),
     };
     let dump = drivers::dump(spec, &ctx).map_err(|e| e.to_string())?;
     let key = format!("{}/job/{}.{}", spec.id, unique("obj"), spec.engine.dump_extension());
