@@ -9,6 +9,7 @@
 //! (a driver waiting for a server before the pipeline starts).
 
 use std::fmt;
+use std::io::{self, Read};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -104,6 +105,28 @@ pub struct CancelWatch {
     _stop: crossbeam_channel::Sender<()>,
 }
 
+/// A reader that fails once its [`Cancel`] is set, so that a copy loop over it stops at
+/// the next buffer. The error is not `ErrorKind::Interrupted`, which `io::copy` retries.
+pub struct CancellableReader<R> {
+    inner: R,
+    cancel: Cancel,
+}
+
+impl<R> CancellableReader<R> {
+    pub fn new(inner: R, cancel: Cancel) -> Self {
+        CancellableReader { inner, cancel }
+    }
+}
+
+impl<R: Read> Read for CancellableReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.cancel.reason() {
+            Some(reason) => Err(io::Error::other(reason.to_string())),
+            None => self.inner.read(buf),
+        }
+    }
+}
+
 impl fmt::Debug for Cancel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("Cancel").field(&self.reason()).finish()
@@ -125,6 +148,18 @@ mod tests {
         c.cancel();
         assert!(seen_by_a_stage.is_cancelled());
         assert_eq!(seen_by_a_stage.reason(), Some(CancelReason::TimedOut));
+    }
+
+    #[test]
+    fn a_cancelled_reader_fails_at_the_next_read() {
+        let c = Cancel::default();
+        let mut r = CancellableReader::new(&b"abcdef"[..], c.clone());
+        let mut buf = [0u8; 3];
+        assert_eq!(r.read(&mut buf).unwrap(), 3);
+        c.cancel();
+        let err = r.read(&mut buf).unwrap_err();
+        assert_ne!(err.kind(), io::ErrorKind::Interrupted);
+        assert_eq!(err.to_string(), "cancelled");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::cancel::{Cancel, CancellableReader};
 use crate::config;
 use crate::crypto::{self, KeySource};
 use crate::drivers::{self, Engine, MAGIC_LEN, check_magic};
@@ -34,6 +35,9 @@ pub struct RestoreOptions {
     pub temp_dir: PathBuf,
     /// Check the whole object before anything is written to a server (the default).
     pub preverify: bool,
+    /// Stops the restore (SIGINT/SIGTERM on `restore`): the download ends at the next
+    /// buffer and a running restore tool is killed with its process group.
+    pub cancel: Cancel,
 }
 
 /// What a one-pass restore into a server risks, logged and returned with the result.
@@ -57,7 +61,8 @@ pub fn restore(
         if is_url {
             return Err("a SQLite backup restores to a file path, not a URL".into());
         }
-        let OpenedBackup { mut dump, digest, .. } = open_backup(storage, m, key)?;
+        let OpenedBackup { dump, digest, .. } = open_backup(storage, m, key)?;
+        let mut dump = CancellableReader::new(dump, opts.cancel.clone());
         return restore_to_path(engine, &mut dump, &digest, m, opts);
     }
     // Refuse a bad destination before anything is downloaded.
@@ -66,7 +71,7 @@ pub fn restore(
         None => config::target_from_url("restore", engine, &opts.to)?,
     };
     let (mut dump, digest, _spool) = if opts.preverify {
-        let spool = preverify(storage, engine, m, key, &opts.temp_dir)?;
+        let spool = preverify(storage, engine, m, key, &opts.temp_dir, &opts.cancel)?;
         let file = spool.reopen().map_err(|e| format!("cannot reopen the verified copy: {e}"))?;
         let (dump, digest) = open_stored(Box::new(file), m, key)?;
         (dump, digest, Some(spool))
@@ -74,6 +79,7 @@ pub fn restore(
         log::warn!("{NO_PREVERIFY_WARNING}");
         let input =
             storage.get(&m.object_key).map_err(|e| format!("cannot download {}: {e}", m.object_key))?;
+        let input = Box::new(CancellableReader::new(input, opts.cancel.clone()));
         let (dump, digest) = open_stored(input, m, key)?;
         (dump, digest, None)
     };
@@ -92,6 +98,26 @@ pub fn restore(
     check_digest(&digest, m)?;
     let how = if opts.preverify { "verified, then applied" } else { "applied in one pass (--no-preverify)" };
     Ok(format!("restored {} into {place} ({how})", m.id))
+}
+
+/// What a restore stopped part-way (a signal) leaves behind, per engine, in one clause.
+pub fn what_a_stop_leaves(engine: &str) -> &'static str {
+    match Engine::parse(engine) {
+        Some(Engine::PostgreSql) => {
+            "nothing was committed: PostgreSQL rolled the restore's one transaction back"
+        }
+        Some(Engine::Sqlite) => "the destination file was not written",
+        Some(Engine::Redis) => {
+            "a data directory's dump.rdb was not replaced; a restore into a server keeps the keys written so far"
+        }
+        Some(Engine::MySql | Engine::MariaDb) => {
+            "MySQL/MariaDB keep the tables applied before the stop: drop the target database or restore again"
+        }
+        Some(Engine::MongoDb) => {
+            "MongoDB keeps the collections applied before the stop: drop the target database or restore again"
+        }
+        None => "nothing more to clean up",
+    }
 }
 
 /// SQLite to a file, Redis to a data directory.
@@ -140,6 +166,7 @@ fn preverify(
     m: &Manifest,
     key: Option<&KeySource>,
     temp_dir: &Path,
+    cancel: &Cancel,
 ) -> Result<tempfile::NamedTempFile, String> {
     let fail = |e: String| format!("the backup failed verification, nothing was written to the server: {e}");
     std::fs::create_dir_all(temp_dir).map_err(|e| format!("cannot create {}: {e}", temp_dir.display()))?;
@@ -149,6 +176,7 @@ fn preverify(
         .map_err(|e| format!("cannot create a spool file in {}: {e}", temp_dir.display()))?;
     let copy = spool.as_file().try_clone().map_err(|e| format!("cannot open the spool file: {e}"))?;
     let input = storage.get(&m.object_key).map_err(|e| format!("cannot download {}: {e}", m.object_key))?;
+    let input = CancellableReader::new(input, cancel.clone());
     let tee = Tee { inner: input, copy: io::BufWriter::with_capacity(1 << 20, copy) };
     let (mut dump, digest) = open_stored(Box::new(tee), m, key).map_err(fail)?;
     let mut head = vec![0u8; MAGIC_LEN];
@@ -252,13 +280,18 @@ fn restore_to_server(
                 // A failure part-way (a bad object with --no-preverify, a server error)
                 // rolls everything back instead of leaving tables half replaced.
                 single_transaction: true,
+                cancel: Some(opts.cancel.clone()),
                 ..Default::default()
             },
         ),
         Engine::MySql | Engine::MariaDb => drivers::mysql::restore(
             spec,
             dump,
-            &drivers::mysql::MySqlRestoreOptions { create_database: true, temp_dir: temp },
+            &drivers::mysql::MySqlRestoreOptions {
+                create_database: true,
+                temp_dir: temp,
+                cancel: Some(opts.cancel.clone()),
+            },
         ),
         Engine::MongoDb => drivers::mongodb::restore(
             spec,

@@ -170,7 +170,8 @@ enum Command {
         "Examples:\n  backupy-agent restore --config backupy.toml --backup latest --job app-nightly --to ./restored.db\n  \
         BACKUPY_RESTORE_PASSWORD=env:PGPASS backupy-agent restore --config backupy.toml --backup 3f2c… --to postgres://postgres@127.0.0.1/app_restored",
         "restored",
-        "the restore failed or was refused (an existing destination without --force, a backup that does not verify, a refused configuration)"
+        "the restore failed or was refused (an existing destination without --force, a backup that does not verify, a refused configuration)",
+        "the download stopped and the restore tool was killed; PostgreSQL rolls back (one transaction), a SQLite or Redis file is not written, MySQL/MariaDB and MongoDB keep what was applied before (see the user guide); cleanup takes at most 10 s, a second signal exits at once"
     ))]
     Restore {
         #[command(flatten)]
@@ -638,18 +639,34 @@ fn restore(s: &StoredBackup, to: &str, force: bool, preverify: bool) -> Result<E
         find_backup(storage.manifests("").context("cannot list the storage")?, &s.backup, s.job.as_deref())?;
     check_plaintext(&cfg, &m, s.allow_plaintext)?;
     let key = restore_key(&cfg, s.identity.as_deref(), &m)?;
+    let cancel = Cancel::default();
+    let interrupt = Interrupt::install(cancel.clone(), "the restore", None)?;
     let opts = crate::restore::RestoreOptions {
         to: to.to_string(),
         force,
         temp_dir: cfg.state_dir.join("tmp"),
         preverify,
+        cancel,
     };
     match crate::restore::restore(&storage, &m, key.as_ref(), &opts) {
         Ok(msg) => {
             println!("{msg}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) => bail!("restore of backup {} ({}): {e}", m.id, m.object_key),
+        Err(e) => match interrupt.signal() {
+            Some(signal) => {
+                // The download stopped, the restore tool was killed with its process
+                // group, and the temporary files went with their guards.
+                log::warn!(
+                    "{}: restore of backup {} stopped ({e}); {}",
+                    interrupt::signal_name(signal),
+                    m.id,
+                    crate::restore::what_a_stop_leaves(&m.engine)
+                );
+                Ok(ExitCode::from(interrupt::exit_status(signal)))
+            }
+            None => bail!("restore of backup {} ({}): {e}", m.id, m.object_key),
+        },
     }
 }
 

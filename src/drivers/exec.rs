@@ -12,6 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::cancel::Cancel;
 use crate::pipeline::source::{STDERR_TAIL, tail_of};
 use crate::secrets::Secret;
 
@@ -78,10 +79,30 @@ impl PrivateDir {
 /// authenticate, a SHA-256 mismatch), the child's whole group is killed before its stdin
 /// is closed, so it never takes the cut as the end of its input, and the error names
 /// the input's cause rather than the tool's "unexpected end of file".
-pub fn feed(name: &str, mut cmd: Command, input: &mut dyn Read) -> Result<(), String> {
+pub fn feed(name: &str, cmd: Command, input: &mut dyn Read) -> Result<(), String> {
+    feed_until(name, cmd, input, None)
+}
+
+/// [`feed`], and a `cancel` (SIGINT/SIGTERM on `restore`) kills the child's whole group
+/// at once, even while it blocks (on a lock, or with its stdin pipe full), so that it
+/// never goes on to commit what it was fed.
+pub fn feed_until(
+    name: &str,
+    mut cmd: Command,
+    input: &mut dyn Read,
+    cancel: Option<&Cancel>,
+) -> Result<(), String> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
     let mut child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
     let pgid = child.id() as i32;
+    // Until the child is reaped below, its pid cannot be reused: the kill reaches it.
+    let _watch = match cancel {
+        Some(c) => Some(
+            crate::cancel::on_cancel(c, move || kill_group(pgid))
+                .map_err(|e| format!("cannot start a thread: {e}"))?,
+        ),
+        None => None,
+    };
     let (Some(stderr), Some(mut stdin)) = (child.stderr.take(), child.stdin.take()) else {
         kill_group(pgid);
         let _ = child.wait();
@@ -108,6 +129,10 @@ pub fn feed(name: &str, mut cmd: Command, input: &mut dyn Read) -> Result<(), St
     }
     drop(stdin);
     let status = child.wait().map_err(|e| format!("waiting for {name}: {e}"))?;
+    if let Some(reason) = cancel.and_then(Cancel::reason) {
+        let _ = tail.join();
+        return Err(format!("{name} was killed: {reason}"));
+    }
     let tail = String::from_utf8_lossy(&tail.join().unwrap_or_default()).trim().to_string();
     let suffix = if tail.is_empty() { String::new() } else { format!(": {tail}") };
     if !status.success() {

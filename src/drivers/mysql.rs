@@ -33,6 +33,7 @@ use mysql::prelude::Queryable;
 use super::exec::{self, PrivateDir};
 use super::postgres::{TOOL_PATH_VAR, find_in};
 use super::{DriverError, Dump, DumpContext, Engine, MAGIC_LEN, Strategy, TargetSpec, check_magic};
+use crate::cancel::Cancel;
 use crate::pipeline::Source;
 use crate::secrets::Secret;
 
@@ -56,6 +57,9 @@ pub struct MySqlRestoreOptions {
     pub create_database: bool,
     /// Where the private defaults-file directory goes; the system temp dir when `None`.
     pub temp_dir: Option<PathBuf>,
+    /// Stops the client at once when set (its group is killed; what it already applied
+    /// stays: MySQL/MariaDB dumps are not one transaction).
+    pub cancel: Option<Cancel>,
 }
 
 /// Starts `mariadb-dump`/`mysqldump` for `spec`; the returned source carries the banner
@@ -124,7 +128,7 @@ pub fn restore(
     }
     let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // `dir` (the defaults file) lives until the client has exited.
-    exec::feed(&name, cmd, input).map_err(err)
+    exec::feed_until(&name, cmd, input, opts.cancel.as_ref()).map_err(err)
 }
 
 /// `mariadb-dump 10.11.19` or `mysqldump 8.0.36` when a dump tool that runs is found

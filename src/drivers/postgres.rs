@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use super::exec::{self, PrivateDir};
 use super::{DriverError, Dump, DumpContext, Engine, MAGIC_LEN, Strategy, TargetSpec, check_magic};
+use crate::cancel::Cancel;
 use crate::pipeline::Source;
 use crate::secrets::Secret;
 
@@ -57,6 +58,9 @@ pub struct PgRestoreOptions {
     /// Restore in one transaction (`--single-transaction`): a failure, or a kill because
     /// the input failed, leaves the database as it was. Not with `create`.
     pub single_transaction: bool,
+    /// Stops pg_restore at once when set (its group is killed; with
+    /// `single_transaction` nothing is committed).
+    pub cancel: Option<Cancel>,
 }
 
 /// What the server said before the dump started.
@@ -123,7 +127,7 @@ pub fn restore(spec: &TargetSpec, input: &mut dyn Read, opts: &PgRestoreOptions)
     }
     cmd.arg(format!("--dbname={}", conninfo(spec, &spec.database, &sslmode)));
     // `dir` (the passfile) lives until pg_restore has exited.
-    exec::feed("pg_restore", cmd, input).map_err(err)
+    exec::feed_until("pg_restore", cmd, input, opts.cancel.as_ref()).map_err(err)
 }
 
 /// `pg_dump <version>` when a `pg_dump` that runs is found here, for the agent's

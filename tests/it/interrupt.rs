@@ -357,7 +357,7 @@ fn help_of_each_interruptible_command_lists_130_and_143() {
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
         text(&out.stdout)
     };
-    let mut helps: Vec<(String, String)> = ["backup", "list", "verify"]
+    let mut helps: Vec<(String, String)> = ["backup", "list", "verify", "restore"]
         .iter()
         .map(|cmd| (cmd.to_string(), help(agent(), &[cmd, "--help"])))
         .collect();
@@ -371,4 +371,100 @@ fn help_of_each_interruptible_command_lists_130_and_143() {
             );
         }
     }
+}
+
+/// `restore --force` into a PostgreSQL database whose table another session holds
+/// locked: pg_restore's `DROP TABLE` waits, so the signal always comes mid-restore.
+fn restore_into_postgresql_stops_on(signal: i32) {
+    let pg = db::pg();
+    let (src, dst) = (db::unique("sigsrc"), db::unique("sigdst"));
+    let mut admin = LockedPg::connect(&pg, "postgres");
+    for name in [&src, &dst] {
+        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).unwrap();
+    }
+    LockedPg::connect(&pg, &src)
+        .batch_execute("CREATE TABLE t(x int); INSERT INTO t SELECT generate_series(1, 1000);")
+        .unwrap();
+    LockedPg::connect(&pg, &dst).batch_execute("CREATE TABLE t(x int); INSERT INTO t VALUES (42);").unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_key, recipient) = keygen(dir.path());
+    let config = dir.path().join("backupy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"./state\"\n[storage]\ndir = \"./backups\"\n[encryption]\nrecipient = \"{recipient}\"\n\
+             [[targets]]\nid = \"pg\"\ntype = \"postgresql\"\nhost = \"{}\"\nport = {}\ndatabase = \"{src}\"\n\
+             username = \"{}\"\npassword = \"env:TEST_PG_PASSWORD\"\n[[jobs]]\nid = \"pgjob\"\ntarget = \"pg\"\n",
+            pg.host, pg.port, pg.user
+        ),
+    )
+    .unwrap();
+    let out = run({
+        let mut c = agent();
+        c.args(["backup", "--config"]).arg(&config).env("TEST_PG_PASSWORD", &pg.password);
+        c
+    });
+    assert!(out.status.success(), "backup: {}", text(&out.stderr));
+
+    let mut locker = LockedPg::connect(&pg, &dst);
+    locker.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE;").unwrap();
+    let log = dir.path().join("restore.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut child = agent()
+        .args(["restore", "--backup", "latest", "--force", "--config"])
+        .arg(&config)
+        .arg("--to")
+        .arg(format!("postgres://{}@{}:{}/{dst}", pg.user, pg.host, pg.port))
+        .env("TEST_PG_PASSWORD", &pg.password)
+        .env("BACKUPY_RESTORE_PASSWORD", "env:TEST_PG_PASSWORD")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let tool = db::find_child_of(child.id() as i32, "pg_restore", "", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("no pg_restore child; log:\n{}", log_tail(&log)));
+    // pg_restore is inside its transaction, waiting for the lock.
+    let mut watcher = LockedPg::connect(&pg, "postgres");
+    wait_until("pg_restore waiting for the table lock", Duration::from_secs(30), &log, || {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                &[&dst],
+            )
+            .unwrap()
+            .get(0);
+        waiting > 0
+    });
+
+    let (status, took) = signal_and_wait(&mut child, signal, Duration::from_secs(15));
+    let text = log_tail(&log);
+    assert_eq!(status.code(), Some(128 + signal), "exit status; log:\n{text}");
+    assert!(took < Duration::from_secs(10), "took {took:?}; log:\n{text}");
+    assert!(text.contains("nothing was committed"), "one line saying what was left; log:\n{text}");
+    assert!(is_gone(tool), "pg_restore {tool} is still running; log:\n{text}");
+    locker.batch_execute("ROLLBACK").unwrap();
+    // The target is as it was: pg_restore's transaction never committed.
+    let rows: Vec<i32> = LockedPg::connect(&pg, &dst)
+        .query("SELECT x FROM t ORDER BY x", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, [42], "the target database changed; log:\n{text}");
+    let tmp = dir.path().join("state/tmp");
+    assert_eq!(files_under(&tmp), Vec::<String>::new(), "the restore left files in {}", tmp.display());
+    for name in [&src, &dst] {
+        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"));
+    }
+}
+
+#[test]
+fn sigint_stops_a_restore_into_postgresql_and_the_target_is_unchanged() {
+    restore_into_postgresql_stops_on(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_stops_a_restore_into_postgresql_and_the_target_is_unchanged() {
+    restore_into_postgresql_stops_on(libc::SIGTERM);
 }
