@@ -683,18 +683,25 @@ impl Scheduler {
             other => other,
         };
         let request = run.request;
+        // A submitted run's owner logs its end (connected mode, with the job id that
+        // carries the line into LogEvents): one line per run, not two.
+        let quiet = |level: log::Level| if run.job.is_some() { level } else { log::Level::Debug };
         match &outcome {
             RunOutcome::Success => {
                 self.summary.succeeded += 1;
-                log::info!("job {job_id}: run {run_id} succeeded");
+                log::log!(quiet(log::Level::Info), "job {job_id}: run {run_id} succeeded");
             }
             RunOutcome::Cancelled => {
                 self.summary.cancelled += 1;
-                log::warn!("job {job_id}: run {run_id} was cancelled");
+                log::log!(quiet(log::Level::Warn), "job {job_id}: run {run_id} was cancelled");
             }
             RunOutcome::Failed(error) => {
                 self.summary.failed += 1;
-                log::error!("job {job_id}: run {run_id} (attempt {}) failed: {error}", request.attempt);
+                log::log!(
+                    quiet(log::Level::Error),
+                    "job {job_id}: run {run_id} (attempt {}) failed: {error}",
+                    request.attempt
+                );
             }
         }
         let retry = match (run.job, &outcome) {

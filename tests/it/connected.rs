@@ -776,6 +776,28 @@ fn pushed_hooks_are_refused_without_the_opt_in() {
 }
 
 #[test]
+fn a_failed_run_is_logged_once() {
+    let env = s3_env();
+    let bucket = new_bucket(&env, "conn-once");
+    let (dir, _db, cp) = setup("once", 1, 10);
+    let missing = dir.path().join("missing.db");
+    cp.state().ack_config = Some(config(32, vec![sqlite_target("t", &missing)], vec![job("gone", "t")]));
+    let agent = spawn_agent(&cp, &dir.path().join("state"), &[]);
+    wait_registered(&cp, &agent, 0);
+    cp.send(
+        0,
+        envelope("c", run_backup("gone", "run-gone", presigned_creds(&env, &bucket, "gone"), &[8; 32])),
+    );
+    wait_for(&cp, &agent, "the run", Duration::from_secs(30), |s| terminal(s, "run-gone").is_some());
+    assert_eq!(status(&terminal(&cp.state(), "run-gone").unwrap()), pb::JobStatus::Failed);
+    // One error line per failed run (issue 17): the agent's, which carries the job id into
+    // LogEvents; the scheduler does not log a submitted run's end as well.
+    let log = agent.log_text();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") && l.contains("missing.db")).collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+}
+
+#[test]
 fn dump_state_reads_the_database_while_the_agent_runs() {
     let (dir, db, cp) = setup("ds", 10, 10);
     let mut t = sqlite_target("t", &db);
