@@ -1040,3 +1040,63 @@ fn a_docker_socket_that_answers_adds_its_version_the_capability_and_discovery_re
     assert!(r.capabilities.iter().any(|c| c == "docker_exec"), "{r:?}");
     standin.stop();
 }
+
+#[test]
+fn readyz_turns_503_as_soon_as_a_shutdown_starts_while_a_run_has_its_grace() {
+    let env = s3_env();
+    let bucket = new_bucket(&env, "conn-ready");
+    let (dir, db, cp) = setup("ready", 1, 10);
+    let marker = dir.path().join("hook-started");
+    let mut j = job("slow", "t");
+    j.pre_hooks = vec![format!("touch {}; sleep 60", marker.display())];
+    cp.state().ack_config = Some(config(33, vec![sqlite_target("t", &db)], vec![j]));
+    let (port, _claim) = common::reserve_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut agent = spawn_agent(
+        &cp,
+        &dir.path().join("state"),
+        &[("BACKUPY_ALLOW_HOOKS", "true"), ("BACKUPY_METRICS_LISTEN_ADDR", &addr)],
+    );
+    wait_registered(&cp, &agent, 0);
+    cp.send(
+        0,
+        envelope("c", run_backup("slow", "run-slow", presigned_creds(&env, &bucket, "slow"), &[8; 32])),
+    );
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the slow run never started:\n{}", agent.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let readyz = format!("http://{addr}/readyz");
+    assert_eq!(crate::ops_metrics::get(&readyz).0, 200, "connected and taking runs:\n{}", agent.log_tail());
+
+    // SAFETY: kill(2) on the agent this test started.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    let t1 = Instant::now();
+    loop {
+        let (status, _) = crate::ops_metrics::get(&readyz);
+        if status == 503 {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(5),
+            "/readyz still {status} {:?} into a 60 s grace:\n{}",
+            t1.elapsed(),
+            agent.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent is still in its grace period");
+    // A second SIGTERM ends the grace: the run (and its hook's sleep) is cancelled.
+    // SAFETY: as above.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    let t2 = Instant::now();
+    while agent.child.try_wait().unwrap().is_none() {
+        assert!(
+            t2.elapsed() < Duration::from_secs(15),
+            "no exit after a second SIGTERM:\n{}",
+            agent.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
