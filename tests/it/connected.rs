@@ -1068,13 +1068,13 @@ fn readyz_turns_503_as_soon_as_a_shutdown_starts_while_a_run_has_its_grace() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let readyz = format!("http://{addr}/readyz");
-    assert_eq!(crate::ops_metrics::get(&readyz).0, 200, "connected and taking runs:\n{}", agent.log_tail());
+    assert_eq!(common::http::get(&readyz).0, 200, "connected and taking runs:\n{}", agent.log_tail());
 
     // SAFETY: kill(2) on the agent this test started.
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
     let t1 = Instant::now();
     loop {
-        let (status, _) = crate::ops_metrics::get(&readyz);
+        let (status, _) = common::http::get(&readyz);
         if status == 503 {
             break;
         }

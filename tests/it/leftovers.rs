@@ -9,15 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::db;
+use crate::common::http::get;
 use crate::common::*;
-
-fn get(url: &str) -> (u16, String) {
-    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
-    match agent.get(url).call() {
-        Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
 
 /// The value of one sample line `metric{kind="KIND"} V` of a scrape.
 fn sample(body: &str, metric: &str, kind: &str) -> Option<f64> {

@@ -4,29 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common::http::{get, value};
 use crate::common::*;
-use prometheus_parse::{Scrape, Value};
-
-fn get(url: &str) -> (u16, String) {
-    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
-    match agent.get(url).call() {
-        Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
-fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric)
-        .find(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match &s.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-            Value::Histogram(buckets) => buckets.iter().map(|b| b.count).fold(0.0, f64::max),
-            Value::Summary(_) => f64::NAN,
-        })
-}
+use prometheus_parse::Scrape;
 
 fn health_check(addr: &str) -> i32 {
     let mut c = agent();

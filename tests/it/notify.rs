@@ -2,32 +2,8 @@
 //! start, success and failure, the webhook body of a failing job, and an unreachable
 //! webhook that does not fail the backup.
 
-use std::sync::{Arc, Mutex};
-
+use crate::common::http::receiver as server;
 use crate::common::*;
-
-type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
-
-fn server() -> (String, Seen) {
-    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let addr = server.server_addr().to_ip().unwrap();
-    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    std::thread::spawn(move || {
-        while let Ok(mut req) = server.recv() {
-            let mut body = String::new();
-            let _ = req.as_reader().read_to_string(&mut body);
-            // A test that failed holding the list has reported that already.
-            s.lock().unwrap_or_else(|e| e.into_inner()).push((
-                req.method().to_string(),
-                req.url().to_string(),
-                body,
-            ));
-            let _ = req.respond(tiny_http::Response::from_string("OK"));
-        }
-    });
-    (format!("http://{addr}"), seen)
-}
 
 fn config(dir: &std::path::Path, jobs: &str) -> std::path::PathBuf {
     rusqlite::Connection::open(dir.join("app.db")).unwrap().execute_batch("CREATE TABLE t(x);").unwrap();

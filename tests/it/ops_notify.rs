@@ -3,34 +3,11 @@
 //! carries host, agent version, start and end (RFC 3339 UTC) and, under `run`, the
 //! health probes' state.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::http::receiver;
 use crate::common::*;
 use crate::ops_metrics::Agent;
-
-type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
-
-/// A receiver on 127.0.0.1 that records (method, URL, body) and answers 200.
-fn receiver() -> (String, Seen) {
-    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let addr = server.server_addr().to_ip().unwrap();
-    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    std::thread::spawn(move || {
-        while let Ok(mut req) = server.recv() {
-            let mut body = String::new();
-            let _ = req.as_reader().read_to_string(&mut body);
-            s.lock().unwrap_or_else(|e| e.into_inner()).push((
-                req.method().to_string(),
-                req.url().to_string(),
-                body,
-            ));
-            let _ = req.respond(tiny_http::Response::from_string("OK"));
-        }
-    });
-    (format!("http://{addr}"), seen)
-}
 
 fn config(dir: &std::path::Path, head: &str, jobs: &str) -> std::path::PathBuf {
     rusqlite::Connection::open(dir.join("app.db")).unwrap().execute_batch("CREATE TABLE t(x);").unwrap();

@@ -4,6 +4,7 @@
 pub mod control_plane;
 pub mod db;
 pub mod docker;
+pub mod http;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
