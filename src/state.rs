@@ -97,6 +97,10 @@ pub fn open_connection(state_dir: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// How long `open` waits for a lock held briefly by a one-shot command's cleanup before
+/// it says another agent holds the directory.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The mode of a state directory the agent creates.
 pub const STATE_DIR_MODE: u32 = 0o700;
 /// The mode of `state.db` (and, through SQLite, its `-wal` and `-shm` files).
@@ -155,12 +159,18 @@ impl StateDb {
             .mode(STATE_DB_MODE)
             .open(&lock_path)
             .map_err(|e| db_err(&lock_path, &e))?;
+        // A one-shot `backup` or `restore` holds the lock for the few milliseconds of its
+        // start-up cleanup (`leftovers`): wait that out rather than refuse to start.
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
         // SAFETY: flock(2) on a descriptor we own; released when the file is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(StateError::Locked {
-                dir: state_dir.display().to_string(),
-                lock: lock_path.display().to_string(),
-            });
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if std::time::Instant::now() >= deadline {
+                return Err(StateError::Locked {
+                    dir: state_dir.display().to_string(),
+                    lock: lock_path.display().to_string(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let db = Self::connect(state_dir, Some(lock))?;
         db.conn()
@@ -376,6 +386,21 @@ mod tests {
         assert!(err.to_string().contains("agent.lock"));
         drop(first);
         StateDb::open(dir.path()).expect("free again once the first agent is gone");
+    }
+
+    #[test]
+    fn a_lock_held_briefly_by_a_one_shot_cleanup_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(StateDb::open(dir.path()).unwrap());
+        let held = File::open(dir.path().join("agent.lock")).unwrap();
+        // SAFETY: flock(2) on a descriptor this test owns.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        StateDb::open(dir.path()).expect("opened once the brief holder let go");
+        release.join().unwrap();
     }
 
     #[test]
