@@ -22,6 +22,13 @@
 #   services_start_postgres   BACKUPY_TEST_PG_HOST=127.0.0.1 BACKUPY_TEST_PG_PORT
 #                             BACKUPY_TEST_PG_USER=postgres BACKUPY_TEST_PG_PASSWORD
 #                             BACKUPY_TEST_PG_SOCKET_DIR BACKUPY_TEST_PG_BIN
+#   services_start_postgres_tls a second PostgreSQL with ssl=on and hostssl-only rules
+#                             (plaintext refused; user `certuser` by client certificate):
+#                             BACKUPY_TEST_PGTLS_PORT BACKUPY_TEST_PGTLS_PASSWORD (postgres)
+#                             BACKUPY_TEST_PGTLS_DIR (ca.pem ca.key: the test CA; server cert
+#                             for IP 127.0.0.1 only; client.pem client.key client-enc.key
+#                             for CN=certuser, the last encrypted with the password in
+#                             client-enc.pass)
 #   services_start_mariadb    BACKUPY_TEST_MARIADB_HOST=127.0.0.1 BACKUPY_TEST_MARIADB_PORT
 #                             BACKUPY_TEST_MARIADB_USER=root BACKUPY_TEST_MARIADB_PASSWORD
 #                             BACKUPY_TEST_MARIADB_SOCKET
@@ -415,6 +422,99 @@ services_start_postgres() {
     touch "$dir/ready"
 }
 
+_svc_pg_tls_check() {
+    PGPASSWORD=$1 PGCONNECT_TIMEOUT=2 PGSSLMODE=require "$2/psql" -X -w -h 127.0.0.1 -p "$3" \
+        -U postgres -d postgres -Atqc 'select 1'
+}
+
+# A test CA, a server certificate for IP 127.0.0.1 (no DNS name: "localhost" is a wrong
+# name on purpose) and a client certificate for CN=certuser, in $1.
+_svc_make_tls_certs() {
+    local d=$1
+    (
+        cd "$d" &&
+            openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
+                -subj /CN=backupy-services-ca &&
+            openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+                -subj /CN=127.0.0.1 &&
+            printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >server.ext &&
+            openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+                -out server.pem -days 2 -extfile server.ext &&
+            openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr \
+                -subj /CN=certuser &&
+            printf 'basicConstraints=CA:FALSE\n' >client.ext &&
+            openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+                -out client.pem -days 2 -extfile client.ext &&
+            _svc_secret 12 >client-enc.pass &&
+            openssl pkey -in client.key -aes256 -passout file:client-enc.pass -out client-enc.key &&
+            chmod 600 ./*.key client-enc.pass
+    ) >"$d/openssl.log" 2>&1
+}
+
+services_start_postgres_tls() {
+    _svc_running postgres_tls && return 0
+    _svc_need core openssl || return 1
+    local bin
+    bin=$(_svc_pg_bindir) || return 1
+    _svc_prepare postgres_tls || return 1
+    local dir=$BACKUPY_TEST_TMP/postgres_tls port pw log
+    local data=$dir/data tls=$dir/tls
+    log=$dir/postgres.log
+    port=$(services_free_port) || return 1
+    pw=$(_svc_secret 16)
+    mkdir -p "$tls"
+    _svc_make_tls_certs "$tls" || {
+        _svc_fail postgres_tls "$tls/openssl.log" "cannot make the test certificates"
+        return 1
+    }
+    local -a as_user=()
+    if [[ $(id -u) -eq 0 ]]; then
+        id postgres >/dev/null 2>&1 || {
+            _svc_err "postgres_tls: running as root but there is no 'postgres' user ($(_svc_install_hint core))"
+            return 1
+        }
+        as_user=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+        chown postgres: "$dir"
+    fi
+    chmod 755 "$tls"
+    chmod 700 "$dir"
+    # The server reads its own copies; the test CA's files stay the caller's.
+    cp "$tls/server.pem" "$tls/server.key" "$tls/ca.pem" "$dir/"
+    (umask 077 && printf '%s\n' "$pw" >"$dir/pwfile")
+    [[ ${#as_user[@]} -gt 0 ]] && chown postgres: "$dir/pwfile" "$dir/server.pem" "$dir/server.key" "$dir/ca.pem"
+    chmod 600 "$dir/server.key"
+    if ! (cd "$dir" && "${as_user[@]}" "$bin/initdb" -D "$data" -U postgres \
+        --auth=scram-sha-256 --pwfile="$dir/pwfile" -E UTF8 --locale=C.UTF-8 \
+        --no-sync) >"$dir/initdb.log" 2>&1; then
+        _svc_fail postgres_tls "$dir/initdb.log" "initdb failed"
+        return 1
+    fi
+    rm -f "$dir/pwfile"
+    # hostssl only: a plaintext connection finds no rule and is refused.
+    cat >"$data/pg_hba.conf" <<EOF
+local   all all                     scram-sha-256
+hostssl all certuser 127.0.0.1/32   cert
+hostssl all all      127.0.0.1/32   scram-sha-256
+EOF
+    [[ ${#as_user[@]} -gt 0 ]] && chown postgres: "$data/pg_hba.conf"
+    (cd "$dir" && _svc_spawn postgres_tls "$log" INT "${as_user[@]}" "$bin/postgres" -D "$data" \
+        -p "$port" -k "$data" -c listen_addresses=127.0.0.1 -c fsync=off \
+        -c synchronous_commit=off -c full_page_writes=off -c ssl=on \
+        -c ssl_cert_file="$dir/server.pem" -c ssl_key_file="$dir/server.key" \
+        -c ssl_ca_file="$dir/ca.pem") || return 1
+    [[ ${#as_user[@]} -gt 0 ]] && chown postgres: "$log"
+    _svc_wait postgres_tls "$log" _svc_pg_tls_check "$pw" "$bin" "$port" || return 1
+    PGPASSWORD=$pw PGSSLMODE=require "$bin/psql" -X -w -h 127.0.0.1 -p "$port" -U postgres \
+        -d postgres -Atqc 'CREATE ROLE certuser LOGIN SUPERUSER' >>"$log" 2>&1 || {
+        _svc_fail postgres_tls "$log" "cannot create the role certuser"
+        return 1
+    }
+    _svc_export postgres_tls BACKUPY_TEST_PGTLS_PORT "$port"
+    _svc_export postgres_tls BACKUPY_TEST_PGTLS_PASSWORD "$pw"
+    _svc_export postgres_tls BACKUPY_TEST_PGTLS_DIR "$tls"
+    touch "$dir/ready"
+}
+
 # ----------------------------------------------------------------------- MariaDB
 
 services_start_mariadb() {
@@ -687,6 +787,7 @@ services_start_dockerd() {
 
 services_start_all() {
     services_start_postgres &&
+        services_start_postgres_tls &&
         services_start_mariadb &&
         services_start_redis &&
         services_start_s3 &&

@@ -30,6 +30,7 @@ trap 'services_stop_all' EXIT
 # (The SQLite tests need none: rusqlite is bundled and the sqlite3 CLI judges restores.)
 services_start_s3
 services_start_postgres
+services_start_postgres_tls
 services_start_mariadb
 services_start_redis
 services_start_mongo

@@ -47,6 +47,7 @@ mod secrets_in_logs;
 mod selfupdate;
 mod session;
 mod standalone;
+mod tls_postgres;
 mod trust_config;
 mod trust_connected;
 mod trust_files;
