@@ -36,6 +36,12 @@
 #                             BACKUPY_TEST_REDIS_PASSWORD (the `default` user's)
 #                             BACKUPY_TEST_REDIS_ACL_USER=backupy BACKUPY_TEST_REDIS_ACL_PASSWORD
 #                             BACKUPY_TEST_REDIS_SERVER (path of redis-server)
+#   services_start_redis_tls  a second Redis with --port 0 and a TLS port that requires a
+#                             client certificate: BACKUPY_TEST_REDISTLS_PORT
+#                             BACKUPY_TEST_REDISTLS_PASSWORD (the `default` user's)
+#                             BACKUPY_TEST_REDISTLS_ACL_USER=backupy BACKUPY_TEST_REDISTLS_ACL_PASSWORD
+#                             BACKUPY_TEST_REDISTLS_DIR (ca.pem, client.pem, client.key:
+#                             the files _svc_make_tls_certs makes; server cert for 127.0.0.1)
 #   services_start_s3         BACKUPY_TEST_S3_ENDPOINT=http://127.0.0.1:PORT
 #                             BACKUPY_TEST_S3_ACCESS_KEY BACKUPY_TEST_S3_SECRET_KEY
 #                             BACKUPY_TEST_S3_REGION=us-east-1 BACKUPY_TEST_S3_DIR
@@ -614,6 +620,57 @@ EOF
     touch "$dir/ready"
 }
 
+_svc_redis_tls_check() {
+    [[ $(redis-cli --tls --cacert "$4/ca.pem" --cert "$4/client.pem" --key "$4/client.key" \
+        -h 127.0.0.1 -p "$1" --no-auth-warning --user "$2" --pass "$3" ping 2>/dev/null) == PONG ]]
+}
+
+services_start_redis_tls() {
+    _svc_running redis_tls && return 0
+    _svc_need core redis-server redis-cli openssl || return 1
+    _svc_prepare redis_tls || return 1
+    local dir=$BACKUPY_TEST_TMP/redis_tls port pw acl_pw log server tls
+    log=$dir/redis.log
+    tls=$dir/tls
+    server=$(command -v redis-server)
+    port=$(services_free_port) || return 1
+    pw=$(_svc_secret 16)
+    acl_pw=$(_svc_secret 16)
+    mkdir -p "$tls"
+    _svc_make_tls_certs "$tls" || {
+        _svc_fail redis_tls "$tls/openssl.log" "cannot make the test certificates"
+        return 1
+    }
+    # No plaintext port at all; a client certificate from the test CA is required.
+    cat >"$dir/redis.conf" <<EOF
+bind 127.0.0.1
+port 0
+tls-port $port
+tls-cert-file $tls/server.pem
+tls-key-file $tls/server.key
+tls-ca-cert-file $tls/ca.pem
+tls-auth-clients yes
+protected-mode yes
+daemonize no
+dir $dir
+logfile ""
+save ""
+appendonly no
+repl-diskless-sync-delay 0
+dbfilename dump.rdb
+requirepass $pw
+user backupy on >$acl_pw ~* &* +@all
+EOF
+    _svc_spawn redis_tls "$log" TERM "$server" "$dir/redis.conf" || return 1
+    _svc_wait redis_tls "$log" _svc_redis_tls_check "$port" default "$pw" "$tls" || return 1
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_PORT "$port"
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_PASSWORD "$pw"
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_ACL_USER backupy
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_ACL_PASSWORD "$acl_pw"
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_DIR "$tls"
+    touch "$dir/ready"
+}
+
 # ---------------------------------------------------------------------------- S3
 #
 # s3s-fs 0.14.1 maps everything onto its root dir (BACKUPY_TEST_S3_DIR):
@@ -790,6 +847,7 @@ services_start_all() {
         services_start_postgres_tls &&
         services_start_mariadb &&
         services_start_redis &&
+        services_start_redis_tls &&
         services_start_s3 &&
         services_start_mongo &&
         services_start_dockerd

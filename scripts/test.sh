@@ -33,6 +33,7 @@ services_start_postgres
 services_start_postgres_tls
 services_start_mariadb
 services_start_redis
+services_start_redis_tls
 services_start_mongo
 # The Docker tests (tests/docker_*.rs) run databases in containers of their own.
 services_start_dockerd

@@ -48,6 +48,7 @@ mod selfupdate;
 mod session;
 mod standalone;
 mod tls_postgres;
+mod tls_redis;
 mod trust_config;
 mod trust_connected;
 mod trust_files;
