@@ -32,6 +32,12 @@
 #   services_start_mariadb    BACKUPY_TEST_MARIADB_HOST=127.0.0.1 BACKUPY_TEST_MARIADB_PORT
 #                             BACKUPY_TEST_MARIADB_USER=root BACKUPY_TEST_MARIADB_PASSWORD
 #                             BACKUPY_TEST_MARIADB_SOCKET
+#   services_start_mariadb_tls a second MariaDB with TLS and require_secure_transport (TCP
+#                             without TLS refused): BACKUPY_TEST_MARIADBTLS_PORT
+#                             BACKUPY_TEST_MARIADBTLS_PASSWORD (root)
+#                             BACKUPY_TEST_MARIADBTLS_SOCKET BACKUPY_TEST_MARIADBTLS_DIR (the
+#                             files _svc_make_tls_certs makes); user `certuser` (no password,
+#                             REQUIRE SUBJECT '/CN=certuser')
 #   services_start_redis      BACKUPY_TEST_REDIS_HOST=127.0.0.1 BACKUPY_TEST_REDIS_PORT
 #                             BACKUPY_TEST_REDIS_PASSWORD (the `default` user's)
 #                             BACKUPY_TEST_REDIS_ACL_USER=backupy BACKUPY_TEST_REDIS_ACL_PASSWORD
@@ -576,6 +582,69 @@ services_start_mariadb() {
     touch "$dir/ready"
 }
 
+services_start_mariadb_tls() {
+    _svc_running mariadb_tls && return 0
+    _svc_need core mariadb-install-db mariadbd mariadb openssl || return 1
+    _svc_prepare mariadb_tls || return 1
+    local dir=$BACKUPY_TEST_TMP/mariadb_tls port pw log user tls
+    local sock=$dir/mysqld.sock
+    log=$dir/mariadbd.log
+    tls=$dir/tls
+    port=$(services_free_port) || return 1
+    pw=$(_svc_secret 16)
+    user=$(id -un)
+    if [[ $(id -u) -eq 0 ]]; then
+        if id mysql >/dev/null 2>&1; then user=mysql; else user=root; fi
+    fi
+    local -a opts=(--innodb-log-file-size=16M --innodb-buffer-pool-size=64M)
+    mkdir -p "$dir/data" "$dir/tmp" "$tls"
+    _svc_make_tls_certs "$tls" || {
+        _svc_fail mariadb_tls "$tls/openssl.log" "cannot make the test certificates"
+        return 1
+    }
+    # The server reads its own copies of its key and certificates.
+    cp "$tls/server.pem" "$tls/server.key" "$tls/ca.pem" "$dir/"
+    if [[ $user == mysql ]]; then
+        chown -R mysql: "$dir/data" "$dir/tmp"
+        chown mysql: "$dir" "$dir/server.pem" "$dir/server.key" "$dir/ca.pem"
+    fi
+    if ! mariadb-install-db --no-defaults --datadir="$dir/data" --user="$user" \
+        --auth-root-authentication-method=normal --skip-test-db "${opts[@]}" \
+        >"$dir/install-db.log" 2>&1; then
+        _svc_fail mariadb_tls "$dir/install-db.log" "mariadb-install-db failed"
+        return 1
+    fi
+    # require_secure_transport: TCP without TLS is refused (the socket stays plaintext).
+    _svc_spawn mariadb_tls "$log" TERM "$(command -v mariadbd)" --no-defaults \
+        --datadir="$dir/data" --tmpdir="$dir/tmp" --port="$port" --bind-address=127.0.0.1 \
+        --socket="$sock" --pid-file="$dir/mariadbd.pid" --user="$user" \
+        --innodb-flush-log-at-trx-commit=0 --skip-log-bin --log-error="$log" \
+        --ssl-cert="$dir/server.pem" --ssl-key="$dir/server.key" --ssl-ca="$dir/ca.pem" \
+        --require-secure-transport=ON "${opts[@]}" || return 1
+    _svc_wait mariadb_tls "$log" mariadb --no-defaults --socket="$sock" -uroot -e 'select 1' ||
+        return 1
+    local sql
+    sql=$(mariadb --no-defaults --socket="$sock" -uroot -N -e \
+        "select concat('ALTER USER root@''', host, ''' IDENTIFIED BY ''$pw'';')
+         from mysql.user where user = 'root'") || {
+        _svc_fail mariadb_tls "$log" "could not list root accounts"
+        return 1
+    }
+    if ! mariadb --no-defaults --socket="$sock" -uroot -e "$sql
+        CREATE USER certuser@'%' REQUIRE SUBJECT '/CN=certuser';
+        GRANT ALL ON *.* TO certuser@'%'; FLUSH PRIVILEGES;" 2>>"$log"; then
+        _svc_fail mariadb_tls "$log" "could not set up the accounts"
+        return 1
+    fi
+    _svc_wait mariadb_tls "$log" mariadb --no-defaults --protocol=tcp -h127.0.0.1 -P"$port" \
+        --ssl --ssl-ca="$tls/ca.pem" -uroot -p"$pw" -e 'select 1' || return 1
+    _svc_export mariadb_tls BACKUPY_TEST_MARIADBTLS_PORT "$port"
+    _svc_export mariadb_tls BACKUPY_TEST_MARIADBTLS_PASSWORD "$pw"
+    _svc_export mariadb_tls BACKUPY_TEST_MARIADBTLS_SOCKET "$sock"
+    _svc_export mariadb_tls BACKUPY_TEST_MARIADBTLS_DIR "$tls"
+    touch "$dir/ready"
+}
+
 # ------------------------------------------------------------------------- Redis
 
 _svc_redis_check() {
@@ -846,6 +915,7 @@ services_start_all() {
     services_start_postgres &&
         services_start_postgres_tls &&
         services_start_mariadb &&
+        services_start_mariadb_tls &&
         services_start_redis &&
         services_start_redis_tls &&
         services_start_s3 &&

@@ -32,6 +32,7 @@ services_start_s3
 services_start_postgres
 services_start_postgres_tls
 services_start_mariadb
+services_start_mariadb_tls
 services_start_redis
 services_start_redis_tls
 services_start_mongo

@@ -47,6 +47,7 @@ mod secrets_in_logs;
 mod selfupdate;
 mod session;
 mod standalone;
+mod tls_mariadb;
 mod tls_postgres;
 mod tls_redis;
 mod trust_config;
