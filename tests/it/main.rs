@@ -48,6 +48,7 @@ mod selfupdate;
 mod session;
 mod standalone;
 mod tls_mariadb;
+mod tls_mongodb;
 mod tls_postgres;
 mod tls_redis;
 mod trust_config;
