@@ -334,12 +334,17 @@ fn server_info(spec: &TargetSpec, ssl: &PgSsl, dir: &PrivateDir) -> Result<Serve
                 verify.describe(),
                 ssl.mode
             ),
-            None => log::warn!(
-                "target {}: PostgreSQL at {} does not offer TLS; connected in plaintext (sslmode={})",
-                spec.id,
-                describe_server(spec),
-                ssl.mode
-            ),
+            None => {
+                let say = format!(
+                    "target {}: PostgreSQL at {} does not offer TLS; connected in plaintext (sslmode={}; set \
+                     require or verify-full to refuse)",
+                    spec.id,
+                    describe_server(spec),
+                    ssl.mode
+                );
+                // Loud when the target asked for prefer/allow, quiet for the default.
+                if spec.options.contains_key("sslmode") { log::warn!("{say}") } else { log::info!("{say}") }
+            }
         }
         client
     };
