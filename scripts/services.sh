@@ -22,13 +22,32 @@
 #   services_start_postgres   BACKUPY_TEST_PG_HOST=127.0.0.1 BACKUPY_TEST_PG_PORT
 #                             BACKUPY_TEST_PG_USER=postgres BACKUPY_TEST_PG_PASSWORD
 #                             BACKUPY_TEST_PG_SOCKET_DIR BACKUPY_TEST_PG_BIN
+#   services_start_postgres_tls a second PostgreSQL with ssl=on and hostssl-only rules
+#                             (plaintext refused; user `certuser` by client certificate):
+#                             BACKUPY_TEST_PGTLS_PORT BACKUPY_TEST_PGTLS_PASSWORD (postgres)
+#                             BACKUPY_TEST_PGTLS_DIR (ca.pem ca.key: the test CA; server cert
+#                             for IP 127.0.0.1 only; client.pem client.key client-enc.key
+#                             for CN=certuser, the last encrypted with the password in
+#                             client-enc.pass)
 #   services_start_mariadb    BACKUPY_TEST_MARIADB_HOST=127.0.0.1 BACKUPY_TEST_MARIADB_PORT
 #                             BACKUPY_TEST_MARIADB_USER=root BACKUPY_TEST_MARIADB_PASSWORD
 #                             BACKUPY_TEST_MARIADB_SOCKET
+#   services_start_mariadb_tls a second MariaDB with TLS and require_secure_transport (TCP
+#                             without TLS refused): BACKUPY_TEST_MARIADBTLS_PORT
+#                             BACKUPY_TEST_MARIADBTLS_PASSWORD (root)
+#                             BACKUPY_TEST_MARIADBTLS_SOCKET BACKUPY_TEST_MARIADBTLS_DIR (the
+#                             files _svc_make_tls_certs makes); user `certuser` (no password,
+#                             REQUIRE SUBJECT '/CN=certuser')
 #   services_start_redis      BACKUPY_TEST_REDIS_HOST=127.0.0.1 BACKUPY_TEST_REDIS_PORT
 #                             BACKUPY_TEST_REDIS_PASSWORD (the `default` user's)
 #                             BACKUPY_TEST_REDIS_ACL_USER=backupy BACKUPY_TEST_REDIS_ACL_PASSWORD
 #                             BACKUPY_TEST_REDIS_SERVER (path of redis-server)
+#   services_start_redis_tls  a second Redis with --port 0 and a TLS port that requires a
+#                             client certificate: BACKUPY_TEST_REDISTLS_PORT
+#                             BACKUPY_TEST_REDISTLS_PASSWORD (the `default` user's)
+#                             BACKUPY_TEST_REDISTLS_ACL_USER=backupy BACKUPY_TEST_REDISTLS_ACL_PASSWORD
+#                             BACKUPY_TEST_REDISTLS_DIR (ca.pem, client.pem, client.key:
+#                             the files _svc_make_tls_certs makes; server cert for 127.0.0.1)
 #   services_start_s3         BACKUPY_TEST_S3_ENDPOINT=http://127.0.0.1:PORT
 #                             BACKUPY_TEST_S3_ACCESS_KEY BACKUPY_TEST_S3_SECRET_KEY
 #                             BACKUPY_TEST_S3_REGION=us-east-1 BACKUPY_TEST_S3_DIR
@@ -415,6 +434,99 @@ services_start_postgres() {
     touch "$dir/ready"
 }
 
+_svc_pg_tls_check() {
+    PGPASSWORD=$1 PGCONNECT_TIMEOUT=2 PGSSLMODE=require "$2/psql" -X -w -h 127.0.0.1 -p "$3" \
+        -U postgres -d postgres -Atqc 'select 1'
+}
+
+# A test CA, a server certificate for IP 127.0.0.1 (no DNS name: "localhost" is a wrong
+# name on purpose) and a client certificate for CN=certuser, in $1.
+_svc_make_tls_certs() {
+    local d=$1
+    (
+        cd "$d" &&
+            openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
+                -subj /CN=backupy-services-ca &&
+            openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+                -subj /CN=127.0.0.1 &&
+            printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >server.ext &&
+            openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+                -out server.pem -days 2 -extfile server.ext &&
+            openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr \
+                -subj /CN=certuser &&
+            printf 'basicConstraints=CA:FALSE\n' >client.ext &&
+            openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+                -out client.pem -days 2 -extfile client.ext &&
+            _svc_secret 12 >client-enc.pass &&
+            openssl pkey -in client.key -aes256 -passout file:client-enc.pass -out client-enc.key &&
+            chmod 600 ./*.key client-enc.pass
+    ) >"$d/openssl.log" 2>&1
+}
+
+services_start_postgres_tls() {
+    _svc_running postgres_tls && return 0
+    _svc_need core openssl || return 1
+    local bin
+    bin=$(_svc_pg_bindir) || return 1
+    _svc_prepare postgres_tls || return 1
+    local dir=$BACKUPY_TEST_TMP/postgres_tls port pw log
+    local data=$dir/data tls=$dir/tls
+    log=$dir/postgres.log
+    port=$(services_free_port) || return 1
+    pw=$(_svc_secret 16)
+    mkdir -p "$tls"
+    _svc_make_tls_certs "$tls" || {
+        _svc_fail postgres_tls "$tls/openssl.log" "cannot make the test certificates"
+        return 1
+    }
+    local -a as_user=()
+    if [[ $(id -u) -eq 0 ]]; then
+        id postgres >/dev/null 2>&1 || {
+            _svc_err "postgres_tls: running as root but there is no 'postgres' user ($(_svc_install_hint core))"
+            return 1
+        }
+        as_user=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+        chown postgres: "$dir"
+    fi
+    chmod 755 "$tls"
+    chmod 700 "$dir"
+    # The server reads its own copies; the test CA's files stay the caller's.
+    cp "$tls/server.pem" "$tls/server.key" "$tls/ca.pem" "$dir/"
+    (umask 077 && printf '%s\n' "$pw" >"$dir/pwfile")
+    [[ ${#as_user[@]} -gt 0 ]] && chown postgres: "$dir/pwfile" "$dir/server.pem" "$dir/server.key" "$dir/ca.pem"
+    chmod 600 "$dir/server.key"
+    if ! (cd "$dir" && "${as_user[@]}" "$bin/initdb" -D "$data" -U postgres \
+        --auth=scram-sha-256 --pwfile="$dir/pwfile" -E UTF8 --locale=C.UTF-8 \
+        --no-sync) >"$dir/initdb.log" 2>&1; then
+        _svc_fail postgres_tls "$dir/initdb.log" "initdb failed"
+        return 1
+    fi
+    rm -f "$dir/pwfile"
+    # hostssl only: a plaintext connection finds no rule and is refused.
+    cat >"$data/pg_hba.conf" <<EOF
+local   all all                     scram-sha-256
+hostssl all certuser 127.0.0.1/32   cert
+hostssl all all      127.0.0.1/32   scram-sha-256
+EOF
+    [[ ${#as_user[@]} -gt 0 ]] && chown postgres: "$data/pg_hba.conf"
+    (cd "$dir" && _svc_spawn postgres_tls "$log" INT "${as_user[@]}" "$bin/postgres" -D "$data" \
+        -p "$port" -k "$data" -c listen_addresses=127.0.0.1 -c fsync=off \
+        -c synchronous_commit=off -c full_page_writes=off -c ssl=on \
+        -c ssl_cert_file="$dir/server.pem" -c ssl_key_file="$dir/server.key" \
+        -c ssl_ca_file="$dir/ca.pem") || return 1
+    [[ ${#as_user[@]} -gt 0 ]] && chown postgres: "$log"
+    _svc_wait postgres_tls "$log" _svc_pg_tls_check "$pw" "$bin" "$port" || return 1
+    PGPASSWORD=$pw PGSSLMODE=require "$bin/psql" -X -w -h 127.0.0.1 -p "$port" -U postgres \
+        -d postgres -Atqc 'CREATE ROLE certuser LOGIN SUPERUSER' >>"$log" 2>&1 || {
+        _svc_fail postgres_tls "$log" "cannot create the role certuser"
+        return 1
+    }
+    _svc_export postgres_tls BACKUPY_TEST_PGTLS_PORT "$port"
+    _svc_export postgres_tls BACKUPY_TEST_PGTLS_PASSWORD "$pw"
+    _svc_export postgres_tls BACKUPY_TEST_PGTLS_DIR "$tls"
+    touch "$dir/ready"
+}
+
 # ----------------------------------------------------------------------- MariaDB
 
 services_start_mariadb() {
@@ -470,6 +582,69 @@ services_start_mariadb() {
     touch "$dir/ready"
 }
 
+services_start_mariadb_tls() {
+    _svc_running mariadb_tls && return 0
+    _svc_need core mariadb-install-db mariadbd mariadb openssl || return 1
+    _svc_prepare mariadb_tls || return 1
+    local dir=$BACKUPY_TEST_TMP/mariadb_tls port pw log user tls
+    local sock=$dir/mysqld.sock
+    log=$dir/mariadbd.log
+    tls=$dir/tls
+    port=$(services_free_port) || return 1
+    pw=$(_svc_secret 16)
+    user=$(id -un)
+    if [[ $(id -u) -eq 0 ]]; then
+        if id mysql >/dev/null 2>&1; then user=mysql; else user=root; fi
+    fi
+    local -a opts=(--innodb-log-file-size=16M --innodb-buffer-pool-size=64M)
+    mkdir -p "$dir/data" "$dir/tmp" "$tls"
+    _svc_make_tls_certs "$tls" || {
+        _svc_fail mariadb_tls "$tls/openssl.log" "cannot make the test certificates"
+        return 1
+    }
+    # The server reads its own copies of its key and certificates.
+    cp "$tls/server.pem" "$tls/server.key" "$tls/ca.pem" "$dir/"
+    if [[ $user == mysql ]]; then
+        chown -R mysql: "$dir/data" "$dir/tmp"
+        chown mysql: "$dir" "$dir/server.pem" "$dir/server.key" "$dir/ca.pem"
+    fi
+    if ! mariadb-install-db --no-defaults --datadir="$dir/data" --user="$user" \
+        --auth-root-authentication-method=normal --skip-test-db "${opts[@]}" \
+        >"$dir/install-db.log" 2>&1; then
+        _svc_fail mariadb_tls "$dir/install-db.log" "mariadb-install-db failed"
+        return 1
+    fi
+    # require_secure_transport: TCP without TLS is refused (the socket stays plaintext).
+    _svc_spawn mariadb_tls "$log" TERM "$(command -v mariadbd)" --no-defaults \
+        --datadir="$dir/data" --tmpdir="$dir/tmp" --port="$port" --bind-address=127.0.0.1 \
+        --socket="$sock" --pid-file="$dir/mariadbd.pid" --user="$user" \
+        --innodb-flush-log-at-trx-commit=0 --skip-log-bin --log-error="$log" \
+        --ssl-cert="$dir/server.pem" --ssl-key="$dir/server.key" --ssl-ca="$dir/ca.pem" \
+        --require-secure-transport=ON "${opts[@]}" || return 1
+    _svc_wait mariadb_tls "$log" mariadb --no-defaults --socket="$sock" -uroot -e 'select 1' ||
+        return 1
+    local sql
+    sql=$(mariadb --no-defaults --socket="$sock" -uroot -N -e \
+        "select concat('ALTER USER root@''', host, ''' IDENTIFIED BY ''$pw'';')
+         from mysql.user where user = 'root'") || {
+        _svc_fail mariadb_tls "$log" "could not list root accounts"
+        return 1
+    }
+    if ! mariadb --no-defaults --socket="$sock" -uroot -e "$sql
+        CREATE USER certuser@'%' REQUIRE SUBJECT '/CN=certuser';
+        GRANT ALL ON *.* TO certuser@'%'; FLUSH PRIVILEGES;" 2>>"$log"; then
+        _svc_fail mariadb_tls "$log" "could not set up the accounts"
+        return 1
+    fi
+    _svc_wait mariadb_tls "$log" mariadb --no-defaults --protocol=tcp -h127.0.0.1 -P"$port" \
+        --ssl --ssl-ca="$tls/ca.pem" -uroot -p"$pw" -e 'select 1' || return 1
+    _svc_export mariadb_tls BACKUPY_TEST_MARIADBTLS_PORT "$port"
+    _svc_export mariadb_tls BACKUPY_TEST_MARIADBTLS_PASSWORD "$pw"
+    _svc_export mariadb_tls BACKUPY_TEST_MARIADBTLS_SOCKET "$sock"
+    _svc_export mariadb_tls BACKUPY_TEST_MARIADBTLS_DIR "$tls"
+    touch "$dir/ready"
+}
+
 # ------------------------------------------------------------------------- Redis
 
 _svc_redis_check() {
@@ -511,6 +686,57 @@ EOF
     _svc_export redis BACKUPY_TEST_REDIS_ACL_USER backupy
     _svc_export redis BACKUPY_TEST_REDIS_ACL_PASSWORD "$acl_pw"
     _svc_export redis BACKUPY_TEST_REDIS_SERVER "$server"
+    touch "$dir/ready"
+}
+
+_svc_redis_tls_check() {
+    [[ $(redis-cli --tls --cacert "$4/ca.pem" --cert "$4/client.pem" --key "$4/client.key" \
+        -h 127.0.0.1 -p "$1" --no-auth-warning --user "$2" --pass "$3" ping 2>/dev/null) == PONG ]]
+}
+
+services_start_redis_tls() {
+    _svc_running redis_tls && return 0
+    _svc_need core redis-server redis-cli openssl || return 1
+    _svc_prepare redis_tls || return 1
+    local dir=$BACKUPY_TEST_TMP/redis_tls port pw acl_pw log server tls
+    log=$dir/redis.log
+    tls=$dir/tls
+    server=$(command -v redis-server)
+    port=$(services_free_port) || return 1
+    pw=$(_svc_secret 16)
+    acl_pw=$(_svc_secret 16)
+    mkdir -p "$tls"
+    _svc_make_tls_certs "$tls" || {
+        _svc_fail redis_tls "$tls/openssl.log" "cannot make the test certificates"
+        return 1
+    }
+    # No plaintext port at all; a client certificate from the test CA is required.
+    cat >"$dir/redis.conf" <<EOF
+bind 127.0.0.1
+port 0
+tls-port $port
+tls-cert-file $tls/server.pem
+tls-key-file $tls/server.key
+tls-ca-cert-file $tls/ca.pem
+tls-auth-clients yes
+protected-mode yes
+daemonize no
+dir $dir
+logfile ""
+save ""
+appendonly no
+repl-diskless-sync-delay 0
+dbfilename dump.rdb
+requirepass $pw
+user backupy on >$acl_pw ~* &* +@all
+EOF
+    _svc_spawn redis_tls "$log" TERM "$server" "$dir/redis.conf" || return 1
+    _svc_wait redis_tls "$log" _svc_redis_tls_check "$port" default "$pw" "$tls" || return 1
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_PORT "$port"
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_PASSWORD "$pw"
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_ACL_USER backupy
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_ACL_PASSWORD "$acl_pw"
+    _svc_export redis_tls BACKUPY_TEST_REDISTLS_DIR "$tls"
     touch "$dir/ready"
 }
 
@@ -687,8 +913,11 @@ services_start_dockerd() {
 
 services_start_all() {
     services_start_postgres &&
+        services_start_postgres_tls &&
         services_start_mariadb &&
+        services_start_mariadb_tls &&
         services_start_redis &&
+        services_start_redis_tls &&
         services_start_s3 &&
         services_start_mongo &&
         services_start_dockerd

@@ -30,8 +30,11 @@ trap 'services_stop_all' EXIT
 # (The SQLite tests need none: rusqlite is bundled and the sqlite3 CLI judges restores.)
 services_start_s3
 services_start_postgres
+services_start_postgres_tls
 services_start_mariadb
+services_start_mariadb_tls
 services_start_redis
+services_start_redis_tls
 services_start_mongo
 # The Docker tests (tests/docker_*.rs) run databases in containers of their own.
 services_start_dockerd

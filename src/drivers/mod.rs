@@ -12,6 +12,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -20,8 +20,16 @@
 //! Tools are looked up in `BACKUPY_TOOL_PATH` (a `PATH`-style list of directories) when
 //! that variable is set, and only there; otherwise on `PATH`.
 //!
-//! The version query has no TLS in this build (the `mysql` crate without a TLS backend);
-//! the dump tools use TLS as the server and their own configuration decide.
+//! TLS (`ssl-mode` DISABLED | PREFERRED (default) | REQUIRED | VERIFY_CA |
+//! VERIFY_IDENTITY, with `ssl-ca`, `ssl-cert`, `ssl-key`; `_` works for `-` in the
+//! names) is the same for both connections. The pre-check uses the `mysql` crate's
+//! rustls backend: PREFERRED tries TLS (certificate not checked) and goes plaintext only
+//! when the server does not offer TLS at all, never after a failed handshake. The tools
+//! get the settings in the defaults file, in their own dialect: MySQL's `ssl-mode=…`;
+//! MariaDB's `ssl`/`skip-ssl`/`ssl-verify-server-cert` (which has no CA-only mode, so
+//! VERIFY_CA with a MariaDB tool is refused rather than weakened or silently widened).
+//! The flavour comes from the tool's `--version`, not its name (Debian's `mysqldump`
+//! is MariaDB's).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -32,6 +40,7 @@ use mysql::prelude::Queryable;
 
 use super::exec::{self, PrivateDir};
 use super::postgres::{TOOL_PATH_VAR, find_in};
+use super::tls::explain_rustls;
 use super::{DriverError, Dump, DumpContext, Engine, MAGIC_LEN, Strategy, TargetSpec, check_magic};
 use crate::cancel::Cancel;
 use crate::pipeline::Source;
@@ -47,6 +56,125 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The flags every dump runs with (spec: "Drivers").
 pub const DUMP_FLAGS: &[&str] =
     &["--single-transaction", "--routines", "--triggers", "--events", "--hex-blob", "--no-tablespaces"];
+
+const SSL_MODES: &[&str] = &["DISABLED", "PREFERRED", "REQUIRED", "VERIFY_CA", "VERIFY_IDENTITY"];
+
+/// A target's TLS settings, checked once and shared by the pre-check and the tools.
+struct MySsl {
+    /// One of [`SSL_MODES`]; PREFERRED when the target says nothing.
+    mode: &'static str,
+    /// Whether the target named a mode (only then do the tools get one).
+    explicit: bool,
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl MySsl {
+    /// REQUIRED with a CA file checks the chain, as the MySQL client does.
+    fn effective_mode(&self) -> &'static str {
+        if self.mode == "REQUIRED" && self.ca.is_some() { "VERIFY_CA" } else { self.mode }
+    }
+}
+
+fn ssl_settings(spec: &TargetSpec) -> Result<MySsl, DriverError> {
+    let err = |m: String| DriverError::new(&spec.id, m);
+    let opt = |k: &str| {
+        spec.options
+            .get(k)
+            .or_else(|| spec.options.get(&k.replace('-', "_")))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let (mode, explicit) = match opt("ssl-mode") {
+        None => ("PREFERRED", false),
+        Some(m) => {
+            let upper = m.to_ascii_uppercase();
+            let found = SSL_MODES
+                .iter()
+                .find(|x| **x == upper)
+                .ok_or_else(|| err(format!("ssl-mode {m:?} is not one of {}", SSL_MODES.join(", "))))?;
+            (*found, true)
+        }
+    };
+    let ssl = MySsl { mode, explicit, ca: opt("ssl-ca"), cert: opt("ssl-cert"), key: opt("ssl-key") };
+    if mode.starts_with("VERIFY_") && ssl.ca.is_none() {
+        return Err(err(format!(
+            "ssl-mode={mode} needs ssl-ca: the CA file that signed the server's certificate"
+        )));
+    }
+    if ssl.cert.is_some() != ssl.key.is_some() {
+        return Err(err("ssl-cert and ssl-key go together: give both or neither".into()));
+    }
+    if mode == "DISABLED" && (ssl.ca.is_some() || ssl.cert.is_some()) {
+        return Err(err("ssl-mode=DISABLED contradicts ssl-ca/ssl-cert/ssl-key".into()));
+    }
+    Ok(ssl)
+}
+
+/// The pre-check's TLS, or `None` for plaintext.
+fn agent_ssl_opts(ssl: &MySsl) -> Option<mysql::SslOpts> {
+    let mode = ssl.effective_mode();
+    if mode == "DISABLED" {
+        return None;
+    }
+    let mut o = mysql::SslOpts::default();
+    if let (Some(c), Some(k)) = (&ssl.cert, &ssl.key) {
+        o = o.with_client_identity(Some(mysql::ClientIdentity::new(
+            std::path::PathBuf::from(c),
+            std::path::PathBuf::from(k),
+        )));
+    }
+    o = match mode {
+        "PREFERRED" | "REQUIRED" => {
+            o.with_danger_accept_invalid_certs(true).with_danger_skip_domain_validation(true)
+        }
+        "VERIFY_CA" => o
+            .with_root_cert_path(ssl.ca.clone().map(|c| std::borrow::Cow::Owned(PathBuf::from(c))))
+            .with_danger_skip_domain_validation(true),
+        _ => o.with_root_cert_path(ssl.ca.clone().map(|c| std::borrow::Cow::Owned(PathBuf::from(c)))),
+    };
+    Some(o)
+}
+
+/// The defaults-file lines that give a tool of `flavour` the target's TLS settings.
+fn tool_ssl_lines(ssl: &MySsl, mariadb_tool: bool) -> Result<Vec<String>, String> {
+    let mut lines = Vec::new();
+    let mode = ssl.effective_mode();
+    if mariadb_tool {
+        match mode {
+            "DISABLED" => lines.push("skip-ssl".to_string()),
+            // The tool's own default (MariaDB ≥ 10.x clients use TLS when offered).
+            "PREFERRED" => {}
+            "REQUIRED" => lines.push("ssl".to_string()),
+            "VERIFY_CA" => {
+                return Err("ssl-mode=VERIFY_CA (or REQUIRED with ssl-ca) cannot be expressed for MariaDB's                             client tools, which check the host name whenever they check the certificate: use                             VERIFY_IDENTITY, or REQUIRED without ssl-ca"
+                    .into());
+            }
+            _ => {
+                lines.push("ssl".to_string());
+                lines.push("ssl-verify-server-cert".to_string());
+            }
+        }
+    } else if ssl.explicit || mode != "PREFERRED" {
+        lines.push(format!("ssl-mode={mode}"));
+    }
+    for (key, v) in [("ssl-ca", &ssl.ca), ("ssl-cert", &ssl.cert), ("ssl-key", &ssl.key)] {
+        if let Some(v) = v {
+            lines.push(format!("{key}={}", option_value(v)));
+        }
+    }
+    Ok(lines)
+}
+
+/// True when `tool --version` says MariaDB (Debian's `mysqldump` is MariaDB's).
+fn is_mariadb_tool(tool: &std::path::Path) -> bool {
+    exec::tool_command(tool)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_ascii_lowercase().contains("mariadb"))
+        .unwrap_or_else(|_| tool.file_name().is_some_and(|n| n.to_string_lossy().starts_with("mariadb")))
+}
 
 /// How a dump is restored.
 #[derive(Debug, Clone, Default)]
@@ -231,16 +359,72 @@ fn connect(spec: &TargetSpec, database: &str) -> Result<mysql::Conn, DriverError
         .read_timeout(Some(Duration::from_secs(60)))
         .write_timeout(Some(Duration::from_secs(60)))
         .prefer_socket(false);
+    let ssl = ssl_settings(spec)?;
     opts = match spec.strategy {
-        Strategy::UnixSocket => opts.socket(Some(socket(spec))),
+        // TLS does not apply to a UNIX socket (the server does not offer it there).
+        Strategy::UnixSocket => return plain_or_err(spec, database, opts.socket(Some(socket(spec)))),
         _ => opts.ip_or_hostname(Some(host(spec))).tcp_port(port(spec)),
     };
+    let Some(tls) = agent_ssl_opts(&ssl) else {
+        return plain_or_err(spec, database, opts);
+    };
+    match mysql::Conn::new(opts.clone().ssl_opts(tls)) {
+        Ok(c) => {
+            log::info!(
+                "target {}: {} over TLS (ssl-mode={})",
+                spec.id,
+                describe_server(spec),
+                ssl.effective_mode()
+            );
+            Ok(c)
+        }
+        // PREFERRED, and the server offers no TLS at all: plaintext, said out loud.
+        Err(mysql::Error::DriverError(mysql::DriverError::TlsNotSupported)) if ssl.mode == "PREFERRED" => {
+            let say = format!(
+                "target {}: {} does not offer TLS; connecting in plaintext (ssl-mode=PREFERRED; set REQUIRED \
+                 or VERIFY_IDENTITY to refuse)",
+                spec.id,
+                describe_server(spec)
+            );
+            if ssl.explicit {
+                log::warn!("{say}")
+            } else {
+                log::info!("{say}")
+            }
+            plain_or_err(spec, database, opts)
+        }
+        Err(e) => Err(DriverError::new(&spec.id, connect_error(spec, database, &e))),
+    }
+}
+
+fn plain_or_err(
+    spec: &TargetSpec,
+    database: &str,
+    opts: mysql::OptsBuilder,
+) -> Result<mysql::Conn, DriverError> {
     mysql::Conn::new(opts).map_err(|e| DriverError::new(&spec.id, connect_error(spec, database, &e)))
+}
+
+/// A TLS failure in `e`, in words (unknown issuer, wrong name, expired …).
+fn tls_reason(e: &mysql::Error) -> Option<String> {
+    match e {
+        mysql::Error::TlsError(mysql::error::tls::TlsError::Tls(r)) => Some(explain_rustls(r)),
+        mysql::Error::TlsError(t) => Some(format!("TLS failed: {t}")),
+        mysql::Error::IoError(io) => super::tls::explain(io),
+        mysql::Error::CodecError(c) => super::tls::explain(c),
+        mysql::Error::DriverError(mysql::DriverError::TlsNotSupported) => {
+            Some("the server does not offer TLS, and the target's ssl-mode requires it".into())
+        }
+        _ => None,
+    }
 }
 
 fn connect_error(spec: &TargetSpec, database: &str, e: &mysql::Error) -> String {
     let server = describe_server(spec);
     let flavour = if spec.engine == Engine::MySql { "MySQL" } else { "MariaDB" };
+    if let Some(why) = tls_reason(e) {
+        return format!("TLS to {flavour} at {server} failed: {why}");
+    }
     match e {
         mysql::Error::MySqlError(m) if m.code == 1045 || m.code == 1698 => {
             format!("{flavour} at {server} refused user {:?}: {}", user(spec), m.message)
@@ -299,6 +483,13 @@ fn client_command(
     if let Some(pw) = &spec.password {
         text.push_str(&format!("password={}\n", option_value(pw.expose())));
     }
+    if !matches!(spec.strategy, Strategy::UnixSocket) {
+        let ssl = ssl_settings(spec)?;
+        for line in tool_ssl_lines(&ssl, is_mariadb_tool(tool)).map_err(err)? {
+            text.push_str(&line);
+            text.push('\n');
+        }
+    }
     let file = dir
         .write_secret("my.cnf", &Secret::new(text))
         .map_err(|e| err(format!("cannot write the defaults file: {e}")))?;
@@ -354,6 +545,30 @@ mod tests {
         let mysql = "mysqldump  Ver 8.0.36 for Linux on x86_64 (MySQL Community Server - GPL)";
         assert_eq!(tool_version(mysql).as_deref(), Some("8.0.36"));
         assert_eq!(tool_version("nonsense"), None);
+    }
+
+    #[test]
+    fn tls_settings_follow_each_client_dialect() {
+        let mut spec = TargetSpec::new("t", Engine::MariaDb);
+        let plain = ssl_settings(&spec).unwrap();
+        assert_eq!(plain.mode, "PREFERRED");
+        assert_eq!(tool_ssl_lines(&plain, false).unwrap(), Vec::<String>::new());
+        spec.options.insert("ssl_mode".into(), "verify_identity".into());
+        assert!(ssl_settings(&spec).err().unwrap().to_string().contains("needs ssl-ca"));
+        spec.options.insert("ssl-ca".into(), "/ca.pem".into());
+        let s = ssl_settings(&spec).unwrap();
+        assert_eq!(
+            tool_ssl_lines(&s, true).unwrap(),
+            ["ssl", "ssl-verify-server-cert", "ssl-ca=\"/ca.pem\""]
+        );
+        assert_eq!(tool_ssl_lines(&s, false).unwrap(), ["ssl-mode=VERIFY_IDENTITY", "ssl-ca=\"/ca.pem\""]);
+        spec.options.insert("ssl_mode".into(), "REQUIRED".into());
+        let s = ssl_settings(&spec).unwrap();
+        assert_eq!(s.effective_mode(), "VERIFY_CA");
+        assert!(tool_ssl_lines(&s, true).unwrap_err().contains("VERIFY_IDENTITY"));
+        assert_eq!(tool_ssl_lines(&s, false).unwrap()[0], "ssl-mode=VERIFY_CA");
+        spec.options.insert("ssl_mode".into(), "sometimes".into());
+        assert!(ssl_settings(&spec).err().unwrap().to_string().contains("not one of"));
     }
 
     #[test]

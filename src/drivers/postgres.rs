@@ -16,10 +16,15 @@
 //! that variable is set, and only there; otherwise in `/usr/lib/postgresql/<major>/bin`,
 //! newest major first (a newer `pg_dump` dumps every older server), then on `PATH`.
 //!
-//! `sslmode` (from the target's options) is passed to the tools as it is. The version
-//! query has no TLS connector in this build: with `disable`, `allow` or `prefer` it runs
-//! in plaintext; with `require`, `verify-ca` or `verify-full` the dump is refused with an
-//! error that says so.
+//! TLS (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `sslpassword` from the target's
+//! options or URL query) is the same for both connections. The agent's own connection
+//! uses rustls through [`tls`](super::tls) (`prefer` and `allow` upgrade to TLS whenever
+//! the server offers it and fail if the handshake fails: no silent plaintext fallback);
+//! the tools get the same keys in their conninfo. `sslpassword` is key material, so it
+//! never goes in argv: it reaches libpq through a 0600 service file (`PGSERVICEFILE`,
+//! `service=backupy` in the conninfo) next to the passfile, and the agent's connection
+//! decrypts the key with `openssl pkey`, the password again in a 0600 file. Over a UNIX
+//! socket TLS does not apply (as in libpq).
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -28,6 +33,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::exec::{self, PrivateDir};
+use super::tls::{ClientKey, DbTls, Verify};
 use super::{DriverError, Dump, DumpContext, Engine, MAGIC_LEN, Strategy, TargetSpec, check_magic};
 use crate::cancel::Cancel;
 use crate::pipeline::Source;
@@ -39,6 +45,9 @@ pub const DEFAULT_PORT: u16 = 5432;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The variable that replaces the tool search path (tests, unusual installs).
 pub const TOOL_PATH_VAR: &str = "BACKUPY_TOOL_PATH";
+
+/// The service name in the private `PGSERVICEFILE` (sslpassword lives there).
+const PG_SERVICE: &str = "backupy";
 
 const SSL_MODES: &[&str] = &["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
 
@@ -73,19 +82,19 @@ struct ServerInfo {
 /// database size as its progress estimate, and the passfile directory as its guard.
 pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    let sslmode = ssl_mode(spec)?;
+    let ssl = ssl_settings(spec)?;
     let pg_dump = find_pg_tool("pg_dump").ok_or_else(|| err(missing_tool("pg_dump")))?;
-    let info = server_info(spec, &sslmode)?;
-
     let dir = PrivateDir::new(&ctx.temp_dir)
         .map_err(|e| err(format!("cannot create a private directory in {}: {e}", ctx.temp_dir.display())))?;
+    let info = server_info(spec, &ssl, &dir)?;
+
     let mut cmd = exec::tool_command(&pg_dump);
-    configure_auth(&mut cmd, spec, &dir)?;
+    configure_auth(&mut cmd, spec, &dir, &ssl)?;
     cmd.arg("--format=custom").arg("--no-password");
     if ctx.pipeline_compresses {
         cmd.arg("--compress=0");
     }
-    cmd.arg(format!("--dbname={}", conninfo(spec, &spec.database, &sslmode)));
+    cmd.arg(format!("--dbname={}", conninfo(spec, &spec.database, &ssl)));
 
     let source = Source::spawn("pg_dump", cmd).map_err(|e| err(format!("{e} ({})", pg_dump.display())))?;
     Ok(Dump {
@@ -102,7 +111,7 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
 /// error; the error carries `pg_restore`'s stderr tail.
 pub fn restore(spec: &TargetSpec, input: &mut dyn Read, opts: &PgRestoreOptions) -> Result<(), DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    let sslmode = ssl_mode(spec)?;
+    let ssl = ssl_settings(spec)?;
     let pg_restore = find_pg_tool("pg_restore").ok_or_else(|| err(missing_tool("pg_restore")))?;
     if spec.database.is_empty() {
         return Err(err("pg_restore needs a database to connect to (the target has none)".into()));
@@ -111,7 +120,7 @@ pub fn restore(spec: &TargetSpec, input: &mut dyn Read, opts: &PgRestoreOptions)
     let dir = PrivateDir::new(&dir)
         .map_err(|e| err(format!("cannot create a private directory in {}: {e}", dir.display())))?;
     let mut cmd = exec::tool_command(&pg_restore);
-    configure_auth(&mut cmd, spec, &dir)?;
+    configure_auth(&mut cmd, spec, &dir, &ssl)?;
     cmd.arg("--no-password").arg("--exit-on-error");
     if opts.clean {
         cmd.arg("--clean").arg("--if-exists");
@@ -125,7 +134,7 @@ pub fn restore(spec: &TargetSpec, input: &mut dyn Read, opts: &PgRestoreOptions)
     if opts.single_transaction && !opts.create {
         cmd.arg("--single-transaction");
     }
-    cmd.arg(format!("--dbname={}", conninfo(spec, &spec.database, &sslmode)));
+    cmd.arg(format!("--dbname={}", conninfo(spec, &spec.database, &ssl)));
     // `dir` (the passfile) lives until pg_restore has exited.
     exec::feed_until("pg_restore", cmd, input, opts.cancel.as_ref()).map_err(err)
 }
@@ -161,6 +170,108 @@ fn ssl_mode(spec: &TargetSpec) -> Result<String, DriverError> {
     }
 }
 
+/// A target's TLS settings, checked once and shared by both connections.
+struct PgSsl {
+    /// As libpq spells it (lower case).
+    mode: String,
+    /// `sslrootcert`: a CA file, or `system` (the built-in roots; libpq ≥ 16 for the tools).
+    rootcert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    /// `sslpassword`, resolved like every secret reference (env:, file:, a name).
+    key_password: Option<Secret>,
+}
+
+impl PgSsl {
+    /// The agent's own connection: the `postgres` crate's mode and how much is verified.
+    /// `allow` is treated as `prefer` (TLS when offered): stricter, never weaker. As in
+    /// libpq, `require` with a CA file checks the chain (verify-ca).
+    fn agent_mode(&self) -> (postgres::config::SslMode, Verify) {
+        use postgres::config::SslMode;
+        match self.mode.as_str() {
+            "disable" => (SslMode::Disable, Verify::Off),
+            "allow" | "prefer" => (SslMode::Prefer, Verify::Off),
+            "require" if self.rootcert.is_some() => (SslMode::Require, Verify::Chain),
+            "require" => (SslMode::Require, Verify::Off),
+            "verify-ca" => (SslMode::Require, Verify::Chain),
+            _ => (SslMode::Require, Verify::Full),
+        }
+    }
+}
+
+fn ssl_settings(spec: &TargetSpec) -> Result<PgSsl, DriverError> {
+    let err = |m: String| DriverError::new(&spec.id, m);
+    let mode = ssl_mode(spec)?;
+    let opt = |k: &str| spec.options.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let rootcert = opt("sslrootcert");
+    if mode.starts_with("verify-") && rootcert.is_none() {
+        return Err(err(format!(
+            "sslmode={mode} needs sslrootcert: the CA file that signed the server's certificate, or \
+             \"system\" for the built-in public roots (the tools need libpq 16 or newer for that)"
+        )));
+    }
+    let key_password = match spec.options.get("sslpassword") {
+        Some(r) => {
+            Some(crate::env::Env::get().resolve_secret(r).map_err(|e| err(format!("sslpassword: {e}")))?)
+        }
+        None => None,
+    };
+    if key_password.as_ref().is_some_and(|p| p.expose().contains(['\n', '\r'])) {
+        return Err(err("sslpassword contains a line break, which a service file cannot hold".into()));
+    }
+    let ssl = PgSsl { mode, rootcert, cert: opt("sslcert"), key: opt("sslkey"), key_password };
+    if ssl.cert.is_some() != ssl.key.is_some() {
+        return Err(err("sslcert and sslkey go together: give both or neither".into()));
+    }
+    Ok(ssl)
+}
+
+/// The rustls side of `ssl` for the agent's connection; an encrypted key is decrypted
+/// into memory with `openssl pkey`, its password in a 0600 file in `dir`.
+fn agent_tls(ssl: &PgSsl, verify: Verify, dir: &PrivateDir) -> Result<DbTls, String> {
+    let mut t = DbTls::new(verify);
+    t.ca_file = ssl.rootcert.as_deref().filter(|r| *r != "system").map(PathBuf::from);
+    t.client_cert = ssl.cert.as_deref().map(PathBuf::from);
+    t.client_key = match (&ssl.key, &ssl.key_password) {
+        (None, _) => None,
+        (Some(k), None) => Some(ClientKey::File(PathBuf::from(k))),
+        (Some(k), Some(pw)) => Some(ClientKey::Pem(decrypt_key(std::path::Path::new(k), pw, dir)?)),
+    };
+    Ok(t)
+}
+
+/// `openssl pkey -in KEY -passin file:F`: the key in PEM, unencrypted, in memory only.
+fn decrypt_key(key: &std::path::Path, password: &Secret, dir: &PrivateDir) -> Result<Secret, String> {
+    let openssl = exec::find_tool(&["openssl"]).ok_or_else(|| {
+        "sslpassword needs the openssl command to decrypt sslkey for the agent's own connection; \
+         install openssl, or give an unencrypted key"
+            .to_string()
+    })?;
+    let pass = dir
+        .write_secret("sslkey-pass", &Secret::new(format!("{}\n", password.expose())))
+        .map_err(|e| format!("cannot write the key password file: {e}"))?;
+    let out = exec::tool_command(&openssl)
+        .arg("pkey")
+        .arg("-in")
+        .arg(key)
+        .arg("-passin")
+        .arg(format!("file:{}", pass.display()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", openssl.display()))?;
+    let _ = std::fs::remove_file(&pass);
+    let pem = Secret::new(String::from_utf8_lossy(&out.stdout).into_owned());
+    if !out.status.success() || pem.is_empty() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        let why = why.lines().next().unwrap_or("").trim();
+        return Err(format!(
+            "cannot decrypt sslkey {} with sslpassword (wrong password?): {why}",
+            key.display()
+        ));
+    }
+    Ok(pem)
+}
+
 /// Where the server is, for messages: "127.0.0.1:5432" or "socket /run/postgresql".
 fn describe_server(spec: &TargetSpec) -> String {
     match spec.strategy {
@@ -183,27 +294,23 @@ fn port(spec: &TargetSpec) -> u16 {
     if spec.port == 0 { DEFAULT_PORT } else { spec.port }
 }
 
-/// Connects with the `postgres` crate and reads the version and database size.
-fn server_info(spec: &TargetSpec, sslmode: &str) -> Result<ServerInfo, DriverError> {
+/// Connects with the `postgres` crate (TLS as `ssl` says) and reads the version and
+/// database size.
+fn server_info(spec: &TargetSpec, ssl: &PgSsl, dir: &PrivateDir) -> Result<ServerInfo, DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    let mode = match sslmode {
-        "disable" => postgres::config::SslMode::Disable,
-        "allow" | "prefer" => postgres::config::SslMode::Prefer,
-        other => {
-            return Err(err(format!(
-                "sslmode={other} needs TLS for the server-version query, which this build cannot do yet; \
-                 use sslmode=prefer or disable"
-            )));
-        }
-    };
     if spec.database.is_empty() {
         return Err(err("a PostgreSQL target needs a database name (pg_dump dumps one database)".into()));
     }
+    let unix = matches!(spec.strategy, Strategy::UnixSocket);
+    // libpq ignores sslmode on a UNIX socket; so does the agent.
+    let (mode, verify) =
+        if unix { (postgres::config::SslMode::Disable, Verify::Off) } else { ssl.agent_mode() };
     let mut config = postgres::Config::new();
-    match spec.strategy {
-        Strategy::UnixSocket => config.host_path(socket_dir(spec)),
-        _ => config.host(host(spec)),
-    };
+    if unix {
+        config.host_path(socket_dir(spec));
+    } else {
+        config.host(host(spec));
+    }
     config
         .port(port(spec))
         .user(if spec.username.is_empty() { "postgres" } else { &spec.username })
@@ -214,7 +321,37 @@ fn server_info(spec: &TargetSpec, sslmode: &str) -> Result<ServerInfo, DriverErr
     if let Some(pw) = &spec.password {
         config.password(pw.expose());
     }
-    let mut client = config.connect(postgres::NoTls).map_err(|e| err(connect_error(spec, &e)))?;
+    let mut client = if mode == postgres::config::SslMode::Disable {
+        config.connect(postgres::NoTls).map_err(|e| err(connect_error(spec, ssl, &e)))?
+    } else {
+        let tls = agent_tls(ssl, verify, dir).map_err(|m| err(format!("sslmode={}: {m}", ssl.mode)))?;
+        let config_tls = tls.client_config().map_err(|m| err(format!("sslmode={}: {m}", ssl.mode)))?;
+        let connector = rustls_connect::MakeRustls::new(config_tls);
+        let negotiated = connector.negotiated.clone();
+        let client = config.connect(connector).map_err(|e| err(connect_error(spec, ssl, &e)))?;
+        match *negotiated.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(v) => log::info!(
+                "target {}: PostgreSQL at {} over {} ({}, sslmode={})",
+                spec.id,
+                describe_server(spec),
+                super::tls::version_name(Some(v)),
+                verify.describe(),
+                ssl.mode
+            ),
+            None => {
+                let say = format!(
+                    "target {}: PostgreSQL at {} does not offer TLS; connected in plaintext (sslmode={}; set \
+                     require or verify-full to refuse)",
+                    spec.id,
+                    describe_server(spec),
+                    ssl.mode
+                );
+                // Loud when the target asked for prefer/allow, quiet for the default.
+                if spec.options.contains_key("sslmode") { log::warn!("{say}") } else { log::info!("{say}") }
+            }
+        }
+        client
+    };
     let version: String = client
         .query_one("SHOW server_version", &[])
         .and_then(|row| row.try_get(0))
@@ -227,9 +364,12 @@ fn server_info(spec: &TargetSpec, sslmode: &str) -> Result<ServerInfo, DriverErr
     Ok(ServerInfo { version: engine_version(&version), size })
 }
 
-fn connect_error(spec: &TargetSpec, e: &postgres::Error) -> String {
+fn connect_error(spec: &TargetSpec, ssl: &PgSsl, e: &postgres::Error) -> String {
     use postgres::error::SqlState;
     let server = describe_server(spec);
+    if let Some(why) = super::tls::explain(e) {
+        return format!("TLS to PostgreSQL at {server} failed (sslmode={}): {why}", ssl.mode);
+    }
     let user = if spec.username.is_empty() { "postgres" } else { &spec.username };
     match e.code() {
         Some(c)
@@ -262,8 +402,22 @@ fn pg_error_text(e: &postgres::Error) -> String {
 /// Writes the passfile (when there is a password) and points the child at it. HOME is
 /// the private directory too, so no `~/.pgpass` or service file of the agent's user
 /// takes part.
-fn configure_auth(cmd: &mut Command, spec: &TargetSpec, dir: &PrivateDir) -> Result<(), DriverError> {
+fn configure_auth(
+    cmd: &mut Command,
+    spec: &TargetSpec,
+    dir: &PrivateDir,
+    ssl: &PgSsl,
+) -> Result<(), DriverError> {
     cmd.env("HOME", dir.path());
+    // sslpassword is not a passfile field: a service file holds it, read by libpq only
+    // when the conninfo names `service=backupy`.
+    if let Some(pw) = &ssl.key_password {
+        let text = Secret::new(format!("[{PG_SERVICE}]\nsslpassword={}\n", pw.expose()));
+        let path = dir
+            .write_secret("pg_service.conf", &text)
+            .map_err(|e| DriverError::new(&spec.id, format!("cannot write the service file: {e}")))?;
+        cmd.env("PGSERVICEFILE", path);
+    }
     cmd.env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT.as_secs().to_string());
     if let Some(pw) = &spec.password {
         if pw.expose().contains(['\n', '\r']) {
@@ -294,7 +448,7 @@ fn passfile_escape(s: &str) -> String {
 }
 
 /// A libpq connection string for `database` (no password: that is in the passfile).
-fn conninfo(spec: &TargetSpec, database: &str, sslmode: &str) -> String {
+fn conninfo(spec: &TargetSpec, database: &str, ssl: &PgSsl) -> String {
     let host = match spec.strategy {
         Strategy::UnixSocket => socket_dir(spec),
         _ => host(spec),
@@ -303,17 +457,20 @@ fn conninfo(spec: &TargetSpec, database: &str, sslmode: &str) -> String {
         format!("host={}", conninfo_quote(host)),
         format!("port={}", port(spec)),
         format!("dbname={}", conninfo_quote(database)),
-        format!("sslmode={sslmode}"),
+        format!("sslmode={}", ssl.mode),
         format!("connect_timeout={}", CONNECT_TIMEOUT.as_secs()),
         "application_name=backupy-agent".to_string(),
     ];
     if !spec.username.is_empty() {
         parts.push(format!("user={}", conninfo_quote(&spec.username)));
     }
-    for key in ["sslrootcert", "sslcert", "sslkey"] {
-        if let Some(v) = spec.options.get(key) {
+    for (key, value) in [("sslrootcert", &ssl.rootcert), ("sslcert", &ssl.cert), ("sslkey", &ssl.key)] {
+        if let Some(v) = value {
             parts.push(format!("{key}={}", conninfo_quote(v)));
         }
+    }
+    if ssl.key_password.is_some() {
+        parts.push(format!("service={PG_SERVICE}"));
     }
     parts.join(" ")
 }
@@ -372,6 +529,105 @@ fn missing_tool(tool: &str) -> String {
     )
 }
 
+/// The `postgres` crate's TLS hook, implemented with tokio-rustls: tokio-postgres runs
+/// inside the crate's own runtime, on the calling thread, so only the traits are async.
+mod rustls_connect {
+    use std::future::Future;
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+
+    use postgres::Socket;
+    use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+    use rustls::{ClientConfig, ProtocolVersion};
+    use rustls_pki_types::ServerName;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio_rustls::TlsConnector;
+
+    /// Makes one connector per connection attempt; records the negotiated version.
+    pub struct MakeRustls {
+        config: Arc<ClientConfig>,
+        pub negotiated: Arc<Mutex<Option<ProtocolVersion>>>,
+    }
+
+    impl MakeRustls {
+        pub fn new(config: Arc<ClientConfig>) -> Self {
+            MakeRustls { config, negotiated: Arc::new(Mutex::new(None)) }
+        }
+    }
+
+    impl MakeTlsConnect<Socket> for MakeRustls {
+        type Stream = RustlsStream;
+        type TlsConnect = RustlsConnect;
+        type Error = io::Error;
+
+        fn make_tls_connect(&mut self, domain: &str) -> io::Result<RustlsConnect> {
+            let name = crate::drivers::tls::server_name(domain).map_err(io::Error::other)?;
+            Ok(RustlsConnect {
+                connector: TlsConnector::from(self.config.clone()),
+                name,
+                negotiated: self.negotiated.clone(),
+            })
+        }
+    }
+
+    pub struct RustlsConnect {
+        connector: TlsConnector,
+        name: ServerName<'static>,
+        negotiated: Arc<Mutex<Option<ProtocolVersion>>>,
+    }
+
+    impl TlsConnect<Socket> for RustlsConnect {
+        type Stream = RustlsStream;
+        type Error = io::Error;
+        type Future = Pin<Box<dyn Future<Output = io::Result<RustlsStream>> + Send>>;
+
+        fn connect(self, stream: Socket) -> Self::Future {
+            Box::pin(async move {
+                let tls = self.connector.connect(self.name, stream).await?;
+                *self.negotiated.lock().unwrap_or_else(|p| p.into_inner()) =
+                    tls.get_ref().1.protocol_version();
+                Ok(RustlsStream(tls))
+            })
+        }
+    }
+
+    pub struct RustlsStream(tokio_rustls::client::TlsStream<Socket>);
+
+    impl TlsStream for RustlsStream {
+        // No channel binding: SCRAM then runs without -PLUS, which every server accepts
+        // unless `channel_binding=require` is set on the client (we never set it).
+        fn channel_binding(&self) -> ChannelBinding {
+            ChannelBinding::none()
+        }
+    }
+
+    impl AsyncRead for RustlsStream {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for RustlsStream {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,7 +648,8 @@ mod tests {
         spec.database = "--create x=y".into();
         spec.username = "backup".into();
         spec.password = Some(Secret::new("hunter2"));
-        let c = conninfo(&spec, &spec.database, "require");
+        spec.options.insert("sslmode".into(), "require".into());
+        let c = conninfo(&spec, &spec.database, &ssl_settings(&spec).unwrap());
         assert_eq!(
             c,
             "host='db.example' port=5432 dbname='--create x=y' sslmode=require connect_timeout=10 \

@@ -25,9 +25,13 @@
 //! Like any replica's full sync, a dump makes the server fork for a BGSAVE (copy-on-write
 //! memory while it runs), unless a snapshot for another replica is already under way.
 //!
-//! Not supported in this build: TLS (`tls = "true"`). The `redis` crate's TLS stream
-//! cannot be handed over to the raw replication reader, and a TLS stack of our own would
-//! be another direct dependency. Such targets are refused with an error that says so.
+//! TLS (`rediss://` or `tls = "true"`, with `ca_file`, `cert_file` + `key_file`, `sni`,
+//! `insecure_skip_verify`): rustls (through [`tls`](super::tls)) wraps the TCP stream
+//! before the first command, so AUTH, INFO, PSYNC and the RDB bytes after it, and the
+//! RESTORE replay's target connection, all travel inside TLS. The handshake runs at
+//! connect time, so a certificate problem is one clear error before anything else. The
+//! certificate and host name (or `sni`) are checked unless `insecure_skip_verify = "true"`,
+//! which logs a warning on every connection.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -64,9 +68,6 @@ const REPLAY_BATCH: usize = 256;
 const SCRATCH_DATABASES: u32 = 256;
 /// How long the throwaway server may take to load the RDB.
 const SCRATCH_LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-
-const TLS_UNSUPPORTED: &str = "TLS (tls = \"true\") is not supported for Redis targets in this build: \
-     reach the server through a local TLS tunnel (e.g. stunnel or spiped) and point the target at the tunnel";
 
 /// Starts streaming an RDB snapshot of `spec` over the replication protocol.
 ///
@@ -134,6 +135,7 @@ pub fn capability() -> Option<String> {
 enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Conn {
@@ -152,6 +154,12 @@ impl Conn {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                 })
             }
+            Conn::Tls(t) => {
+                let s = t.sock.try_clone()?;
+                std::sync::Arc::new(move || {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                })
+            }
         })
     }
 
@@ -159,6 +167,7 @@ impl Conn {
         match self {
             Conn::Tcp(s) => s.set_read_timeout(Some(t)).and_then(|_| s.set_write_timeout(Some(t))),
             Conn::Unix(s) => s.set_read_timeout(Some(t)).and_then(|_| s.set_write_timeout(Some(t))),
+            Conn::Tls(s) => s.sock.set_read_timeout(Some(t)).and_then(|_| s.sock.set_write_timeout(Some(t))),
         }
     }
 
@@ -166,6 +175,7 @@ impl Conn {
         match self {
             Conn::Tcp(s) => s.read_timeout().ok().flatten(),
             Conn::Unix(s) => s.read_timeout().ok().flatten(),
+            Conn::Tls(s) => s.sock.read_timeout().ok().flatten(),
         }
     }
 
@@ -186,6 +196,7 @@ impl Read for Conn {
         let r = match self {
             Conn::Tcp(s) => s.read(buf),
             Conn::Unix(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
         };
         r.map_err(|e| self.timed_out(e))
     }
@@ -196,6 +207,7 @@ impl Write for Conn {
         let r = match self {
             Conn::Tcp(s) => s.write(buf),
             Conn::Unix(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
         };
         r.map_err(|e| self.timed_out(e))
     }
@@ -204,6 +216,7 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.flush(),
             Conn::Unix(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
         }
     }
 }
@@ -222,12 +235,79 @@ fn endpoint(spec: &TargetSpec) -> String {
     }
 }
 
-fn connect(spec: &TargetSpec) -> Result<Conn, String> {
-    if spec.options.get("tls").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-        return Err(TLS_UNSUPPORTED.into());
+/// A boolean target option: absent = false; anything but true/false is an error.
+fn flag(spec: &TargetSpec, key: &str) -> Result<bool, String> {
+    match spec.options.get(key).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(false),
+        Some(v) if matches!(v.as_str(), "true" | "1" | "yes") => Ok(true),
+        Some(v) if matches!(v.as_str(), "false" | "0" | "no" | "") => Ok(false),
+        Some(v) => Err(format!("option {key} = {v:?} is not true or false")),
     }
+}
+
+/// The target's TLS settings, or `None` without `tls` (or `rediss://`).
+fn tls_settings(spec: &TargetSpec) -> Result<Option<(super::tls::DbTls, String)>, String> {
+    use super::tls::{ClientKey, DbTls, Verify};
+    if !flag(spec, "tls")? {
+        for key in ["ca_file", "cert_file", "key_file", "sni", "insecure_skip_verify"] {
+            if spec.options.contains_key(key) {
+                return Err(format!("option {key} needs tls = \"true\" (or a rediss:// url)"));
+            }
+        }
+        return Ok(None);
+    }
+    let opt = |k: &str| spec.options.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let verify = if flag(spec, "insecure_skip_verify")? { Verify::Off } else { Verify::Full };
+    let mut t = DbTls::new(verify);
+    t.ca_file = opt("ca_file").map(PathBuf::from);
+    t.client_cert = opt("cert_file").map(PathBuf::from);
+    t.client_key = opt("key_file").map(|k| ClientKey::File(PathBuf::from(k)));
+    let host = if spec.host.is_empty() { "localhost" } else { spec.host.as_str() };
+    Ok(Some((t, opt("sni").unwrap_or_else(|| host.to_string()))))
+}
+
+/// Wraps `tcp` in TLS and completes the handshake now, so a certificate problem is one
+/// clear error naming the server and what did not match.
+fn start_tls(spec: &TargetSpec, tcp: TcpStream, tls: &super::tls::DbTls, sni: &str) -> Result<Conn, String> {
+    let ep = endpoint(spec);
+    if tls.verify == super::tls::Verify::Off {
+        log::warn!(
+            "target {}: insecure_skip_verify = true: the TLS certificate of {ep} is NOT checked; anyone who \
+             can intercept the connection can read the backup and the password",
+            spec.id
+        );
+    }
+    let config = tls.client_config().map_err(|m| format!("TLS to {ep}: {m}"))?;
+    let name = super::tls::server_name(sni).map_err(|m| format!("TLS to {ep}: sni: {m}"))?;
+    let conn = rustls::ClientConnection::new(config, name).map_err(|e| format!("TLS to {ep}: {e}"))?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    stream
+        .sock
+        .set_read_timeout(Some(CONNECT_TIMEOUT))
+        .and_then(|_| stream.sock.set_write_timeout(Some(CONNECT_TIMEOUT)))
+        .map_err(|e| format!("cannot set socket timeouts: {e}"))?;
+    while stream.conn.is_handshaking() {
+        if let Err(e) = stream.conn.complete_io(&mut stream.sock) {
+            let why = super::tls::explain(&e).unwrap_or_else(|| e.to_string());
+            return Err(format!("TLS handshake with {ep} (name {sni:?}) failed: {why}"));
+        }
+    }
+    log::info!(
+        "target {}: Redis at {ep} over {} ({})",
+        spec.id,
+        super::tls::version_name(stream.conn.protocol_version()),
+        tls.verify.describe()
+    );
+    Ok(Conn::Tls(Box::new(stream)))
+}
+
+fn connect(spec: &TargetSpec) -> Result<Conn, String> {
+    let tls = tls_settings(spec)?;
     let hint = "is redis-server running and listening there?";
     let conn = if is_unix(spec) {
+        if tls.is_some() {
+            return Err("tls = \"true\" needs a TCP host and port, not a UNIX socket".into());
+        }
         let s = UnixStream::connect(&spec.host)
             .map_err(|e| format!("cannot connect to the UNIX socket {}: {e} ({hint})", spec.host))?;
         Conn::Unix(s)
@@ -252,7 +332,10 @@ fn connect(spec: &TargetSpec) -> Result<Conn, String> {
             (None, None) => return Err(format!("{host} resolves to no address")),
         };
         let _ = s.set_nodelay(true);
-        Conn::Tcp(s)
+        match &tls {
+            Some((settings, sni)) => start_tls(spec, s, settings, sni)?,
+            None => Conn::Tcp(s),
+        }
     };
     conn.set_idle_timeout(IDLE_TIMEOUT).map_err(|e| format!("cannot set socket timeouts: {e}"))?;
     Ok(conn)

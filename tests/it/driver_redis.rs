@@ -666,13 +666,6 @@ fn unreachable_server_is_a_clear_error() {
     assert_fails_storing_nothing(&spec, &["cannot connect to the UNIX socket /nonexistent/redis.sock"]);
 }
 
-#[test]
-fn tls_targets_are_refused_with_a_message_that_says_so() {
-    let mut spec = tcp_spec("tls", 6380, "", None);
-    spec.options.insert("tls".into(), "true".into());
-    assert_fails_storing_nothing(&spec, &["TLS", "not supported", "tunnel"]);
-}
-
 /// Deletes the ACL user on drop, whatever the test did.
 struct AclUser<'a>(&'a mut redis::Connection, String);
 
