@@ -146,6 +146,13 @@ struct RawJob {
     format: Option<Spanned<String>>,
     retention_days: Option<u32>,
     keep_last: Option<u32>,
+    /// Grandfather-father-son retention (issue 20): see `retention::Rules`.
+    keep_hourly: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_monthly: Option<u32>,
+    keep_yearly: Option<u32>,
+    keep_within: Option<Spanned<String>>,
     /// The whole run's limit; 0 or absent = none.
     timeout_sec: Option<u64>,
     retry: Option<RawRetry>,
@@ -444,6 +451,13 @@ impl Config {
                 None => RetryConfig::default(),
             };
             let notify = parse_notify(rj, &id, &fail)?;
+            let keep_within = match &rj.keep_within {
+                Some(w) => Some(
+                    crate::retention::Within::parse(w.get_ref())
+                        .map_err(|why| fail(Some(w.span()), format!("job {id:?}: {why}")))?,
+                ),
+                None => None,
+            };
             jobs.push(Job {
                 id,
                 target,
@@ -454,6 +468,12 @@ impl Config {
                 retention: crate::retention::Rules {
                     retention_days: rj.retention_days,
                     keep_last: rj.keep_last,
+                    keep_hourly: rj.keep_hourly,
+                    keep_daily: rj.keep_daily,
+                    keep_weekly: rj.keep_weekly,
+                    keep_monthly: rj.keep_monthly,
+                    keep_yearly: rj.keep_yearly,
+                    keep_within,
                 },
                 timeout: rj.timeout_sec.filter(|s| *s > 0).map(std::time::Duration::from_secs),
                 retry,
