@@ -98,6 +98,15 @@ struct RawS3 {
     upload_concurrency: Option<Spanned<u32>>,
     part_size_mib: Option<Spanned<u64>>,
     ca_file: Option<String>,
+    /// `{ mode = "governance" | "compliance", days = N }` (issue 20).
+    object_lock: Option<Spanned<RawObjectLock>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjectLock {
+    mode: String,
+    days: u32,
 }
 
 #[derive(Deserialize)]
@@ -541,9 +550,13 @@ impl Config {
             StorageConfig::Dir(d) => DirStorage::open(d)
                 .map(|d| Storage::Dir(d.with_file_mode(self.storage_file_mode)))
                 .map_err(|e| e.to_string()),
-            StorageConfig::S3(t) => S3Storage::new((**t).clone(), Some(&self.state_dir))
-                .map(Storage::S3)
-                .map_err(|e| e.to_string()),
+            StorageConfig::S3(t) => {
+                let s = S3Storage::new((**t).clone(), Some(&self.state_dir)).map_err(|e| e.to_string())?;
+                if t.object_lock.is_some() {
+                    s.check_object_lock().map_err(|e| e.to_string())?;
+                }
+                Ok(Storage::S3(s))
+            }
         }
     }
 
@@ -637,6 +650,28 @@ fn parse_s3(
             ));
         }
         t.part_size = p.get_ref() << 20;
+    }
+    if let Some(l) = &r.object_lock {
+        let raw = l.get_ref();
+        let compliance = match raw.mode.as_str() {
+            "governance" => false,
+            "compliance" => true,
+            other => {
+                return Err(fail(
+                    Some(l.span()),
+                    format!(
+                        "[storage.s3] object_lock mode {other:?} must be \"governance\" or \"compliance\""
+                    ),
+                ));
+            }
+        };
+        if !(1..=36_500).contains(&raw.days) {
+            return Err(fail(
+                Some(l.span()),
+                "[storage.s3] object_lock days must be between 1 and 36500".into(),
+            ));
+        }
+        t.object_lock = Some(crate::storage::s3::ObjectLock { compliance, days: raw.days });
     }
     t.ca_file = r.ca_file.as_deref().map(resolve);
     Ok(t)

@@ -372,7 +372,16 @@ fn prune_job_checked(
         .collect();
     let with_manifest: std::collections::HashSet<&str> =
         manifests.iter().map(|m| m.object_key.as_str()).collect();
-    let candidates: Vec<Candidate> = manifests.iter().map(Candidate::from_manifest).collect();
+    let mut candidates: Vec<Candidate> = manifests.iter().map(Candidate::from_manifest).collect();
+    if storage.object_lock() {
+        // A locked object cannot be deleted before its date anyway; asking first keeps
+        // the manifest of a backup that stays (the manifest is deleted before the object).
+        for c in &mut candidates {
+            c.locked_until = storage
+                .locked_until(&c.object_key)
+                .map_err(|e| format!("cannot read the lock of {}: {e}", c.object_key))?;
+        }
+    }
     let newest = candidates.iter().filter_map(|c| c.started_at).max();
     let orphans: Vec<Orphan> = storage
         .list(&prefix)
