@@ -100,6 +100,16 @@ struct RawS3 {
     ca_file: Option<String>,
     /// `{ mode = "governance" | "compliance", days = N }` (issue 20).
     object_lock: Option<Spanned<RawObjectLock>>,
+    /// `[storage.s3.prune]`: the credentials for deletes only (issue 20).
+    prune: Option<RawS3Prune>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3Prune {
+    access_key_id: Spanned<String>,
+    secret_access_key: Spanned<String>,
+    session_token: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -672,6 +682,16 @@ fn parse_s3(
             ));
         }
         t.object_lock = Some(crate::storage::s3::ObjectLock { compliance, days: raw.days });
+    }
+    if let Some(p) = &r.prune {
+        t.prune_credentials = Some(crate::storage::s3::PruneCredentials {
+            access_key_id: secret(&p.access_key_id, "prune.access_key_id")?,
+            secret_access_key: secret(&p.secret_access_key, "prune.secret_access_key")?,
+            session_token: match &p.session_token {
+                Some(tok) if !tok.get_ref().is_empty() => Some(secret(tok, "prune.session_token")?),
+                _ => None,
+            },
+        });
     }
     t.ca_file = r.ca_file.as_deref().map(resolve);
     Ok(t)

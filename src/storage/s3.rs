@@ -66,6 +66,24 @@ pub struct S3Target {
     /// `[storage.s3] object_lock` (issue 20): every object and manifest is written
     /// under this Object Lock retention.
     pub object_lock: Option<ObjectLock>,
+    /// `[storage.s3.prune]` (issue 20): when given, the only credentials that sign a
+    /// DeleteObject, so that the backup credentials can be denied deletes.
+    pub prune_credentials: Option<PruneCredentials>,
+}
+
+/// The credential pair used for deletes only.
+#[derive(Clone, Debug)]
+pub struct PruneCredentials {
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
+    pub session_token: Option<Secret>,
+}
+
+fn sign_with(key: &Secret, secret: &Secret, token: Option<&Secret>) -> Credentials {
+    match token {
+        Some(t) => Credentials::new_with_token(key.expose(), secret.expose(), t.expose()),
+        None => Credentials::new(key.expose(), secret.expose()),
+    }
 }
 
 /// S3 Object Lock retention for new objects: `mode` until `days` after the write.
@@ -118,6 +136,7 @@ impl S3Target {
             retry: RetryPolicy::default(),
             timeouts: Timeouts::default(),
             object_lock: None,
+            prune_credentials: None,
         }
     }
 }
@@ -281,6 +300,8 @@ struct Inner {
     target: S3Target,
     bucket: Bucket,
     credentials: Credentials,
+    /// `prune_credentials` when given, else `credentials`: they sign DeleteObject.
+    delete_credentials: Credentials,
     agent: ureq::Agent,
     /// Where upload records go; `None` keeps no records (tests, one-off commands).
     uploads_dir: Option<PathBuf>,
@@ -299,17 +320,17 @@ impl S3Storage {
         let bucket =
             Bucket::new(target.endpoint.clone(), style, target.bucket.clone(), target.region.clone())
                 .map_err(|e| invalid(format!("invalid endpoint or bucket: {e}")))?;
-        let credentials = match &target.session_token {
-            Some(t) => Credentials::new_with_token(
-                target.access_key_id.expose(),
-                target.secret_access_key.expose(),
-                t.expose(),
-            ),
-            None => Credentials::new(target.access_key_id.expose(), target.secret_access_key.expose()),
+        let credentials =
+            sign_with(&target.access_key_id, &target.secret_access_key, target.session_token.as_ref());
+        let delete_credentials = match &target.prune_credentials {
+            Some(p) => sign_with(&p.access_key_id, &p.secret_access_key, p.session_token.as_ref()),
+            None => credentials.clone(),
         };
         let agent = build_agent(&target).map_err(invalid)?;
         let uploads_dir = state_dir.map(|d| d.join("uploads"));
-        Ok(Self { inner: Arc::new(Inner { target, bucket, credentials, agent, uploads_dir }) })
+        Ok(Self {
+            inner: Arc::new(Inner { target, bucket, credentials, delete_credentials, agent, uploads_dir }),
+        })
     }
 
     pub fn target(&self) -> &S3Target {
@@ -394,7 +415,7 @@ impl S3Storage {
 
     pub fn delete(&self, key: &str) -> Result<(), S3Error> {
         let full = self.full_key(key);
-        let url = self.inner.bucket.delete_object(Some(&self.inner.credentials), &full).sign(SIGN_TTL);
+        let url = self.inner.bucket.delete_object(Some(&self.inner.delete_credentials), &full).sign(SIGN_TTL);
         self.inner.with_retry("DeleteObject", &full, || self.inner.agent.delete(url.as_str()).call())?;
         Ok(())
     }

@@ -326,3 +326,80 @@ fn a_bad_object_lock_setting_is_refused_with_its_line() {
         assert!(err.contains(want) && err.contains("backupy.toml:6"), "{lock}: {err}");
     }
 }
+
+/// `[storage.s3.prune]`: deletes are signed with the prune pair and only with it;
+/// everything else with the backup pair (s3s-fs checks the signatures).
+#[test]
+fn deletes_are_signed_with_the_prune_credentials_only() {
+    use backupy_agent::secrets::Secret;
+    use backupy_agent::storage::s3::PruneCredentials;
+    let env = s3_env();
+    let bucket = new_bucket(&env, "prunekey");
+    let proxy = FaultProxy::start(&env.endpoint, |_, _| Fault::Forward);
+    // Backup pair valid, prune pair unknown to the server: writes work, deletes are refused.
+    let mut t = target(&env, &proxy.endpoint, &bucket);
+    t.prune_credentials = Some(PruneCredentials {
+        access_key_id: Secret::new("AKPRUNEUNKNOWN"),
+        secret_access_key: Secret::new("nope"),
+        session_token: None,
+    });
+    let writer = S3Storage::new(t, None).unwrap();
+    writer.put("app/nightly/a.bin", b"a").unwrap();
+    let err = writer.delete("app/nightly/a.bin").unwrap_err().to_string();
+    assert!(err.contains("403"), "{err}");
+    let reqs = proxy.requests();
+    let put = reqs.iter().find(|r| r.method == "PUT").unwrap();
+    let del = reqs.iter().find(|r| r.method == "DELETE").unwrap();
+    assert!(put.url.contains(&format!("X-Amz-Credential={}%2F", env.access_key)), "{}", put.url);
+    assert!(del.url.contains("X-Amz-Credential=AKPRUNEUNKNOWN%2F"), "{}", del.url);
+    assert_eq!(writer.list("app/").unwrap().len(), 1, "the object is still there");
+
+    // Backup pair unknown, prune pair valid: the delete works.
+    let mut t = target(&env, &env.endpoint, &bucket);
+    t.access_key_id = Secret::new("AKBACKUPUNKNOWN");
+    t.secret_access_key = Secret::new("nope");
+    t.prune_credentials = Some(PruneCredentials {
+        access_key_id: Secret::new(env.access_key.clone()),
+        secret_access_key: Secret::new(env.secret_key.clone()),
+        session_token: None,
+    });
+    let pruner = S3Storage::new(t, None).unwrap();
+    assert!(pruner.list("app/").is_err(), "the backup pair is not valid here");
+    pruner.delete("app/nightly/a.bin").unwrap();
+    assert!(writer.list("app/").unwrap().is_empty());
+}
+
+/// `[storage.s3.prune]` is read like the main pair (env:/file: references), and a
+/// reference that does not resolve names the prune key.
+#[test]
+fn the_prune_credentials_section_is_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("backupy.toml");
+    let write = |key: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[storage.s3]\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"bkt\"\naccess_key_id = \"a\"\n\
+                 secret_access_key = \"b\"\n[storage.s3.prune]\naccess_key_id = \"{key}\"\n\
+                 secret_access_key = \"env:BACKUPY_TEST_PRUNE_SECRET\"\n"
+            ),
+        )
+        .unwrap()
+    };
+    let check = || {
+        run({
+            let mut c = agent();
+            c.arg("check-config").arg(&config).env("BACKUPY_TEST_PRUNE_SECRET", "s3cr3t-prune");
+            c
+        })
+    };
+    write("AKPRUNE");
+    let out = check();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    write("env:BACKUPY_TEST_NO_SUCH_VAR");
+    let out = check();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("prune.access_key_id") && err.contains("backupy.toml:7"), "{err}");
+    assert!(!err.contains("s3cr3t-prune"), "{err}");
+}
