@@ -540,8 +540,26 @@ fn list(config: &Path, job: Option<&str>, json: bool) -> Result<ExitCode> {
     if let Some(j) = job {
         manifests.retain(|m| m.job == j);
     }
+    // With Object Lock, each backup's retention date (HeadObject), shown beside it.
+    let locks: Vec<Option<String>> = if storage.object_lock() {
+        manifests
+            .iter()
+            .map(|m| storage.locked_until(&m.object_key).map(|t| t.map(crate::storage::rfc3339)))
+            .collect::<std::io::Result<_>>()
+            .context("cannot read the Object Lock dates")?
+    } else {
+        vec![None; manifests.len()]
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&manifests)?);
+        let mut out = serde_json::to_value(&manifests)?;
+        if storage.object_lock()
+            && let Some(items) = out.as_array_mut()
+        {
+            for (item, lock) in items.iter_mut().zip(&locks) {
+                item["locked_until"] = serde_json::json!(lock);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     // Objects without a manifest are incomplete backups (a crash between the two writes).
@@ -557,9 +575,10 @@ fn list(config: &Path, job: Option<&str>, json: bool) -> Result<ExitCode> {
         "{:<36}  {:<16}  {:<12}  {:<20}  {:>12}  {:<10}",
         "ID", "JOB", "TARGET", "STARTED (UTC)", "SIZE", "ENCRYPTION"
     );
-    for m in &manifests {
+    for (m, lock) in manifests.iter().zip(&locks) {
+        let lock = lock.as_ref().map(|t| format!("  locked until {t}")).unwrap_or_default();
         println!(
-            "{:<36}  {:<16}  {:<12}  {:<20}  {:>12}  {:<10}",
+            "{:<36}  {:<16}  {:<12}  {:<20}  {:>12}  {:<10}{lock}",
             m.id, m.job, m.target, m.started_at, m.size_bytes, m.encryption
         );
     }

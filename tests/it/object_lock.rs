@@ -403,3 +403,56 @@ fn the_prune_credentials_section_is_read_and_checked() {
     assert!(err.contains("prune.access_key_id") && err.contains("backupy.toml:7"), "{err}");
     assert!(!err.contains("s3cr3t-prune"), "{err}");
 }
+
+/// A real run of the binary into a locked moto bucket: both backups are written under
+/// the lock (moto refuses a locked PutObject without Content-MD5), `list` shows each
+/// lock date, and `prune` (keep_last = 1) keeps the older one as locked.
+#[test]
+fn real_backups_into_a_locked_bucket_are_listed_with_their_lock_and_kept_by_prune() {
+    let moto = moto_endpoint();
+    let bucket = moto_bucket(&moto, true);
+    let dir = tempfile::tempdir().unwrap();
+    rusqlite::Connection::open(dir.path().join("app.db"))
+        .unwrap()
+        .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    let config = lock_config(dir.path(), &moto, &bucket);
+    let cmd = |args: &[&str]| {
+        run({
+            let mut c = agent();
+            c.args(args).arg("--config").arg(&config);
+            c
+        })
+    };
+    let before = Utc::now();
+    for _ in 0..2 {
+        let out = cmd(&["backup"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = cmd(&["list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for m in listed {
+        let until = m["locked_until"].as_str().unwrap_or_else(|| panic!("no lock date: {m}"));
+        let until = DateTime::parse_from_rfc3339(until).unwrap().with_timezone(&Utc);
+        assert!(until >= before + chrono::Duration::days(1) - chrono::Duration::seconds(1), "{until}");
+        assert!(until <= Utc::now() + chrono::Duration::days(1), "{until}");
+    }
+    let out = cmd(&["list"]);
+    assert_eq!(text(&out.stdout).matches("locked until ").count(), 2, "{}", text(&out.stdout));
+
+    let out = cmd(&["prune", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let backups = report[0]["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 2);
+    assert!(backups.iter().all(|b| b["keep"] == true), "{backups:?}");
+    let older = &backups[1]["reasons"];
+    assert!(
+        older.as_array().unwrap().iter().any(|r| r.as_str().unwrap().starts_with("locked until ")),
+        "{older}"
+    );
+    assert_eq!(report[0]["deleted"].as_array().unwrap().len(), 0);
+}
