@@ -295,6 +295,10 @@ pub struct JobReport {
     pub deleted: Vec<String>,
     /// Deletes that failed: "key: error".
     pub errors: Vec<String>,
+    /// How many of those the storage refused (HTTP 403 / permission denied: a lock the
+    /// agent did not know of, or credentials without delete permission). Never retried
+    /// within a pass.
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -419,11 +423,12 @@ fn prune_job_checked(
         let key = &d.object_key;
         let result = storage
             .delete(&manifest_key(key))
-            .map_err(|e| format!("{key}.json: {e}"))
-            .and_then(|_| storage.delete(key).map_err(|e| format!("{key}: {e}")));
+            .map_err(|e| (format!("{key}.json: {e}"), is_refusal(&e)))
+            .and_then(|_| storage.delete(key).map_err(|e| (format!("{key}: {e}"), is_refusal(&e))));
         match result {
             Ok(()) => report.deleted.push(key.clone()),
-            Err(e) => {
+            Err((e, refused)) => {
+                report.refused += u64::from(refused);
                 report.errors.push(e);
                 // Stop at the first refusal: the next delete would most likely be refused
                 // the same way, and the next pass tries again.
@@ -436,6 +441,7 @@ fn prune_job_checked(
             match storage.delete(&o.key) {
                 Ok(()) => o.deleted = true,
                 Err(e) => {
+                    report.refused += u64::from(is_refusal(&e));
                     report.errors.push(format!("{}: {e}", o.key));
                     break;
                 }
@@ -443,6 +449,58 @@ fn prune_job_checked(
         }
     }
     Ok((report, listing.foreign))
+}
+
+/// Whether the storage refused a delete (rather than failing to answer): S3 HTTP 403
+/// (AccessDenied, e.g. on a locked version or for credentials without delete
+/// permission), or a directory's permission denied.
+fn is_refusal(e: &std::io::Error) -> bool {
+    use crate::storage::s3::S3Error;
+    e.kind() == std::io::ErrorKind::PermissionDenied
+        || e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<S3Error>())
+            .is_some_and(|s| matches!(s, S3Error::Status { status: 403, .. }))
+}
+
+/// Retention after a successful scheduled run ([`prune_job`], the code of `prune`):
+/// what it deleted is logged, orphans are reported, a failed or refused delete is
+/// logged once and ends the pass (the next run tries again; nothing loops), and refusals
+/// are counted in `backupy_agent_retention_deletes_refused_total{job_id}`.
+pub fn after_run(
+    storage: &Storage,
+    target: &str,
+    job: &str,
+    rules: Rules,
+    metrics: &crate::metrics::Metrics,
+) {
+    let report = match prune_job(storage, target, job, rules, Options::default(), Utc::now()) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("job {job}: retention failed: {e}");
+            return;
+        }
+    };
+    if !report.deleted.is_empty() {
+        log::info!(
+            "job {job}: retention deleted {} old backup(s): {}",
+            report.deleted.len(),
+            report.deleted.join(", ")
+        );
+    }
+    if !report.orphans.is_empty() {
+        let keys: Vec<&str> = report.orphans.iter().map(|o| o.key.as_str()).collect();
+        log::warn!(
+            "job {job}: {} object(s) without a manifest left alone (see `backupy-agent prune --orphans`): {}",
+            keys.len(),
+            keys.join(", ")
+        );
+    }
+    if report.refused > 0 {
+        metrics.retention_deletes_refused_total.with_label_values(&[job]).inc_by(report.refused);
+    }
+    if let Some(e) = report.errors.first() {
+        log::warn!("job {job}: retention failed: cannot delete {e}; the rest is left for the next run");
+    }
 }
 
 /// The text `prune` prints for its reports: one line per backup and orphan.

@@ -456,3 +456,32 @@ fn real_backups_into_a_locked_bucket_are_listed_with_their_lock_and_kept_by_prun
     );
     assert_eq!(report[0]["deleted"].as_array().unwrap().len(), 0);
 }
+
+/// A delete the storage refuses (403: here a prune pair the server does not know) ends
+/// the pass after one DELETE, is not retried, and is counted in
+/// `backupy_agent_retention_deletes_refused_total{job_id}`.
+#[test]
+fn a_refused_delete_is_tried_once_and_counted() {
+    use backupy_agent::secrets::Secret;
+    use backupy_agent::storage::s3::PruneCredentials;
+    let env = s3_env();
+    let bucket = new_bucket(&env, "refused");
+    let proxy = FaultProxy::start(&env.endpoint, |_, _| Fault::Forward);
+    let mut t = target(&env, &proxy.endpoint, &bucket);
+    t.prune_credentials = Some(PruneCredentials {
+        access_key_id: Secret::new("AKPRUNEUNKNOWN"),
+        secret_access_key: Secret::new("nope"),
+        session_token: None,
+    });
+    let storage = Storage::S3(S3Storage::new(t, None).unwrap());
+    for i in 0..3 {
+        store(&storage, &format!("b{i}"), 10 - i);
+    }
+    let metrics = backupy_agent::metrics::Metrics::new().unwrap();
+    let rules = Rules { keep_last: Some(1), ..Rules::default() };
+    retention::after_run(&storage, "app", "nightly", rules, &metrics);
+    let deletes = proxy.requests().into_iter().filter(|r| r.method == "DELETE").count();
+    assert_eq!(deletes, 1, "one refused DELETE, no retry, no further attempt in this pass");
+    assert_eq!(metrics.retention_deletes_refused_total.with_label_values(&["nightly"]).get(), 1);
+    assert_eq!(storage.list("app/nightly/").unwrap().len(), 6, "nothing was deleted");
+}
