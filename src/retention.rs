@@ -320,20 +320,12 @@ pub fn apply(storage: &Storage, target: &str, job: &str, rules: Rules) -> Result
     prune(storage, target, job, rules).map(|p| p.deleted)
 }
 
-/// Retention after a successful run: [`prune_job`] without orphans, a failed delete an
-/// error. Only manifests the storage layer accepts as this job's own count
+/// [`prune_job`] without orphans, a failed delete an error (the deleted keys and the
+/// foreign manifests found). Only manifests the storage layer accepts as this job's own count
 /// ([`Manifest::check_stored_at`]); a foreign manifest is reported and neither it nor
 /// the object beside it is touched, whatever its `object_key` says.
 pub fn prune(storage: &Storage, target: &str, job: &str, rules: Rules) -> Result<Pruned, String> {
     let (report, foreign) = prune_job_checked(storage, target, job, rules, Options::default(), Utc::now())?;
-    if !report.orphans.is_empty() {
-        let keys: Vec<&str> = report.orphans.iter().map(|o| o.key.as_str()).collect();
-        log::warn!(
-            "job {job}: {} object(s) without a manifest left alone (see `backupy-agent prune --orphans`): {}",
-            keys.len(),
-            keys.join(", ")
-        );
-    }
     if let Some(e) = report.errors.first() {
         return Err(format!("cannot delete {e}"));
     }
