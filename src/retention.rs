@@ -270,6 +270,9 @@ pub struct Orphan {
     /// job's newest backup; a newer one may be a backup still being written.
     pub deletable: bool,
     pub deleted: bool,
+    /// A `.json` beside it that is not a readable manifest: never deleted, not even by
+    /// `prune --orphans` (someone put a file there; it is not ours to judge).
+    pub unreadable_manifest: bool,
 }
 
 /// What to do in one pass.
@@ -357,15 +360,12 @@ fn prune_job_checked(
     let listing = storage.manifests_checked(&prefix).map_err(|e| format!("cannot list {prefix}: {e}"))?;
     let manifests: Vec<Manifest> =
         listing.manifests.into_iter().filter(|m| m.target == target && m.job == job).collect();
-    // Objects beside a foreign or unreadable manifest are not orphans: someone put a
-    // manifest there, and it is not ours to judge.
-    let not_ours: std::collections::HashSet<String> = listing
-        .foreign
-        .iter()
-        .map(|f| f.key.clone())
-        .chain(listing.unreadable.iter().cloned())
-        .filter_map(|k| k.strip_suffix(".json").map(str::to_string))
-        .collect();
+    // Objects beside a foreign manifest are not orphans: someone put a manifest there,
+    // and it is not ours to judge. Beside an unreadable one they are orphans that stay.
+    let foreign_objects: std::collections::HashSet<String> =
+        listing.foreign.iter().filter_map(|f| f.key.strip_suffix(".json").map(str::to_string)).collect();
+    let unreadable_objects: std::collections::HashSet<String> =
+        listing.unreadable.iter().filter_map(|k| k.strip_suffix(".json").map(str::to_string)).collect();
     let with_manifest: std::collections::HashSet<&str> =
         manifests.iter().map(|m| m.object_key.as_str()).collect();
     let mut candidates: Vec<Candidate> = manifests.iter().map(Candidate::from_manifest).collect();
@@ -384,13 +384,18 @@ fn prune_job_checked(
         .map_err(|e| format!("cannot list {prefix}: {e}"))?
         .into_iter()
         .filter(|(k, _)| {
-            !k.ends_with(".json") && !with_manifest.contains(k.as_str()) && !not_ours.contains(k)
+            !k.ends_with(".json") && !with_manifest.contains(k.as_str()) && !foreign_objects.contains(k)
         })
-        .map(|(key, size)| Orphan {
-            deletable: matches!((key_time(&key), newest), (Some(t), Some(n)) if t < n),
-            key,
-            size,
-            deleted: false,
+        .map(|(key, size)| {
+            let unreadable_manifest = unreadable_objects.contains(&key);
+            Orphan {
+                deletable: !unreadable_manifest
+                    && matches!((key_time(&key), newest), (Some(t), Some(n)) if t < n),
+                key,
+                size,
+                deleted: false,
+                unreadable_manifest,
+            }
         })
         .collect();
     let mut report = JobReport {
@@ -519,6 +524,7 @@ pub fn render_text(reports: &[JobReport]) -> String {
         for o in &r.orphans {
             let state = match (o.deleted, o.deletable) {
                 (true, _) => "orphan, deleted",
+                (false, false) if o.unreadable_manifest => "orphan: its manifest cannot be read; left alone",
                 (false, true) => "orphan: no manifest; `prune --orphans` deletes it",
                 (false, false) => {
                     "orphan: no manifest, newer than the newest backup (maybe still being written); left"

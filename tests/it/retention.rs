@@ -287,3 +287,29 @@ fn a_bad_keep_within_is_refused_with_its_line() {
         "{err}"
     );
 }
+
+/// An object whose `.json` is not a readable manifest is reported as an orphan, and
+/// even `prune --orphans` leaves it (and the file) alone.
+#[test]
+fn an_object_beside_an_unreadable_manifest_is_an_orphan_that_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::Dir(DirStorage::open(dir.path()).unwrap());
+    let newest = store(&storage, "new", 0, true);
+    let odd = object_key("app", "nightly", Utc::now() - Duration::days(5), "odd", "sqlite.zst.bkpy");
+    storage.put(&odd, b"bytes").unwrap();
+    storage.put(&manifest_key(&odd), b"{ not a manifest").unwrap();
+    let plain = store(&storage, "crashed", 4, false);
+    let opts = retention::Options { dry_run: false, orphans: true };
+    let rules = Rules { keep_last: Some(1), ..Rules::default() };
+    let report = retention::prune_job(&storage, "app", "nightly", rules, opts, Utc::now()).unwrap();
+    let by_key = |k: &str| report.orphans.iter().find(|o| o.key == k).cloned();
+    let o = by_key(&odd).expect("reported as an orphan");
+    assert!(o.unreadable_manifest && !o.deletable && !o.deleted, "{o:?}");
+    assert!(by_key(&plain).unwrap().deleted, "a plain orphan goes with --orphans");
+    let mut left: Vec<String> = storage.list("").unwrap().into_iter().map(|(k, _)| k).collect();
+    left.sort();
+    let mut want = vec![newest.clone(), manifest_key(&newest), odd.clone(), manifest_key(&odd)];
+    want.sort();
+    assert_eq!(left, want);
+    assert!(retention::render_text(&[report]).contains("its manifest cannot be read"));
+}
