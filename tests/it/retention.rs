@@ -313,3 +313,62 @@ fn an_object_beside_an_unreadable_manifest_is_an_orphan_that_stays() {
     assert_eq!(left, want);
     assert!(retention::render_text(&[report]).contains("its manifest cannot be read"));
 }
+
+/// A real scheduled `run` applies the GFS rules after each success through the same
+/// code as `prune`: the planted 2025 quarter shrinks to its last day (daily and monthly
+/// slots behind today's backup), and of today's runs only the newest stays.
+#[test]
+fn scheduled_runs_apply_gfs_rules_after_each_success() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let (_identity, recipient) = keygen(dir.path());
+    let config = write_config(dir.path(), "[storage]\ndir = \"./backups\"", &recipient);
+    let text_cfg = std::fs::read_to_string(&config).unwrap();
+    let text_cfg = text_cfg.replace(GFS_RULES, "cron = \"*/2 * * * * *\"\nkeep_daily = 2\nkeep_monthly = 2");
+    std::fs::write(&config, text_cfg).unwrap();
+    let storage = Storage::Dir(DirStorage::open(dir.path().join("backups")).unwrap());
+    let orphan = plant_quarter(&storage);
+
+    let mut child = agent()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (stderr, l) = (child.stderr.take().unwrap(), log.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut g = l.lock().unwrap_or_else(|e| e.into_inner());
+            g.push_str(&line);
+            g.push('\n');
+        }
+    });
+    let current = || log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // Two passes that deleted something: the quarter, then an older run of today.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while current().matches("retention deleted").count() < 2 {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no two retention passes within 60 s; log:\n{}", current());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) on the child this test spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{}", current());
+
+    let kept: Vec<String> = storage.manifests("app/nightly/").unwrap().into_iter().map(|m| m.id).collect();
+    let planted: Vec<&String> = kept.iter().filter(|id| id.starts_with("d2025-")).collect();
+    assert_eq!(planted, ["d2025-03-31"], "the daily and monthly slots behind today; kept: {kept:?}");
+    // Every run of today but the newest went in a later pass (a run that finished after
+    // the last pass may still be there).
+    let real = kept.len() - 1;
+    assert!((1..=2).contains(&real), "today's runs kept: {kept:?}\n{}", current());
+    assert!(storage.list("").unwrap().iter().any(|(k, _)| *k == orphan), "retention leaves the orphan");
+    assert!(current().contains("without a manifest left alone"), "the orphan is reported");
+}
