@@ -573,16 +573,18 @@ services_start_s3() {
 
 # ----------------------------------------------- S3 with Object Lock: moto
 #
-# moto_server (PyPI `moto[server]`, 5.x) for the Object Lock tests (issue 20). What it
-# checks: a bucket created with `x-amz-bucket-object-lock-enabled: true` answers
-# GetObjectLockConfiguration with ObjectLockEnabled=Enabled (one without it: 404
-# ObjectLockConfigurationNotFoundError); PutObject/CreateMultipartUpload store
-# x-amz-object-lock-mode and -retain-until-date, HeadObject returns them; a DELETE of a
-# locked object version (?versionId=) is refused with 403 AccessDenied until the date
-# (governance: unless x-amz-bypass-governance-retention). What it does NOT check:
-# SigV4 signatures (any credentials are accepted; s3s-fs tests the signing), IAM
-# policies (so "the backup credentials cannot delete" is proven by the lock, not by a
-# policy), and whether Content-MD5 is present on a locked PutObject.
+# moto_server (PyPI `moto[server]`, 5.2.1 here) for the Object Lock tests (issue 20).
+# What it checks (seen in tests/it/object_lock.rs, or by hand with curl): a bucket created
+# with `x-amz-bucket-object-lock-enabled: true` answers GetObjectLockConfiguration with
+# ObjectLockEnabled=Enabled, one without it with ObjectLockConfigurationNotFoundError;
+# a PutObject with lock headers but no Content-MD5 is refused
+# (MissingUploadObjectWithObjectLockHeaders); HeadObject returns the object's
+# x-amz-object-lock-retain-until-date; a DELETE of a locked version (?versionId=) is
+# refused with 403 AccessDenied until the date, while a DELETE without a version only
+# adds a delete marker (as S3 does). What it does NOT check: SigV4 signatures (any
+# credentials are accepted; s3s-fs tests the signing), IAM policies (so "the backup
+# credentials cannot delete" rests on the lock, not on a policy). Not exercised by the
+# tests: multipart uploads with lock headers, governance bypass.
 _svc_moto_check() {
     local code
     code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$1/") || return 1
