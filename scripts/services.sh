@@ -797,6 +797,46 @@ services_start_s3() {
     touch "$dir/ready"
 }
 
+# ----------------------------------------------- S3 with Object Lock: moto
+#
+# moto_server (PyPI `moto[server]`, 5.2.1 here) for the Object Lock tests (issue 20).
+# What it checks (seen in tests/it/object_lock.rs, or by hand with curl): a bucket created
+# with `x-amz-bucket-object-lock-enabled: true` answers GetObjectLockConfiguration with
+# ObjectLockEnabled=Enabled, one without it with ObjectLockConfigurationNotFoundError;
+# a PutObject with lock headers but no Content-MD5 is refused
+# (MissingUploadObjectWithObjectLockHeaders); HeadObject returns the object's
+# x-amz-object-lock-retain-until-date; a DELETE of a locked version (?versionId=) is
+# refused with 403 AccessDenied until the date, while a DELETE without a version only
+# adds a delete marker (as S3 does). What it does NOT check: SigV4 signatures (any
+# credentials are accepted; s3s-fs tests the signing), IAM policies (so "the backup
+# credentials cannot delete" rests on the lock, not on a policy). Not exercised by the
+# tests: multipart uploads with lock headers, governance bypass.
+_svc_moto_check() {
+    local code
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$1/") || return 1
+    [[ $code == 200 ]]
+}
+
+services_start_moto() {
+    _svc_running moto && return 0
+    local bin=${BACKUPY_TEST_MOTO_SERVER:-}
+    [[ -z $bin ]] && bin=$(command -v moto_server 2>/dev/null)
+    [[ -n $bin ]] || {
+        _svc_err "moto_server not found (pip install 'moto[server]')"
+        return 1
+    }
+    _svc_need core curl || return 1
+    _svc_prepare moto || return 1
+    local dir=$BACKUPY_TEST_TMP/moto port log
+    log=$dir/moto.log
+    mkdir -p "$dir"
+    port=$(services_free_port) || return 1
+    _svc_spawn moto "$log" TERM "$bin" -H 127.0.0.1 -p "$port" || return 1
+    _svc_wait moto "$log" _svc_moto_check "$port" || return 1
+    _svc_export moto BACKUPY_TEST_MOTO_ENDPOINT "http://127.0.0.1:$port"
+    touch "$dir/ready"
+}
+
 # ----------------------------------------------------- MongoDB wire: SecantusDB
 
 _svc_venv() {

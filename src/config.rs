@@ -98,6 +98,25 @@ struct RawS3 {
     upload_concurrency: Option<Spanned<u32>>,
     part_size_mib: Option<Spanned<u64>>,
     ca_file: Option<String>,
+    /// `{ mode = "governance" | "compliance", days = N }` (issue 20).
+    object_lock: Option<Spanned<RawObjectLock>>,
+    /// `[storage.s3.prune]`: the credentials for deletes only (issue 20).
+    prune: Option<RawS3Prune>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3Prune {
+    access_key_id: Spanned<String>,
+    secret_access_key: Spanned<String>,
+    session_token: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjectLock {
+    mode: String,
+    days: u32,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +165,13 @@ struct RawJob {
     format: Option<Spanned<String>>,
     retention_days: Option<u32>,
     keep_last: Option<u32>,
+    /// Grandfather-father-son retention (issue 20): see `retention::Rules`.
+    keep_hourly: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_monthly: Option<u32>,
+    keep_yearly: Option<u32>,
+    keep_within: Option<Spanned<String>>,
     /// The whole run's limit; 0 or absent = none.
     timeout_sec: Option<u64>,
     retry: Option<RawRetry>,
@@ -444,6 +470,13 @@ impl Config {
                 None => RetryConfig::default(),
             };
             let notify = parse_notify(rj, &id, &fail)?;
+            let keep_within = match &rj.keep_within {
+                Some(w) => Some(
+                    crate::retention::Within::parse(w.get_ref())
+                        .map_err(|why| fail(Some(w.span()), format!("job {id:?}: {why}")))?,
+                ),
+                None => None,
+            };
             jobs.push(Job {
                 id,
                 target,
@@ -454,6 +487,12 @@ impl Config {
                 retention: crate::retention::Rules {
                     retention_days: rj.retention_days,
                     keep_last: rj.keep_last,
+                    keep_hourly: rj.keep_hourly,
+                    keep_daily: rj.keep_daily,
+                    keep_weekly: rj.keep_weekly,
+                    keep_monthly: rj.keep_monthly,
+                    keep_yearly: rj.keep_yearly,
+                    keep_within,
                 },
                 timeout: rj.timeout_sec.filter(|s| *s > 0).map(std::time::Duration::from_secs),
                 retry,
@@ -521,9 +560,13 @@ impl Config {
             StorageConfig::Dir(d) => DirStorage::open(d)
                 .map(|d| Storage::Dir(d.with_file_mode(self.storage_file_mode)))
                 .map_err(|e| e.to_string()),
-            StorageConfig::S3(t) => S3Storage::new((**t).clone(), Some(&self.state_dir))
-                .map(Storage::S3)
-                .map_err(|e| e.to_string()),
+            StorageConfig::S3(t) => {
+                let s = S3Storage::new((**t).clone(), Some(&self.state_dir)).map_err(|e| e.to_string())?;
+                if t.object_lock.is_some() {
+                    s.check_object_lock().map_err(|e| e.to_string())?;
+                }
+                Ok(Storage::S3(s))
+            }
         }
     }
 
@@ -617,6 +660,38 @@ fn parse_s3(
             ));
         }
         t.part_size = p.get_ref() << 20;
+    }
+    if let Some(l) = &r.object_lock {
+        let raw = l.get_ref();
+        let compliance = match raw.mode.as_str() {
+            "governance" => false,
+            "compliance" => true,
+            other => {
+                return Err(fail(
+                    Some(l.span()),
+                    format!(
+                        "[storage.s3] object_lock mode {other:?} must be \"governance\" or \"compliance\""
+                    ),
+                ));
+            }
+        };
+        if !(1..=36_500).contains(&raw.days) {
+            return Err(fail(
+                Some(l.span()),
+                "[storage.s3] object_lock days must be between 1 and 36500".into(),
+            ));
+        }
+        t.object_lock = Some(crate::storage::s3::ObjectLock { compliance, days: raw.days });
+    }
+    if let Some(p) = &r.prune {
+        t.prune_credentials = Some(crate::storage::s3::PruneCredentials {
+            access_key_id: secret(&p.access_key_id, "prune.access_key_id")?,
+            secret_access_key: secret(&p.secret_access_key, "prune.secret_access_key")?,
+            session_token: match &p.session_token {
+                Some(tok) if !tok.get_ref().is_empty() => Some(secret(tok, "prune.session_token")?),
+                _ => None,
+            },
+        });
     }
     t.ca_file = r.ca_file.as_deref().map(resolve);
     Ok(t)

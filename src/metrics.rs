@@ -43,6 +43,8 @@ pub struct Metrics {
     /// What the start-up cleanup removed of dead runs (`leftovers`), by kind.
     pub leftovers_removed_total: IntCounterVec,
     pub leftovers_removed_bytes_total: IntCounterVec,
+    /// Deletes of retention the storage refused (403: Object Lock, no permission), by job.
+    pub retention_deletes_refused_total: IntCounterVec,
     /// Set while the agent can do its job (standalone: the scheduler runs).
     pub ready: AtomicBool,
     /// Held while a run is recorded and while a scrape is gathered: a scrape shows whole
@@ -123,6 +125,13 @@ impl Metrics {
                 n("leftovers_removed_bytes_total", "bytes of dead runs' files removed at start, by kind"),
                 &["kind"],
             )?,
+            retention_deletes_refused_total: IntCounterVec::new(
+                n(
+                    "retention_deletes_refused_total",
+                    "retention deletes the storage refused (Object Lock, no permission)",
+                ),
+                &["job_id"],
+            )?,
             ready: AtomicBool::new(false),
             whole_runs: Mutex::new(()),
             registry,
@@ -146,6 +155,7 @@ impl Metrics {
         r.register(Box::new(m.outbox_undecryptable_entries.clone()))?;
         r.register(Box::new(m.leftovers_removed_total.clone()))?;
         r.register(Box::new(m.leftovers_removed_bytes_total.clone()))?;
+        r.register(Box::new(m.retention_deletes_refused_total.clone()))?;
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         m.up.set(1);
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);

@@ -259,18 +259,7 @@ fn run_once(
     match &outcome.result {
         Ok(_) => {
             // A failure to prune is reported, never fatal to the backup that just succeeded.
-            match retention::apply(storage, &job.target, &job.id, job.retention) {
-                Ok(deleted) if !deleted.is_empty() => {
-                    log::info!(
-                        "job {}: retention deleted {} old backup(s): {}",
-                        job.id,
-                        deleted.len(),
-                        deleted.join(", ")
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => log::warn!("job {}: retention failed: {e}", job.id),
-            }
+            retention::after_run(storage, &job.target, &job.id, job.retention, metrics);
             SchedulerOutcome::Success
         }
         // The scheduler logs the end of the run, once, with its id and attempt.

@@ -1,5 +1,5 @@
 //! `backupy-agent`: `run` (standalone or connected; the default command), `check-config`,
-//! `backup`, `list`, `verify`, `restore`, `keygen`, `version`, `health-check`, `dump-state`.
+//! `backup`, `list`, `prune`, `verify`, `restore`, `keygen`, `version`, `health-check`, `dump-state`.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -146,6 +146,34 @@ enum Command {
         #[arg(long, value_name = "ID")]
         job: Option<String>,
         /// Print the manifests as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply each job's retention rules now: list every backup with keep or delete and
+    /// the rules that keep it (`last 1`, `daily 2026-12-01`, `newest`…), then delete the
+    /// others (each object with its manifest). Objects without a manifest are listed as
+    /// orphans and deleted only with --orphans.
+    #[command(after_help = help!(
+        "Examples:\n  backupy-agent prune --config backupy.toml --job app-nightly --dry-run\n  \
+        backupy-agent prune --config backupy.toml --orphans --json",
+        "done: every backup the rules do not keep was deleted (with --dry-run: nothing was deleted)",
+        "the configuration or --job is refused, the storage cannot be listed, or a delete was refused (the rest of that job is left for the next pass)",
+        "what was deleted is deleted (each object after its manifest); nothing else to clean up"
+    ))]
+    Prune {
+        /// The standalone TOML configuration (its storage and the jobs' retention rules).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this job (default: every job).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+        /// Decide and list; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also delete objects without a manifest that are older than the job's newest backup.
+        #[arg(long)]
+        orphans: bool,
+        /// Print the decisions as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -327,6 +355,9 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::List { config, job, json } => list(&config, job.as_deref(), json),
         Command::Restore { stored: s, to, force, no_preverify } => restore(&s, &to, force, !no_preverify),
         Command::Verify { stored: s } => verify(&s),
+        Command::Prune { config, job, dry_run, orphans, json } => {
+            prune(&config, job.as_deref(), crate::retention::Options { dry_run, orphans }, json)
+        }
         Command::Version { json } => {
             if json {
                 println!(
@@ -510,8 +541,26 @@ fn list(config: &Path, job: Option<&str>, json: bool) -> Result<ExitCode> {
     if let Some(j) = job {
         manifests.retain(|m| m.job == j);
     }
+    // With Object Lock, each backup's retention date (HeadObject), shown beside it.
+    let locks: Vec<Option<String>> = if storage.object_lock() {
+        manifests
+            .iter()
+            .map(|m| storage.locked_until(&m.object_key).map(|t| t.map(crate::storage::rfc3339)))
+            .collect::<std::io::Result<_>>()
+            .context("cannot read the Object Lock dates")?
+    } else {
+        vec![None; manifests.len()]
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&manifests)?);
+        let mut out = serde_json::to_value(&manifests)?;
+        if storage.object_lock()
+            && let Some(items) = out.as_array_mut()
+        {
+            for (item, lock) in items.iter_mut().zip(&locks) {
+                item["locked_until"] = serde_json::json!(lock);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     // Objects without a manifest are incomplete backups (a crash between the two writes).
@@ -527,14 +576,43 @@ fn list(config: &Path, job: Option<&str>, json: bool) -> Result<ExitCode> {
         "{:<36}  {:<16}  {:<12}  {:<20}  {:>12}  {:<10}",
         "ID", "JOB", "TARGET", "STARTED (UTC)", "SIZE", "ENCRYPTION"
     );
-    for m in &manifests {
+    for (m, lock) in manifests.iter().zip(&locks) {
+        let lock = lock.as_ref().map(|t| format!("  locked until {t}")).unwrap_or_default();
         println!(
-            "{:<36}  {:<16}  {:<12}  {:<20}  {:>12}  {:<10}",
+            "{:<36}  {:<16}  {:<12}  {:<20}  {:>12}  {:<10}{lock}",
             m.id, m.job, m.target, m.started_at, m.size_bytes, m.encryption
         );
     }
     for (key, size) in &incomplete {
         println!("{:<36}  {key} ({size} bytes): incomplete, no manifest", "-");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `prune`: [`crate::retention::prune_job`] for each job (the code of the retention
+/// after each scheduled run), printed; exit 1 when a delete failed.
+fn prune(config: &Path, only: Option<&str>, opts: crate::retention::Options, json: bool) -> Result<ExitCode> {
+    let _interrupt = Interrupt::exit_at_once("pruning", None)?;
+    let cfg = Config::load(config)?;
+    let jobs: Vec<_> = match only {
+        Some(id) => vec![cfg.job(id).with_context(|| format!("{}: no job {id:?}", config.display()))?],
+        None => cfg.jobs.iter().collect(),
+    };
+    let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
+    let now = chrono::Utc::now();
+    let mut reports = Vec::new();
+    for job in jobs {
+        let r = crate::retention::prune_job(&storage, &job.target, &job.id, job.retention, opts, now)
+            .map_err(|e| anyhow::anyhow!("job {}: {e}", job.id))?;
+        reports.push(r);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print!("{}", crate::retention::render_text(&reports));
+    }
+    if let Some(e) = reports.iter().flat_map(|r| &r.errors).next() {
+        bail!("cannot delete {e}; the other backups are left for the next pass");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -69,6 +69,20 @@ impl Storage {
         }
     }
 
+    /// Whether objects here are written under S3 Object Lock (`[storage.s3] object_lock`).
+    pub fn object_lock(&self) -> bool {
+        matches!(self, Storage::S3(s) if s.target().object_lock.is_some())
+    }
+
+    /// The Object Lock retention date of `key` (S3 HeadObject); always `None` in a directory.
+    pub fn locked_until(&self, key: &str) -> io::Result<Option<DateTime<Utc>>> {
+        check_key(key)?;
+        match self {
+            Storage::Dir(_) => Ok(None),
+            Storage::S3(s) => Ok(s.retain_until(key)?),
+        }
+    }
+
     /// Every object under `prefix`: (key, size), sorted by key.
     pub fn list(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
         let mut out = match self {

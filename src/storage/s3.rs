@@ -63,6 +63,53 @@ pub struct S3Target {
     pub part_size: u64,
     pub retry: RetryPolicy,
     pub timeouts: Timeouts,
+    /// `[storage.s3] object_lock` (issue 20): every object and manifest is written
+    /// under this Object Lock retention.
+    pub object_lock: Option<ObjectLock>,
+    /// `[storage.s3.prune]` (issue 20): when given, the only credentials that sign a
+    /// DeleteObject, so that the backup credentials can be denied deletes.
+    pub prune_credentials: Option<PruneCredentials>,
+}
+
+/// The credential pair used for deletes only.
+#[derive(Clone, Debug)]
+pub struct PruneCredentials {
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
+    pub session_token: Option<Secret>,
+}
+
+fn sign_with(key: &Secret, secret: &Secret, token: Option<&Secret>) -> Credentials {
+    match token {
+        Some(t) => Credentials::new_with_token(key.expose(), secret.expose(), t.expose()),
+        None => Credentials::new(key.expose(), secret.expose()),
+    }
+}
+
+/// S3 Object Lock retention for new objects: `mode` until `days` after the write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectLock {
+    /// `GOVERNANCE` (a user with s3:BypassGovernanceRetention may still delete) or
+    /// `COMPLIANCE` (nobody can, the root account included, until the date).
+    pub compliance: bool,
+    pub days: u32,
+}
+
+impl ObjectLock {
+    pub fn mode(&self) -> &'static str {
+        if self.compliance { "COMPLIANCE" } else { "GOVERNANCE" }
+    }
+
+    /// The `x-amz-object-lock-*` headers for an object written now. They are signed
+    /// with the request; the integrity header Object Lock requires (Content-MD5) is on
+    /// every PutObject and UploadPart already.
+    fn headers(&self, now: chrono::DateTime<chrono::Utc>) -> [(&'static str, String); 2] {
+        let until = now + chrono::Duration::days(self.days as i64);
+        [
+            ("x-amz-object-lock-mode", self.mode().to_string()),
+            ("x-amz-object-lock-retain-until-date", crate::storage::rfc3339(until)),
+        ]
+    }
 }
 
 impl S3Target {
@@ -88,6 +135,8 @@ impl S3Target {
             part_size: DEFAULT_PART_SIZE,
             retry: RetryPolicy::default(),
             timeouts: Timeouts::default(),
+            object_lock: None,
+            prune_credentials: None,
         }
     }
 }
@@ -251,6 +300,8 @@ struct Inner {
     target: S3Target,
     bucket: Bucket,
     credentials: Credentials,
+    /// `prune_credentials` when given, else `credentials`: they sign DeleteObject.
+    delete_credentials: Credentials,
     agent: ureq::Agent,
     /// Where upload records go; `None` keeps no records (tests, one-off commands).
     uploads_dir: Option<PathBuf>,
@@ -269,17 +320,17 @@ impl S3Storage {
         let bucket =
             Bucket::new(target.endpoint.clone(), style, target.bucket.clone(), target.region.clone())
                 .map_err(|e| invalid(format!("invalid endpoint or bucket: {e}")))?;
-        let credentials = match &target.session_token {
-            Some(t) => Credentials::new_with_token(
-                target.access_key_id.expose(),
-                target.secret_access_key.expose(),
-                t.expose(),
-            ),
-            None => Credentials::new(target.access_key_id.expose(), target.secret_access_key.expose()),
+        let credentials =
+            sign_with(&target.access_key_id, &target.secret_access_key, target.session_token.as_ref());
+        let delete_credentials = match &target.prune_credentials {
+            Some(p) => sign_with(&p.access_key_id, &p.secret_access_key, p.session_token.as_ref()),
+            None => credentials.clone(),
         };
         let agent = build_agent(&target).map_err(invalid)?;
         let uploads_dir = state_dir.map(|d| d.join("uploads"));
-        Ok(Self { inner: Arc::new(Inner { target, bucket, credentials, agent, uploads_dir }) })
+        Ok(Self {
+            inner: Arc::new(Inner { target, bucket, credentials, delete_credentials, agent, uploads_dir }),
+        })
     }
 
     pub fn target(&self) -> &S3Target {
@@ -307,6 +358,48 @@ impl S3Storage {
         self.inner.put_object(&self.full_key(key), bytes)
     }
 
+    /// Refuses a bucket without Object Lock enabled (GetObjectLockConfiguration): objects
+    /// written with lock headers to such a bucket are refused by S3, and a backup the
+    /// operator believes immutable must not silently be deletable.
+    pub fn check_object_lock(&self) -> Result<(), S3Error> {
+        let inner = &self.inner;
+        let bucket = inner.target.bucket.clone();
+        let refuse = |why: String| S3Error::Invalid {
+            op: "GetObjectLockConfiguration".into(),
+            key: bucket.clone(),
+            message: format!(
+                "[storage.s3] object_lock is set, but {why}; create the bucket with Object Lock enabled \
+                 (see docs/user-guide.md, \"Ransomware-resistant setup\"), or remove object_lock"
+            ),
+        };
+        // rusty-s3 has no action for it: a signed GET of the bucket itself with the
+        // `object-lock` subresource (GetObject of the empty key is exactly that URL).
+        let mut action = inner.bucket.get_object(Some(&inner.credentials), "");
+        action.query_mut().insert("object-lock", "");
+        let url = action.sign(SIGN_TTL);
+        let mut resp = match inner
+            .with_retry("GetObjectLockConfiguration", "", || inner.agent.get(url.as_str()).call())
+        {
+            Ok(resp) => resp,
+            Err(S3Error::Status { status, code, message, .. }) => {
+                return Err(refuse(format!(
+                    "bucket {bucket:?} has no Object Lock configuration (HTTP {status} {code}: {message})"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let body = read_body(&mut resp, "GetObjectLockConfiguration", "")?;
+        if xml_field(&body, "ObjectLockEnabled") != "Enabled" {
+            return Err(refuse(format!("bucket {bucket:?} does not have Object Lock enabled")));
+        }
+        Ok(())
+    }
+
+    /// The object's Object Lock retention date, if it has one.
+    pub fn retain_until(&self, key: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>, S3Error> {
+        self.inner.retain_until(&self.full_key(key))
+    }
+
     /// The object's size, or `None` when it does not exist.
     pub fn head(&self, key: &str) -> Result<Option<u64>, S3Error> {
         self.inner.head(&self.full_key(key))
@@ -322,7 +415,7 @@ impl S3Storage {
 
     pub fn delete(&self, key: &str) -> Result<(), S3Error> {
         let full = self.full_key(key);
-        let url = self.inner.bucket.delete_object(Some(&self.inner.credentials), &full).sign(SIGN_TTL);
+        let url = self.inner.bucket.delete_object(Some(&self.inner.delete_credentials), &full).sign(SIGN_TTL);
         self.inner.with_retry("DeleteObject", &full, || self.inner.agent.delete(url.as_str()).call())?;
         Ok(())
     }
@@ -501,11 +594,40 @@ impl Inner {
         let md5 = B64.encode(Md5::digest(bytes));
         let mut action = self.bucket.put_object(Some(&self.credentials), key);
         action.headers_mut().insert("content-md5", md5.clone());
+        let lock = self.lock_headers();
+        for (name, value) in &lock {
+            action.headers_mut().insert(*name, value.clone());
+        }
         let url = action.sign(SIGN_TTL);
         self.with_retry("PutObject", key, || {
-            self.agent.put(url.as_str()).header("Content-MD5", &md5).send(bytes)
+            let mut req = self.agent.put(url.as_str()).header("Content-MD5", &md5);
+            for (name, value) in &lock {
+                req = req.header(*name, value);
+            }
+            req.send(bytes)
         })?;
         Ok(())
+    }
+
+    /// The Object Lock headers for a write now, none without `object_lock`.
+    fn lock_headers(&self) -> Vec<(&'static str, String)> {
+        self.target.object_lock.map(|l| l.headers(chrono::Utc::now()).to_vec()).unwrap_or_default()
+    }
+
+    /// The Object Lock retention date of an object (HeadObject's
+    /// `x-amz-object-lock-retain-until-date`), `None` when it has none or is gone.
+    fn retain_until(&self, key: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>, S3Error> {
+        let url = self.bucket.head_object(Some(&self.credentials), key).sign(SIGN_TTL);
+        match self.with_retry("HeadObject", key, || self.agent.head(url.as_str()).call()) {
+            Ok(resp) => Ok(resp
+                .headers()
+                .get("x-amz-object-lock-retain-until-date")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| chrono::DateTime::parse_from_rfc3339(v).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))),
+            Err(S3Error::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn head(&self, key: &str) -> Result<Option<u64>, S3Error> {
@@ -526,9 +648,19 @@ impl Inner {
     }
 
     fn create_upload(&self, key: &str) -> Result<String, S3Error> {
-        let url = self.bucket.create_multipart_upload(Some(&self.credentials), key).sign(SIGN_TTL);
-        let mut resp =
-            self.with_retry("CreateMultipartUpload", key, || self.agent.post(url.as_str()).send_empty())?;
+        let mut action = self.bucket.create_multipart_upload(Some(&self.credentials), key);
+        let lock = self.lock_headers();
+        for (name, value) in &lock {
+            action.headers_mut().insert(*name, value.clone());
+        }
+        let url = action.sign(SIGN_TTL);
+        let mut resp = self.with_retry("CreateMultipartUpload", key, || {
+            let mut req = self.agent.post(url.as_str());
+            for (name, value) in &lock {
+                req = req.header(*name, value);
+            }
+            req.send_empty()
+        })?;
         let body = read_body(&mut resp, "CreateMultipartUpload", key)?;
         let parsed = CreateMultipartUpload::parse_response(&body).map_err(|e| S3Error::Invalid {
             op: "CreateMultipartUpload".into(),

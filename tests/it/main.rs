@@ -30,6 +30,7 @@ mod leftovers;
 mod metrics;
 mod monitoring;
 mod notify;
+mod object_lock;
 mod ops_help;
 mod ops_logs;
 mod ops_metrics;

@@ -81,9 +81,13 @@ fn retention_leaves_planted_manifests_alone(storage: &Storage) {
     storage.put(&other_job, b"weekly").unwrap();
     let (planted, protected) = plant_all(storage, &newest, &other_job);
 
-    let pruned =
-        retention::prune(storage, "app", "nightly", Rules { keep_last: Some(1), retention_days: Some(1) })
-            .unwrap();
+    let pruned = retention::prune(
+        storage,
+        "app",
+        "nightly",
+        Rules { keep_last: Some(1), retention_days: Some(1), ..Rules::default() },
+    )
+    .unwrap();
     let mut deleted = pruned.deleted.clone();
     deleted.sort();
     let mut want = vec![old.clone(), mid.clone()];
