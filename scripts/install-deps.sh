@@ -6,7 +6,8 @@
 # Usage: scripts/install-deps.sh [GROUP...]      (default: all)
 #   core    sqlite3, zstd, openssl, socat, prometheus (promtool), curl, PostgreSQL 15 (+contrib), MariaDB server and
 #           client, Redis; cargo-nextest
-#   s3      the s3s-fs S3 server (cargo install into ~/.cargo/bin)
+#   s3      the s3s-fs S3 server (cargo install into ~/.cargo/bin), and moto_server
+#           (Object Lock) in the test venv
 #   mongo   a Python venv with SecantusDB + pymongo (MongoDB wire-protocol server)
 #   docker  Debian's docker.io (dockerd; started by scripts/services.sh, never as a
 #           system service)
@@ -33,6 +34,8 @@ CACHE_DIR=${BACKUPY_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/backupy-test}
 VENV=${BACKUPY_TEST_VENV:-$CACHE_DIR/venv}
 S3S_FS_VERSION=${S3S_FS_VERSION:-0.14.1}
 SECANTUSDB_VERSION=${SECANTUSDB_VERSION:-0.7.0b3}
+# moto_server: the S3 server of the Object Lock tests (s3s-fs has no Object Lock).
+MOTO_VERSION=${MOTO_VERSION:-5.2.1}
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$CARGO_BIN:$PATH"
@@ -95,7 +98,7 @@ fi
     postgresql postgresql-contrib postgresql-client mariadb-server mariadb-client
     redis-server redis-tools)
 ((want_s3)) && APT_WANT+=(curl build-essential pkg-config)
-((want_mongo)) && APT_WANT+=(python3 python3-venv)
+((want_mongo || want_s3)) && APT_WANT+=(python3 python3-venv)
 ((want_docker)) && APT_WANT+=(docker.io)
 ((want_bench)) && APT_WANT+=(rclone zstd openssl time postgresql postgresql-client)
 ((want_lint)) && APT_WANT+=(shellcheck)
@@ -161,7 +164,7 @@ install_s3s() {
 
 # ----------------------------------------------------------------------------- venv
 install_venv() {
-    local stamp="$VENV/.backupy-secantusdb-$SECANTUSDB_VERSION"
+    local stamp="$VENV/.backupy-secantusdb-$SECANTUSDB_VERSION-moto-$MOTO_VERSION"
     if [[ -e $stamp && -x $VENV/bin/python ]]; then
         return 0
     fi
@@ -172,8 +175,8 @@ install_venv() {
         quiet "$py" -m venv "$VENV"
     fi
     quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-        "secantusdb==$SECANTUSDB_VERSION" pymongo
-    quiet "$VENV/bin/python" -c 'import secantus.cli, pymongo'
+        "secantusdb==$SECANTUSDB_VERSION" pymongo "moto[server]==$MOTO_VERSION"
+    quiet "$VENV/bin/python" -c 'import secantus.cli, pymongo, moto'
     touch "$stamp"
 }
 
@@ -187,5 +190,6 @@ install_apt
 ((want_ship)) && install_musl_target
 ((want_core)) && install_nextest
 ((want_s3)) && install_s3s
-((want_mongo)) && install_venv
+# The venv also holds moto_server, which the S3 Object Lock tests use.
+((want_mongo || want_s3)) && install_venv
 exit 0

@@ -820,6 +820,8 @@ _svc_moto_check() {
 services_start_moto() {
     _svc_running moto && return 0
     local bin=${BACKUPY_TEST_MOTO_SERVER:-}
+    # scripts/install-deps.sh s3 puts it in the test venv.
+    [[ -z $bin && -x $(_svc_venv)/bin/moto_server ]] && bin=$(_svc_venv)/bin/moto_server
     [[ -z $bin ]] && bin=$(command -v moto_server 2>/dev/null)
     [[ -n $bin ]] || {
         _svc_err "moto_server not found (pip install 'moto[server]')"

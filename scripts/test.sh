@@ -36,6 +36,7 @@ services_start_mariadb_tls
 services_start_redis
 services_start_redis_tls
 services_start_mongo
+services_start_moto
 # The Docker tests (tests/docker_*.rs) run databases in containers of their own.
 services_start_dockerd
 

@@ -357,7 +357,7 @@ fn help_of_each_interruptible_command_lists_130_and_143() {
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
         text(&out.stdout)
     };
-    let mut helps: Vec<(String, String)> = ["backup", "list", "verify", "restore"]
+    let mut helps: Vec<(String, String)> = ["backup", "list", "verify", "restore", "prune"]
         .iter()
         .map(|cmd| (cmd.to_string(), help(agent(), &[cmd, "--help"])))
         .collect();

@@ -118,7 +118,11 @@ fn verify_identity_with_the_right_ca_backs_up_and_restores_over_tls() {
     d.options.insert("ssl-ca".into(), file("ca.pem"));
     let key = db::raw_key().1;
     let mut input = db::open_dump(&b.path, Some(&key));
-    let opts = MySqlRestoreOptions { create_database: true, temp_dir: Some(dir.path().join("restore")) };
+    let opts = MySqlRestoreOptions {
+        create_database: true,
+        temp_dir: Some(dir.path().join("restore")),
+        ..Default::default()
+    };
     my_driver::restore(&d, &mut input, &opts).unwrap_or_else(|e| panic!("restore over TLS: {e}"));
     assert_eq!(fingerprint(&dst), fingerprint(&src));
     assert!(fingerprint(&dst).starts_with("300 "), "{}", fingerprint(&dst));
