@@ -130,6 +130,7 @@ mod tests {
             started_at: crate::storage::rfc3339(t),
             finished_at: crate::storage::rfc3339(t),
             agent_version: String::new(),
+            content: None,
         }
     }
 

@@ -27,6 +27,7 @@ fn store(storage: &Storage, id: &str, days_ago: i64, with_manifest: bool) -> Str
             started_at: rfc3339(started),
             finished_at: rfc3339(started),
             agent_version: "test".into(),
+            content: None,
         };
         storage.put(&manifest_key(&key), &serde_json::to_vec(&m).unwrap()).unwrap();
     }
