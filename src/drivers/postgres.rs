@@ -27,6 +27,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+pub mod content;
+
 use super::exec::{self, PrivateDir};
 use super::{DriverError, Dump, DumpContext, Engine, MAGIC_LEN, Strategy, TargetSpec, check_magic};
 use crate::cancel::Cancel;
@@ -85,14 +87,27 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     if ctx.pipeline_compresses {
         cmd.arg("--compress=0");
     }
+    // Issue 19: pg_dump dumps the snapshot of a transaction that counts its rows for the
+    // manifest's `content` (server_info above refused the modes that need TLS).
+    let mode = if sslmode == "disable" {
+        postgres::config::SslMode::Disable
+    } else {
+        postgres::config::SslMode::Prefer
+    };
+    let snapshot = content::begin(spec, &content::client_config(spec, &spec.database, mode), &info.version)?;
+    cmd.arg(format!("--snapshot={}", snapshot.id));
     cmd.arg(format!("--dbname={}", conninfo(spec, &spec.database, &sslmode)));
 
     let source = Source::spawn("pg_dump", cmd).map_err(|e| err(format!("{e} ({})", pg_dump.display())))?;
+    let counting = snapshot
+        .count_into(&spec.id, source.content_slot())
+        .map_err(|e| err(format!("cannot start the row count: {e}")))?;
     Ok(Dump {
         source: source
             .with_magic(MAGIC_LEN, Box::new(|head| check_magic(Engine::PostgreSql, head)))
             .with_size_hint(info.size)
-            .with_guard(dir),
+            .with_guard(dir)
+            .with_guard(counting),
         engine_version: info.version,
     })
 }

@@ -211,3 +211,123 @@ fn drill_of_an_unknown_job_names_the_jobs() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("no job \"nope\" (jobs: nightly)"), "{}", text(&out.stderr));
 }
+
+/// PostgreSQL (scripts/services.sh `services_start_postgres`): the manifest's counts are
+/// those of the snapshot pg_dump dumped, although another connection keeps inserting
+/// during the backup. Checked against a `pg_restore` of the stored object, counted by
+/// this test's own queries.
+#[test]
+fn postgresql_manifest_counts_are_those_of_the_dumped_snapshot_under_concurrent_writes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let pg = crate::common::db::pg();
+    let src = crate::common::db::unique("dsrc");
+    let dst = crate::common::db::unique("ddst");
+    let conn = |db: &str| {
+        postgres::Client::connect(
+            &format!(
+                "host={} port={} user={} password={} dbname={db}",
+                pg.host, pg.port, pg.user, pg.password
+            ),
+            postgres::NoTls,
+        )
+        .unwrap()
+    };
+    struct DropDbs(Box<dyn Fn()>);
+    impl Drop for DropDbs {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    let (s2, d2, admin_url) = (
+        src.clone(),
+        dst.clone(),
+        format!(
+            "host={} port={} user={} password={} dbname=postgres",
+            pg.host, pg.port, pg.user, pg.password
+        ),
+    );
+    let _cleanup = DropDbs(Box::new(move || {
+        if let Ok(mut c) = postgres::Client::connect(&admin_url, postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {s2} WITH (FORCE)"));
+            let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {d2} WITH (FORCE)"));
+        }
+    }));
+    conn("postgres").batch_execute(&format!("CREATE DATABASE {src}")).unwrap();
+    conn("postgres").batch_execute(&format!("CREATE DATABASE {dst}")).unwrap();
+    conn(&src)
+        .batch_execute(
+            "CREATE TABLE items(id serial PRIMARY KEY, name text);
+             INSERT INTO items(name) SELECT 'item ' || g FROM generate_series(1, 5000) g;
+             CREATE SCHEMA \"Sales\";
+             CREATE TABLE \"Sales\".\"odd \"\"name\"(x int);
+             INSERT INTO \"Sales\".\"odd \"\"name\" VALUES (1), (2), (3);
+             CREATE TABLE events(at int) PARTITION BY RANGE (at);
+             CREATE TABLE events_a PARTITION OF events FOR VALUES FROM (0) TO (100);
+             CREATE TABLE events_b PARTITION OF events FOR VALUES FROM (100) TO (200);
+             INSERT INTO events SELECT g FROM generate_series(0, 9) g;
+             INSERT INTO events SELECT 100 + g FROM generate_series(0, 19) g;
+             CREATE VIEW v AS SELECT * FROM items;
+             CREATE TABLE busy(id bigserial PRIMARY KEY, at timestamptz DEFAULT now());",
+        )
+        .unwrap();
+    // A writer that commits one row at a time for as long as the backup runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, mut c) = (stop.clone(), conn(&src));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                c.batch_execute("INSERT INTO busy DEFAULT VALUES").unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let (dir, config) = setup(&format!(
+        "type = \"postgresql\"\nurl = \"postgres://{}@{}:{}/{src}?sslmode=disable\"\npassword = \"env:TEST_PG_PW\"",
+        pg.user, pg.host, pg.port
+    ));
+    let env = [("TEST_PG_PW", pg.password.as_str()), ("BACKUPY_RESTORE_PASSWORD", "env:TEST_PG_PW")];
+    // Some rows before the backup starts, more while it runs and after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while conn(&src).query_one("SELECT count(*) FROM busy", &[]).unwrap().get::<_, i64>(0) < 50 {
+        assert!(std::time::Instant::now() < deadline, "the writer inserts nothing");
+    }
+    backup(&config, &env);
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.join().unwrap();
+
+    let manifest = json_file(&PathBuf::from(format!("{}.json", object(dir.path()).display())));
+    let content = &manifest["content"];
+    assert_eq!(content["exactness"], "exact", "{manifest:#}");
+    assert!(content["engine_version"].as_str().unwrap().starts_with("PostgreSQL "), "{manifest:#}");
+    let tables = content["tables"].as_object().unwrap();
+    assert_eq!(
+        tables.keys().cloned().collect::<Vec<_>>(),
+        ["Sales.odd \"name", "public.busy", "public.events_a", "public.events_b", "public.items"],
+        "{manifest:#}"
+    );
+    assert_eq!(tables["public.items"], 5000);
+    assert_eq!(tables["Sales.odd \"name"], 3);
+    assert_eq!(
+        (tables["public.events_a"].as_u64(), tables["public.events_b"].as_u64()),
+        (Some(10), Some(20))
+    );
+    let busy = tables["public.busy"].as_u64().unwrap();
+    assert!(busy >= 50 && busy < written, "busy: {busy} counted, {written} written in all");
+
+    // What the stored dump really holds, restored and counted independently.
+    let out = restore(&config, &format!("postgres://{}@{}:{}/{dst}", pg.user, pg.host, pg.port), &env, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut restored = conn(&dst);
+    for (q, key) in [
+        ("SELECT count(*) FROM busy", "public.busy"),
+        ("SELECT count(*) FROM items", "public.items"),
+        ("SELECT count(*) FROM \"Sales\".\"odd \"\"name\"", "Sales.odd \"name"),
+    ] {
+        let n: i64 = restored.query_one(q, &[]).unwrap().get(0);
+        assert_eq!(Some(n as u64), tables[key].as_u64(), "{key}");
+    }
+}
