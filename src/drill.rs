@@ -2,8 +2,10 @@
 //! restoring it into scratch and comparing what came back with the manifest's `content`
 //! block, then writing the evidence (`<object>.drill.json`) beside the backup.
 //!
-//! Built so far: SQLite (scratch = a temporary file in the state directory's `tmp`).
-//! The other engines are refused with a clear error until their counting exists.
+//! Built so far: SQLite (scratch = a temporary file in the state directory's `tmp`) and
+//! PostgreSQL (scratch = a database with a unique name on the target's own server,
+//! created for the drill and dropped whatever happens). The other engines are refused
+//! with a clear error until their counting exists.
 //! Runs on the caller's thread; the restore streams through the `restore` module (the
 //! same path as `backupy-agent restore`) and stops at the caller's [`Cancel`].
 
@@ -28,6 +30,8 @@ pub struct DrillOptions {
     pub temp_dir: PathBuf,
     /// Stops the drill (SIGINT/SIGTERM): the download ends, the scratch copy is removed.
     pub cancel: Cancel,
+    /// The job's target: where a server engine's scratch database is created.
+    pub target: Option<crate::drivers::TargetSpec>,
 }
 
 /// One table's counts: what the manifest promised and what the restored copy holds.
@@ -60,6 +64,9 @@ pub struct DrillReport {
     pub object_sha256: String,
     /// Whether the stored bytes were verified (size, SHA-256, every chunk, magic).
     pub object_verified: bool,
+    /// Where the copy was restored: "temporary file" (SQLite) or the scratch database's
+    /// name (dropped again before the report was written).
+    pub scratch: String,
     /// The manifest's `content.engine_version` (the engine that was backed up).
     pub backup_engine_version: String,
     /// What a count counts ("rows").
@@ -118,9 +125,15 @@ pub fn drill(
 ) -> Result<DrillReport, DrillError> {
     let engine = Engine::parse(&m.engine)
         .ok_or_else(|| DrillError::Refused(format!("manifest names unknown engine {:?}", m.engine)))?;
-    if engine != Engine::Sqlite {
+    if !matches!(engine, Engine::Sqlite | Engine::PostgreSql) {
         return Err(DrillError::Refused(format!(
-            "drills of {engine} backups are not built yet (only sqlite); see docs/drills.md"
+            "drills of {engine} backups are not built yet (only sqlite and postgresql); see docs/drills.md"
+        )));
+    }
+    if engine == Engine::PostgreSql && opts.target.as_ref().is_none_or(|t| t.engine != engine) {
+        return Err(DrillError::Refused(format!(
+            "backup {} is a PostgreSQL backup: the drill needs the job's PostgreSQL target for its scratch database",
+            m.id
         )));
     }
     let content = m.content.as_ref().ok_or_else(|| {
@@ -144,6 +157,7 @@ pub fn drill(
         object_key: m.object_key.clone(),
         object_sha256: m.sha256.clone(),
         object_verified: false,
+        scratch: String::new(),
         backup_engine_version: content.engine_version.clone(),
         unit: content.unit.clone(),
         tables: Vec::new(),
@@ -157,7 +171,7 @@ pub fn drill(
         started_at: storage::rfc3339(started),
         finished_at: String::new(),
     };
-    let verdict = run_sqlite(storage, m, key, opts, &content.tables, &mut report);
+    let verdict = run(engine, storage, m, key, opts, &content.tables, &mut report);
     if opts.cancel.is_cancelled() {
         return Err(DrillError::Cancelled(format!(
             "the drill of backup {} was stopped ({}); its scratch copy was removed",
@@ -175,8 +189,9 @@ pub fn drill(
     Ok(report)
 }
 
-/// Verify, restore into a scratch file, count, compare; fills `report` as it goes.
-fn run_sqlite(
+/// Verify, restore into scratch, count, compare; fills `report` as it goes.
+fn run(
+    engine: Engine,
     storage: &Storage,
     m: &Manifest,
     key: Option<&KeySource>,
@@ -199,6 +214,30 @@ fn run_sqlite(
     report.object_verified = true;
     report.object_sha256 = verified.sha256.clone();
 
+    let found = match (engine, &opts.target) {
+        (Engine::PostgreSql, Some(target)) => restore_postgres(storage, m, key, opts, target, report)?,
+        _ => restore_sqlite(storage, m, key, opts, report)?,
+    };
+    if report.restore_seconds > 0.0 {
+        report.restore_bytes_per_second = verified.dump_bytes as f64 / report.restore_seconds;
+    }
+    report.tables = compare(expected, &found);
+    let bad: Vec<String> = report.tables.iter().filter(|t| !t.ok).map(describe_mismatch).collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the restored copy differs from the manifest: {}", bad.join("; ")))
+    }
+}
+
+/// SQLite: restore into a scratch file and count its rows.
+fn restore_sqlite(
+    storage: &Storage,
+    m: &Manifest,
+    key: Option<&KeySource>,
+    opts: &DrillOptions,
+    report: &mut DrillReport,
+) -> Result<BTreeMap<String, u64>, String> {
     // 2. Restore through the same path as `restore` (which checks the SHA-256 again
     //    before the file takes its name, and runs SQLite's integrity check). The scratch
     //    directory carries the restore spool's owner tag, so a crash's leftover is
@@ -217,47 +256,162 @@ fn run_sqlite(
         preverify: true,
         cancel: opts.cancel.clone(),
     };
+    report.scratch = "temporary file".into();
     let t = Instant::now();
     let restored = crate::restore::restore(storage, m, key, &restore_opts);
-    let secs = t.elapsed().as_secs_f64();
-    report.restore_seconds = secs;
+    report.restore_seconds = t.elapsed().as_secs_f64();
     restored.map_err(|e| format!("the restore into scratch failed: {e}"))?;
-    if secs > 0.0 {
-        report.restore_bytes_per_second = verified.dump_bytes as f64 / secs;
-    }
 
     // 3. Count the restored copy the way the backup counted its snapshot.
     let t = Instant::now();
     let conn = rusqlite::Connection::open(&file)
         .map_err(|e| format!("cannot open the restored copy {}: {e}", file.display()))?;
-    test_hook(&conn)?;
+    if let Some(sql) = test_scratch_sql() {
+        conn.execute_batch(&sql).map_err(|e| format!("{TEST_SCRATCH_SQL_VAR}: {e}"))?;
+    }
     let found = crate::drivers::sqlite::count_rows(&conn, Some(&opts.cancel))
         .map_err(|e| format!("cannot count the restored copy: {e}"))?;
     drop(conn);
     report.count_seconds = t.elapsed().as_secs_f64();
-    report.tables = compare(expected, &found);
-    let bad: Vec<String> = report.tables.iter().filter(|t| !t.ok).map(describe_mismatch).collect();
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("the restored copy differs from the manifest: {}", bad.join("; ")))
+    Ok(found)
+}
+
+/// PostgreSQL: create a scratch database on the target's server, `pg_restore` the
+/// backup into it (one transaction), count its rows; the database is dropped when the
+/// guard goes, on every path (a failure, a cancel that killed pg_restore).
+fn restore_postgres(
+    storage: &Storage,
+    m: &Manifest,
+    key: Option<&KeySource>,
+    opts: &DrillOptions,
+    target: &crate::drivers::TargetSpec,
+    report: &mut DrillReport,
+) -> Result<BTreeMap<String, u64>, String> {
+    use crate::drivers::postgres::content;
+    let name = format!("backupy_drill_{}", uuid::Uuid::new_v4().simple());
+    let scratch = ScratchDb::create(target, &name)?;
+    report.scratch = name.clone();
+    let mut spec = target.clone();
+    spec.database = name.clone();
+
+    // The object was verified above; it is read again from storage, and pg_restore sees
+    // the end of its input only when these bytes hash to the manifest's SHA-256 too (an
+    // object swapped in between fails, and the one transaction is never committed).
+    let crate::verify::OpenedBackup { dump, digest, .. } = crate::verify::open_backup(storage, m, key)
+        .map_err(|e| format!("the backup is tampered or corrupt: {e}"))?;
+    let mut input = EndChecked {
+        inner: crate::cancel::CancellableReader::new(dump, opts.cancel.clone()),
+        digest: &digest,
+        m,
+        done: false,
+    };
+    let t = Instant::now();
+    let restored = crate::drivers::postgres::restore(
+        &spec,
+        &mut input,
+        &crate::drivers::postgres::PgRestoreOptions {
+            no_owner: true,
+            single_transaction: true,
+            temp_dir: Some(opts.temp_dir.clone()),
+            cancel: Some(opts.cancel.clone()),
+            ..Default::default()
+        },
+    );
+    report.restore_seconds = t.elapsed().as_secs_f64();
+    restored.map_err(|e| format!("the restore into scratch database {name} failed: {e}"))?;
+
+    let t = Instant::now();
+    let mut client = content::connect(target, &name).map_err(|e| e.to_string())?;
+    if let Some(sql) = test_scratch_sql() {
+        client.batch_execute(&sql).map_err(|e| format!("{TEST_SCRATCH_SQL_VAR}: {e}"))?;
+    }
+    let found =
+        content::count_rows(&mut client).map_err(|e| format!("cannot count scratch database {name}: {e}"))?;
+    drop(client);
+    report.count_seconds = t.elapsed().as_secs_f64();
+    drop(scratch);
+    Ok(found)
+}
+
+/// A scratch database, dropped (with its connections) when this goes out of scope.
+struct ScratchDb {
+    target: crate::drivers::TargetSpec,
+    name: String,
+}
+
+impl ScratchDb {
+    fn create(target: &crate::drivers::TargetSpec, name: &str) -> Result<Self, String> {
+        let mut admin = crate::drivers::postgres::content::connect(target, &target.database)
+            .map_err(|e| format!("cannot reach the server for the scratch database: {e}"))?;
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {} TEMPLATE template0",
+                crate::drivers::postgres::content::quote_ident(name)
+            ))
+            .map_err(|e| {
+                let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string());
+                format!(
+                    "cannot create the scratch database {name} on the server of target {}                      (the user needs CREATEDB): {why}",
+                    target.id
+                )
+            })?;
+        log::info!("drill: created scratch database {name} on the server of target {}", target.id);
+        Ok(Self { target: target.clone(), name: name.to_string() })
     }
 }
 
-#[cfg(debug_assertions)]
-fn test_hook(conn: &rusqlite::Connection) -> Result<(), String> {
-    match std::env::var(TEST_SCRATCH_SQL_VAR) {
-        Ok(sql) if !sql.is_empty() => {
-            log::warn!("{TEST_SCRATCH_SQL_VAR} is set (debug build): running it on the scratch copy");
-            conn.execute_batch(&sql).map_err(|e| format!("{TEST_SCRATCH_SQL_VAR}: {e}"))
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        let sql = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            crate::drivers::postgres::content::quote_ident(&self.name)
+        );
+        let dropped = crate::drivers::postgres::content::connect(&self.target, &self.target.database)
+            .map_err(|e| e.to_string())
+            .and_then(|mut c| c.batch_execute(&sql).map_err(|e| e.to_string()));
+        match dropped {
+            Ok(()) => log::info!("drill: dropped scratch database {}", self.name),
+            Err(e) => log::error!(
+                "drill: cannot drop scratch database {} on the server of target {}: {e}; drop it by hand",
+                self.name,
+                self.target.id
+            ),
         }
-        _ => Ok(()),
     }
+}
+
+/// Ends the dump with an error unless the stored bytes matched the manifest, so a
+/// restore tool never sees a clean end of input from a bad object.
+struct EndChecked<'a, R> {
+    inner: R,
+    digest: &'a std::sync::Arc<std::sync::Mutex<crate::verify::Digested>>,
+    m: &'a Manifest,
+    done: bool,
+}
+
+impl<R: std::io::Read> std::io::Read for EndChecked<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n =
+            self.inner.read(buf).map_err(|e| std::io::Error::new(e.kind(), crate::verify::describe(e)))?;
+        if n == 0 && !buf.is_empty() && !self.done {
+            crate::verify::check_digest(self.digest, self.m).map_err(std::io::Error::other)?;
+            self.done = true;
+        }
+        Ok(n)
+    }
+}
+
+/// The debug-build-only test hook's SQL, when set.
+#[cfg(debug_assertions)]
+fn test_scratch_sql() -> Option<String> {
+    let sql = std::env::var(TEST_SCRATCH_SQL_VAR).ok().filter(|s| !s.is_empty())?;
+    log::warn!("{TEST_SCRATCH_SQL_VAR} is set (debug build): running it on the scratch copy");
+    Some(sql)
 }
 
 #[cfg(not(debug_assertions))]
-fn test_hook(_conn: &rusqlite::Connection) -> Result<(), String> {
-    Ok(())
+fn test_scratch_sql() -> Option<String> {
+    None
 }
 
 /// Every table of either side, by name, and whether its counts agree.

@@ -191,13 +191,14 @@ enum Command {
     /// Prove a backup restores: verify the stored object, restore it into scratch (SQLite:
     /// a temporary file in state_dir/tmp), count the rows of every table and compare them
     /// with the counts its manifest recorded at backup time. The report is written beside
-    /// the backup as <object>.drill.json. Only SQLite so far (docs/drills.md).
+    /// the backup as <object>.drill.json. SQLite (a temporary file) and PostgreSQL (a
+    /// scratch database on the target's server, always dropped) so far (docs/drills.md).
     #[command(after_help = help!(
         "Examples:\n  backupy-agent drill --config backupy.toml --job app-nightly\n  \
         backupy-agent drill --config backupy.toml --job app-nightly --backup 3f2c… --json",
         "the drill passed: the object verified, restored, and every table holds exactly the rows its manifest recorded",
         "the drill failed (a tampered or corrupt object, a failed restore, a table whose count differs: each is named) or could not run (no such backup, an engine not built yet, a manifest without a content block, a refused configuration)",
-        "the download stopped and the scratch copy was removed; no report is written"
+        "the download stopped, the restore tool was killed and the scratch copy removed (a scratch database dropped); no report is written"
     ))]
     Drill {
         /// The standalone TOML configuration (storage, and the key to use).
@@ -723,7 +724,8 @@ fn drill(s: &StoredBackup, json: bool) -> Result<ExitCode> {
     let key = restore_key(&cfg, s.identity.as_deref(), &m)?;
     let cancel = Cancel::default();
     let interrupt = Interrupt::install(cancel.clone(), "the drill", None)?;
-    let opts = crate::drill::DrillOptions { temp_dir: cfg.state_dir.join("tmp"), cancel };
+    let target = cfg.job(job).and_then(|j| cfg.targets.get(&j.target)).cloned();
+    let opts = crate::drill::DrillOptions { temp_dir: cfg.state_dir.join("tmp"), cancel, target };
     match crate::drill::drill(&storage, &m, key.as_ref(), &opts) {
         Ok(report) => {
             if json {

@@ -331,3 +331,103 @@ fn postgresql_manifest_counts_are_those_of_the_dumped_snapshot_under_concurrent_
         assert_eq!(Some(n as u64), tables[key].as_u64(), "{key}");
     }
 }
+
+fn pg_conn(db: &str) -> postgres::Client {
+    let pg = crate::common::db::pg();
+    postgres::Client::connect(
+        &format!("host={} port={} user={} password={} dbname={db}", pg.host, pg.port, pg.user, pg.password),
+        postgres::NoTls,
+    )
+    .unwrap_or_else(|e| panic!("connecting to the test server's database {db}: {e}"))
+}
+
+fn pg_database_exists(name: &str) -> bool {
+    pg_conn("postgres")
+        .query_one("SELECT count(*) FROM pg_database WHERE datname = $1", &[&name])
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+}
+
+/// Drops a test's source database when the test ends, passed or not.
+struct PgDb(String);
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let _ =
+            pg_conn("postgres").batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0));
+    }
+}
+
+#[test]
+fn postgresql_drill_passes_catches_a_deleted_row_refuses_a_tampered_object_and_always_drops_its_scratch() {
+    let pg = crate::common::db::pg();
+    let src = PgDb(crate::common::db::unique("dpg"));
+    pg_conn("postgres").batch_execute(&format!("CREATE DATABASE {}", src.0)).unwrap();
+    pg_conn(&src.0)
+        .batch_execute(
+            "CREATE TABLE items(id serial PRIMARY KEY, name text);
+             INSERT INTO items(name) SELECT 'item ' || g FROM generate_series(1, 500) g;
+             CREATE SCHEMA s; CREATE TABLE s.empty(x int);",
+        )
+        .unwrap();
+    let (dir, config) = setup(&format!(
+        "type = \"postgresql\"\nurl = \"postgres://{}@{}:{}/{}?sslmode=disable\"\npassword = \"env:TEST_PG_PW\"",
+        pg.user, pg.host, pg.port, src.0
+    ));
+    let env = [("TEST_PG_PW", pg.password.as_str())];
+    backup(&config, &env);
+    let obj = object(dir.path());
+
+    // Passes with exact counts; the scratch database existed and is gone.
+    let out = drill(&config, &env, &["--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "passed", "{report:#}");
+    assert_eq!(
+        report["tables"],
+        serde_json::json!([
+            {"name": "public.items", "expected": 500, "found": 500, "ok": true},
+            {"name": "s.empty", "expected": 0, "found": 0, "ok": true}
+        ])
+    );
+    let scratch = report["scratch"].as_str().unwrap().to_string();
+    assert!(scratch.starts_with("backupy_drill_"), "{report:#}");
+    assert!(
+        text(&out.stderr).contains(&format!("created scratch database {scratch}")),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!pg_database_exists(&scratch), "scratch database {scratch} was left behind");
+    assert_eq!(json_file(&report_path(&obj)), report);
+    assert!(!text(&out.stderr).contains(&pg.password));
+
+    // A row deleted in the scratch copy (debug-build hook) is caught and named.
+    let mut hooked = env.to_vec();
+    hooked.push(("BACKUPY_TEST_DRILL_SCRATCH_SQL", "DELETE FROM items WHERE id = 7"));
+    let out = drill(&config, &hooked, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("table \"public.items\": expected 500, found 499"),
+        "{}",
+        text(&out.stderr)
+    );
+    let report = json_file(&report_path(&obj));
+    assert_eq!(report["status"], "failed");
+    let scratch = report["scratch"].as_str().unwrap();
+    assert!(
+        !scratch.is_empty() && !pg_database_exists(scratch),
+        "scratch database {scratch} was left behind"
+    );
+
+    // A tampered object fails before any scratch database is created.
+    let mut bytes = std::fs::read(&obj).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&obj, &bytes).unwrap();
+    let out = drill(&config, &env, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("tampered or corrupt"), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("scratch database"), "{}", text(&out.stderr));
+    let report = json_file(&report_path(&obj));
+    assert_eq!((report["scratch"].as_str(), report["restore_seconds"].as_f64()), (Some(""), Some(0.0)));
+}

@@ -161,3 +161,23 @@ pub fn client_config(spec: &TargetSpec, database: &str, mode: postgres::config::
     }
     config
 }
+
+/// A connection to `database` on `spec`'s server, with the same TLS policy as the dump's
+/// pre-check (a drill's scratch database and its counting).
+pub fn connect(spec: &TargetSpec, database: &str) -> Result<postgres::Client, DriverError> {
+    let mode = match super::ssl_mode(spec)?.as_str() {
+        "disable" => postgres::config::SslMode::Disable,
+        "allow" | "prefer" => postgres::config::SslMode::Prefer,
+        other => {
+            return Err(DriverError::new(
+                &spec.id,
+                format!("sslmode={other} needs TLS, which this build's own connections cannot do yet"),
+            ));
+        }
+    };
+    let mut scoped = spec.clone();
+    scoped.database = database.to_string();
+    client_config(spec, database, mode)
+        .connect(postgres::NoTls)
+        .map_err(|e| DriverError::new(&spec.id, super::connect_error(&scoped, &e)))
+}
