@@ -91,7 +91,7 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path, cancel: &Cancel) -> 
         .prefix(&crate::leftovers::tagged_prefix(crate::leftovers::SQLITE_SNAPSHOT))
         .tempfile_in(temp_dir)
         .map_err(|e| err(format!("cannot create a snapshot file in {}: {e}", temp_dir.display())))?;
-    {
+    let content = {
         let mut dst = Connection::open(snapshot.path())
             .map_err(|e| err(format!("cannot open snapshot file {}: {e}", snapshot.path().display())))?;
         let backup = rusqlite::backup::Backup::new(&src, &mut dst)
@@ -119,14 +119,14 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path, cancel: &Cancel) -> 
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
         }
-    }
-    let _ = src.execute_batch("COMMIT");
-    // The manifest's `content` (issue 19): counted from the snapshot file that is about
-    // to be streamed, so the counts are exactly those of the stored dump.
-    let content = {
-        let snap = Connection::open_with_flags(snapshot.path(), OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| err(format!("cannot open snapshot file {}: {e}", snapshot.path().display())))?;
-        let tables = count_rows(&snap, Some(cancel))
+        drop(backup);
+        // The copy is complete: release the live database before counting.
+        let _ = src.execute_batch("COMMIT");
+        // The manifest's `content` (issue 19): counted from the snapshot file that is
+        // about to be streamed, so the counts are exactly those of the stored dump. On the
+        // connection that wrote it: closing it leaves no -wal/-shm file beside the
+        // snapshot (a read-only connection to a WAL-mode copy would).
+        let tables = count_rows(&dst, Some(cancel))
             .map_err(|e| err(format!("cannot count the rows of the snapshot of {}: {e}", path.display())))?;
         content_of(tables)
     };

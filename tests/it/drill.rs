@@ -431,3 +431,62 @@ fn postgresql_drill_passes_catches_a_deleted_row_refuses_a_tampered_object_and_a
     let report = json_file(&report_path(&obj));
     assert_eq!((report["scratch"].as_str(), report["restore_seconds"].as_f64()), (Some(""), Some(0.0)));
 }
+
+/// SIGTERM while pg_restore fills the scratch database: exit 143, pg_restore killed, the
+/// scratch database dropped, no report written.
+#[test]
+fn postgresql_drill_stopped_by_sigterm_drops_its_scratch_database() {
+    use std::io::BufRead;
+    let pg = crate::common::db::pg();
+    let src = PgDb(crate::common::db::unique("dpgc"));
+    pg_conn("postgres").batch_execute(&format!("CREATE DATABASE {}", src.0)).unwrap();
+    // Large enough that its restore takes well over the time a signal needs to arrive.
+    pg_conn(&src.0)
+        .batch_execute(
+            "CREATE TABLE big(id serial PRIMARY KEY, v text);
+             INSERT INTO big(v) SELECT md5(g::text) || md5((g * 7)::text) FROM generate_series(1, 600000) g;",
+        )
+        .unwrap();
+    let (dir, config) = setup(&format!(
+        "type = \"postgresql\"\nurl = \"postgres://{}@{}:{}/{}?sslmode=disable\"\npassword = \"env:TEST_PG_PW\"",
+        pg.user, pg.host, pg.port, src.0
+    ));
+    let env = [("TEST_PG_PW", pg.password.as_str())];
+    backup(&config, &env);
+
+    let mut c = agent();
+    c.env("TEST_PG_PW", &pg.password);
+    c.args(["drill", "--job", "nightly", "--config"]).arg(&config);
+    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let scratch = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the drill never said it created its scratch database");
+        if let Some(rest) = line.split("created scratch database ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    assert!(pg_database_exists(&scratch));
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let err = reader.join().unwrap();
+    assert_eq!(status.code(), Some(143), "{err}");
+    assert!(err.contains(&format!("dropped scratch database {scratch}")), "{err}");
+    assert!(!pg_database_exists(&scratch), "scratch database {scratch} was left behind:\n{err}");
+    assert!(!report_path(&object(dir.path())).exists());
+    assert_eq!(tmp_leftovers(dir.path()), Vec::<String>::new());
+}
