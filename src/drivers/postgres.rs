@@ -94,14 +94,23 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     } else {
         postgres::config::SslMode::Prefer
     };
-    let snapshot = content::begin(spec, &content::client_config(spec, &spec.database, mode), &info.version)?;
-    cmd.arg(format!("--snapshot={}", snapshot.id));
+    // A server that cannot export a snapshot still gets its backup, without counts.
+    let snapshot = content::begin(spec, &content::client_config(spec, &spec.database, mode), &info.version)
+        .map_err(|e| log::warn!("{e}; pg_dump takes its own snapshot and the manifest gets no content block"))
+        .ok();
+    if let Some(s) = &snapshot {
+        cmd.arg(format!("--snapshot={}", s.id));
+    }
     cmd.arg(format!("--dbname={}", conninfo(spec, &spec.database, &sslmode)));
 
     let source = Source::spawn("pg_dump", cmd).map_err(|e| err(format!("{e} ({})", pg_dump.display())))?;
-    let counting = snapshot
-        .count_into(&spec.id, source.content_slot())
-        .map_err(|e| err(format!("cannot start the row count: {e}")))?;
+    let counting = match snapshot {
+        Some(s) => Some(
+            s.count_into(&spec.id, source.content_slot())
+                .map_err(|e| err(format!("cannot start the row count: {e}")))?,
+        ),
+        None => None,
+    };
     Ok(Dump {
         source: source
             .with_magic(MAGIC_LEN, Box::new(|head| check_magic(Engine::PostgreSql, head)))
