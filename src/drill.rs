@@ -299,12 +299,9 @@ fn restore_postgres(
     // object swapped in between fails, and the one transaction is never committed).
     let crate::verify::OpenedBackup { dump, digest, .. } = crate::verify::open_backup(storage, m, key)
         .map_err(|e| format!("the backup is tampered or corrupt: {e}"))?;
-    let mut input = EndChecked {
-        inner: crate::cancel::CancellableReader::new(dump, opts.cancel.clone()),
-        digest: &digest,
-        m,
-        done: false,
-    };
+    let mut dump: Box<dyn std::io::Read> =
+        Box::new(crate::cancel::CancellableReader::new(dump, opts.cancel.clone()));
+    let mut input = crate::restore::CheckedAtEnd::new(&mut dump, &digest, m);
     let t = Instant::now();
     let restored = crate::drivers::postgres::restore(
         &spec,
@@ -377,27 +374,6 @@ impl Drop for ScratchDb {
                 self.target.id
             ),
         }
-    }
-}
-
-/// Ends the dump with an error unless the stored bytes matched the manifest, so a
-/// restore tool never sees a clean end of input from a bad object.
-struct EndChecked<'a, R> {
-    inner: R,
-    digest: &'a std::sync::Arc<std::sync::Mutex<crate::verify::Digested>>,
-    m: &'a Manifest,
-    done: bool,
-}
-
-impl<R: std::io::Read> std::io::Read for EndChecked<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n =
-            self.inner.read(buf).map_err(|e| std::io::Error::new(e.kind(), crate::verify::describe(e)))?;
-        if n == 0 && !buf.is_empty() && !self.done {
-            crate::verify::check_digest(self.digest, self.m).map_err(std::io::Error::other)?;
-            self.done = true;
-        }
-        Ok(n)
     }
 }
 

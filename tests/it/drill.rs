@@ -222,41 +222,11 @@ fn postgresql_manifest_counts_are_those_of_the_dumped_snapshot_under_concurrent_
     use std::sync::atomic::{AtomicBool, Ordering};
 
     let pg = crate::common::db::pg();
-    let src = crate::common::db::unique("dsrc");
-    let dst = crate::common::db::unique("ddst");
-    let conn = |db: &str| {
-        postgres::Client::connect(
-            &format!(
-                "host={} port={} user={} password={} dbname={db}",
-                pg.host, pg.port, pg.user, pg.password
-            ),
-            postgres::NoTls,
-        )
-        .unwrap()
-    };
-    struct DropDbs(Box<dyn Fn()>);
-    impl Drop for DropDbs {
-        fn drop(&mut self) {
-            (self.0)()
-        }
-    }
-    let (s2, d2, admin_url) = (
-        src.clone(),
-        dst.clone(),
-        format!(
-            "host={} port={} user={} password={} dbname=postgres",
-            pg.host, pg.port, pg.user, pg.password
-        ),
-    );
-    let _cleanup = DropDbs(Box::new(move || {
-        if let Ok(mut c) = postgres::Client::connect(&admin_url, postgres::NoTls) {
-            let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {s2} WITH (FORCE)"));
-            let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {d2} WITH (FORCE)"));
-        }
-    }));
-    conn("postgres").batch_execute(&format!("CREATE DATABASE {src}")).unwrap();
-    conn("postgres").batch_execute(&format!("CREATE DATABASE {dst}")).unwrap();
-    conn(&src)
+    let (src, dst) = (PgDb(crate::common::db::unique("dsrc")), PgDb(crate::common::db::unique("ddst")));
+    let (src, dst) = (&src.0, &dst.0);
+    pg_conn("postgres").batch_execute(&format!("CREATE DATABASE {src}")).unwrap();
+    pg_conn("postgres").batch_execute(&format!("CREATE DATABASE {dst}")).unwrap();
+    pg_conn(src)
         .batch_execute(
             "CREATE TABLE items(id serial PRIMARY KEY, name text);
              INSERT INTO items(name) SELECT 'item ' || g FROM generate_series(1, 5000) g;
@@ -275,7 +245,7 @@ fn postgresql_manifest_counts_are_those_of_the_dumped_snapshot_under_concurrent_
     // A writer that commits one row at a time for as long as the backup runs.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (stop, mut c) = (stop.clone(), conn(&src));
+        let (stop, mut c) = (stop.clone(), pg_conn(src));
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
@@ -292,7 +262,7 @@ fn postgresql_manifest_counts_are_those_of_the_dumped_snapshot_under_concurrent_
     let env = [("TEST_PG_PW", pg.password.as_str()), ("BACKUPY_RESTORE_PASSWORD", "env:TEST_PG_PW")];
     // Some rows before the backup starts, more while it runs and after.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while conn(&src).query_one("SELECT count(*) FROM busy", &[]).unwrap().get::<_, i64>(0) < 50 {
+    while pg_conn(src).query_one("SELECT count(*) FROM busy", &[]).unwrap().get::<_, i64>(0) < 50 {
         assert!(std::time::Instant::now() < deadline, "the writer inserts nothing");
     }
     backup(&config, &env);
@@ -321,7 +291,7 @@ fn postgresql_manifest_counts_are_those_of_the_dumped_snapshot_under_concurrent_
     // What the stored dump really holds, restored and counted independently.
     let out = restore(&config, &format!("postgres://{}@{}:{}/{dst}", pg.user, pg.host, pg.port), &env, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut restored = conn(&dst);
+    let mut restored = pg_conn(dst);
     for (q, key) in [
         ("SELECT count(*) FROM busy", "public.busy"),
         ("SELECT count(*) FROM items", "public.items"),
@@ -358,22 +328,29 @@ impl Drop for PgDb {
     }
 }
 
-#[test]
-fn postgresql_drill_passes_catches_a_deleted_row_refuses_a_tampered_object_and_always_drops_its_scratch() {
+/// A fresh source database filled by `sql`, dropped when the returned guard goes, and
+/// a job that backs it up (password by reference in `TEST_PG_PW`).
+fn pg_job(prefix: &str, sql: &str) -> (PgDb, tempfile::TempDir, PathBuf) {
     let pg = crate::common::db::pg();
-    let src = PgDb(crate::common::db::unique("dpg"));
+    let src = PgDb(crate::common::db::unique(prefix));
     pg_conn("postgres").batch_execute(&format!("CREATE DATABASE {}", src.0)).unwrap();
-    pg_conn(&src.0)
-        .batch_execute(
-            "CREATE TABLE items(id serial PRIMARY KEY, name text);
-             INSERT INTO items(name) SELECT 'item ' || g FROM generate_series(1, 500) g;
-             CREATE SCHEMA s; CREATE TABLE s.empty(x int);",
-        )
-        .unwrap();
+    pg_conn(&src.0).batch_execute(sql).unwrap();
     let (dir, config) = setup(&format!(
         "type = \"postgresql\"\nurl = \"postgres://{}@{}:{}/{}?sslmode=disable\"\npassword = \"env:TEST_PG_PW\"",
         pg.user, pg.host, pg.port, src.0
     ));
+    (src, dir, config)
+}
+
+#[test]
+fn postgresql_drill_passes_catches_a_deleted_row_refuses_a_tampered_object_and_always_drops_its_scratch() {
+    let pg = crate::common::db::pg();
+    let (_src, dir, config) = pg_job(
+        "dpg",
+        "CREATE TABLE items(id serial PRIMARY KEY, name text);
+         INSERT INTO items(name) SELECT 'item ' || g FROM generate_series(1, 500) g;
+         CREATE SCHEMA s; CREATE TABLE s.empty(x int);",
+    );
     let env = [("TEST_PG_PW", pg.password.as_str())];
     backup(&config, &env);
     let obj = object(dir.path());
@@ -438,19 +415,12 @@ fn postgresql_drill_passes_catches_a_deleted_row_refuses_a_tampered_object_and_a
 fn postgresql_drill_stopped_by_sigterm_drops_its_scratch_database() {
     use std::io::BufRead;
     let pg = crate::common::db::pg();
-    let src = PgDb(crate::common::db::unique("dpgc"));
-    pg_conn("postgres").batch_execute(&format!("CREATE DATABASE {}", src.0)).unwrap();
     // Large enough that its restore takes well over the time a signal needs to arrive.
-    pg_conn(&src.0)
-        .batch_execute(
-            "CREATE TABLE big(id serial PRIMARY KEY, v text);
-             INSERT INTO big(v) SELECT md5(g::text) || md5((g * 7)::text) FROM generate_series(1, 600000) g;",
-        )
-        .unwrap();
-    let (dir, config) = setup(&format!(
-        "type = \"postgresql\"\nurl = \"postgres://{}@{}:{}/{}?sslmode=disable\"\npassword = \"env:TEST_PG_PW\"",
-        pg.user, pg.host, pg.port, src.0
-    ));
+    let (_src, dir, config) = pg_job(
+        "dpgc",
+        "CREATE TABLE big(id serial PRIMARY KEY, v text);
+         INSERT INTO big(v) SELECT md5(g::text) || md5((g * 7)::text) FROM generate_series(1, 600000) g;",
+    );
     let env = [("TEST_PG_PW", pg.password.as_str())];
     backup(&config, &env);
 
