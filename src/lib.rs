@@ -10,7 +10,8 @@
 //! `scheduler` queues runs and runs them on its worker pool under their timeouts. Two modes feed it: `standalone` (cron jobs, plans built from `config`, the
 //! TOML) and `connected` (RunBackups from a control plane, plans built from `wire`
 //! messages; `session` and `outbox` carry them). `state` records runs, `metrics` counts
-//! them, `retention` prunes, `restore` and `verify` read backups back, `health` probes,
+//! them, `retention` prunes, `restore` and `verify` read backups back, `drill` restores one into scratch and
+//! compares it with its manifest's counts, `health` probes,
 //! `docker` talks to dockerd, `selfupdate` replaces the binary, `env` reads every
 //! `BACKUPY_*` variable once, `secrets` resolves password references and redacts, `cli`
 //! holds the two binaries. Threads and channels: docs/architecture.md.
@@ -28,6 +29,8 @@ pub mod connected;
 #[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 pub mod crypto;
 pub mod docker;
+#[deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+pub mod drill;
 pub mod drivers;
 pub mod env;
 pub mod health;

@@ -212,11 +212,22 @@ impl<R: Read> Read for Tee<R> {
 
 /// Turns the end of the dump into an error when the stored bytes do not match the
 /// manifest, so a restore tool never sees a clean end of input from a bad object.
-struct CheckedAtEnd<'a> {
+/// Also used by `drill` for its scratch database.
+pub(crate) struct CheckedAtEnd<'a> {
     inner: &'a mut Box<dyn Read>,
     digest: &'a Arc<Mutex<Digested>>,
     m: &'a Manifest,
     done: bool,
+}
+
+impl<'a> CheckedAtEnd<'a> {
+    pub(crate) fn new(
+        inner: &'a mut Box<dyn Read>,
+        digest: &'a Arc<Mutex<Digested>>,
+        m: &'a Manifest,
+    ) -> Self {
+        Self { inner, digest, m, done: false }
+    }
 }
 
 impl Read for CheckedAtEnd<'_> {

@@ -423,7 +423,13 @@ fn prune_job_checked(
             .map_err(|e| (format!("{key}.json: {e}"), is_refusal(&e)))
             .and_then(|_| storage.delete(key).map_err(|e| (format!("{key}: {e}"), is_refusal(&e))));
         match result {
-            Ok(()) => report.deleted.push(key.clone()),
+            Ok(()) => {
+                // A drill's report goes with its backup; left behind it is only clutter.
+                if let Err(e) = storage.delete(&crate::storage::drill_report_key(key)) {
+                    log::warn!("retention: cannot delete the drill report of {key}: {e}");
+                }
+                report.deleted.push(key.clone())
+            }
             Err((e, refused)) => {
                 report.refused += u64::from(refused);
                 report.errors.push(e);

@@ -93,6 +93,8 @@ pub struct Stored {
     pub finished: DateTime<Utc>,
     /// The backup itself, hooks not included.
     pub elapsed: Duration,
+    /// What the dump holds, when its driver counts it (the manifest's `content`).
+    pub content: Option<crate::storage::Content>,
 }
 
 /// What went wrong, so each mode can report it without parsing a message.
@@ -324,6 +326,7 @@ fn backup(
     );
     let (key_id, encrypted_dek) = (prepared.key_id.clone(), prepared.encrypted_dek.clone());
     let opts = pipeline::Options::new(plan.compression, prepared);
+    let content = source.content_slot();
     let out = pipeline::run(source, opts, writer, cancel, progress)
         .map_err(|e| RunError::from_source(job, ErrorKind::Pipeline, e, cancel))?;
     let stored = Stored {
@@ -341,6 +344,7 @@ fn backup(
         started,
         finished: Utc::now(),
         elapsed: t0.elapsed(),
+        content: content.lock().unwrap_or_else(|p| p.into_inner()).take(),
     };
     plan.destination.seal(&stored).map_err(|e| RunError::new(job, ErrorKind::Store, e))?;
     log::info!(

@@ -223,6 +223,7 @@ impl Destination for StoreDestination {
             started_at: storage::rfc3339(stored.started),
             finished_at: storage::rfc3339(stored.finished),
             agent_version: crate::AGENT_VERSION.to_string(),
+            content: stored.content.clone(),
         };
         let json =
             serde_json::to_vec_pretty(&manifest).map_err(|e| format!("cannot encode the manifest: {e}"))?;

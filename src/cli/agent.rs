@@ -1,5 +1,6 @@
 //! `backupy-agent`: `run` (standalone or connected; the default command), `check-config`,
-//! `backup`, `list`, `prune`, `verify`, `restore`, `keygen`, `version`, `health-check`, `dump-state`.
+//! `backup`, `list`, `prune`, `verify`, `restore`, `drill`, `keygen`, `version`, `health-check`,
+//! `dump-state`.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -216,6 +217,39 @@ enum Command {
         #[arg(long)]
         no_preverify: bool,
     },
+    /// Prove a backup restores: verify the stored object, restore it into scratch (SQLite:
+    /// a temporary file in state_dir/tmp), count the rows of every table and compare them
+    /// with the counts its manifest recorded at backup time. The report is written beside
+    /// the backup as <object>.drill.json. SQLite (a temporary file) and PostgreSQL (a
+    /// scratch database on the target's server, always dropped) so far (docs/drills.md).
+    #[command(after_help = help!(
+        "Examples:\n  backupy-agent drill --config backupy.toml --job app-nightly\n  \
+        backupy-agent drill --config backupy.toml --job app-nightly --backup 3f2c… --json",
+        "the drill passed: the object verified, restored, and every table holds exactly the rows its manifest recorded",
+        "the drill failed (a tampered or corrupt object, a failed restore, a table whose count differs: each is named) or could not run (no such backup, an engine not built yet, a manifest without a content block, a refused configuration)",
+        "the download stopped, the restore tool was killed and the scratch copy removed (a scratch database dropped); no report is written"
+    ))]
+    Drill {
+        /// The standalone TOML configuration (storage, and the key to use).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The job whose backup to drill.
+        #[arg(long, value_name = "ID")]
+        job: String,
+        /// A backup ID (the run id from `list`), or `latest` (the default).
+        #[arg(long, value_name = "ID|latest", default_value = "latest")]
+        backup: String,
+        /// The private key (default: [encryption] identity, else backupy.key beside the config).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// Accept a backup whose manifest says `"encryption": "none"` although this config
+        /// encrypts its job.
+        #[arg(long)]
+        allow_plaintext: bool,
+        /// Print the drill report as JSON (the same document as <object>.drill.json).
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the running agent's /healthz (on BACKUPY_METRICS_LISTEN_ADDR); exit 0 when
     /// healthy, 1 otherwise. For Docker's HEALTHCHECK.
     #[command(after_help = help!(
@@ -357,6 +391,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Verify { stored: s } => verify(&s),
         Command::Prune { config, job, dry_run, orphans, json } => {
             prune(&config, job.as_deref(), crate::retention::Options { dry_run, orphans }, json)
+        }
+        Command::Drill { config, job, backup, identity, allow_plaintext, json } => {
+            let s = StoredBackup { config, backup, job: Some(job), identity, allow_plaintext };
+            drill(&s, json)
         }
         Command::Version { json } => {
             if json {
@@ -745,6 +783,59 @@ fn restore(s: &StoredBackup, to: &str, force: bool, preverify: bool) -> Result<E
             }
             None => bail!("restore of backup {} ({}): {e}", m.id, m.object_key),
         },
+    }
+}
+
+fn drill(s: &StoredBackup, json: bool) -> Result<ExitCode> {
+    let cfg = Config::load(&s.config)?;
+    crate::leftovers::clean_for(&cfg, false);
+    let job = s.job.as_deref().unwrap_or_default();
+    if cfg.job(job).is_none() {
+        let known: Vec<&str> = cfg.jobs.iter().map(|j| j.id.as_str()).collect();
+        bail!("{}: no job {job:?} (jobs: {})", s.config.display(), known.join(", "));
+    }
+    let storage = cfg.open_storage().map_err(|e| anyhow::anyhow!(e))?;
+    let m = find_backup(storage.manifests("").context("cannot list the storage")?, &s.backup, Some(job))?;
+    if m.job != job {
+        bail!("backup {} belongs to job {:?}, not {job:?}", m.id, m.job);
+    }
+    check_plaintext(&cfg, &m, s.allow_plaintext)?;
+    let key = restore_key(&cfg, s.identity.as_deref(), &m)?;
+    let cancel = Cancel::default();
+    let interrupt = Interrupt::install(cancel.clone(), "the drill", None)?;
+    let target = cfg.job(job).and_then(|j| cfg.targets.get(&j.target)).cloned();
+    let opts = crate::drill::DrillOptions { temp_dir: cfg.state_dir.join("tmp"), cancel, target };
+    match crate::drill::drill(&storage, &m, key.as_ref(), &opts) {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let tables = report.tables.len();
+                let rows: u64 = report.tables.iter().filter_map(|t| t.found).sum();
+                println!(
+                    "{}\t{}\t{}\t{tables} table(s), {rows} {}\trestore {:.2}s\tsha256:{}",
+                    m.id,
+                    report.status,
+                    m.object_key,
+                    report.unit,
+                    report.restore_seconds,
+                    report.object_sha256
+                );
+            }
+            if report.passed() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                bail!("drill of backup {} ({}) failed: {}", m.id, m.object_key, report.error)
+            }
+        }
+        Err(crate::drill::DrillError::Cancelled(e)) => {
+            let signal = interrupt.signal().map(interrupt::signal_name).unwrap_or("cancelled");
+            log::warn!("{signal}: {e}");
+            Ok(ExitCode::from(interrupt.signal().map_or(1, interrupt::exit_status)))
+        }
+        Err(crate::drill::DrillError::Refused(e)) => {
+            bail!("drill of backup {} ({}): {e}", m.id, m.object_key)
+        }
     }
 }
 

@@ -32,6 +32,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+pub mod content;
+
 use super::exec::{self, PrivateDir};
 use super::tls::{ClientKey, DbTls, Verify};
 use super::{DriverError, Dump, DumpContext, Engine, MAGIC_LEN, Strategy, TargetSpec, check_magic};
@@ -94,14 +96,32 @@ pub fn dump(spec: &TargetSpec, ctx: &DumpContext) -> Result<Dump, DriverError> {
     if ctx.pipeline_compresses {
         cmd.arg("--compress=0");
     }
+    // Issue 19: pg_dump dumps the snapshot of a transaction that counts its rows for the
+    // manifest's `content`, on a connection of its own with the target's TLS settings.
+    // A server that cannot export a snapshot still gets its backup, without counts.
+    let snapshot = agent_connect(spec, &spec.database, &ssl, &dir)
+        .and_then(|client| content::begin(spec, client, &info.version))
+        .map_err(|e| log::warn!("{e}; pg_dump takes its own snapshot and the manifest gets no content block"))
+        .ok();
+    if let Some(s) = &snapshot {
+        cmd.arg(format!("--snapshot={}", s.id));
+    }
     cmd.arg(format!("--dbname={}", conninfo(spec, &spec.database, &ssl)));
 
     let source = Source::spawn("pg_dump", cmd).map_err(|e| err(format!("{e} ({})", pg_dump.display())))?;
+    let counting = match snapshot {
+        Some(s) => Some(
+            s.count_into(&spec.id, source.content_slot())
+                .map_err(|e| err(format!("cannot start the row count: {e}")))?,
+        ),
+        None => None,
+    };
     Ok(Dump {
         source: source
             .with_magic(MAGIC_LEN, Box::new(|head| check_magic(Engine::PostgreSql, head)))
             .with_size_hint(info.size)
-            .with_guard(dir),
+            .with_guard(dir)
+            .with_guard(counting),
         engine_version: info.version,
     })
 }
@@ -171,7 +191,7 @@ fn ssl_mode(spec: &TargetSpec) -> Result<String, DriverError> {
 }
 
 /// A target's TLS settings, checked once and shared by both connections.
-struct PgSsl {
+pub(crate) struct PgSsl {
     /// As libpq spells it (lower case).
     mode: String,
     /// `sslrootcert`: a CA file, or `system` (the built-in roots; libpq ≥ 16 for the tools).
@@ -199,7 +219,7 @@ impl PgSsl {
     }
 }
 
-fn ssl_settings(spec: &TargetSpec) -> Result<PgSsl, DriverError> {
+pub(crate) fn ssl_settings(spec: &TargetSpec) -> Result<PgSsl, DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
     let mode = ssl_mode(spec)?;
     let opt = |k: &str| spec.options.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
@@ -296,11 +316,17 @@ fn port(spec: &TargetSpec) -> u16 {
 
 /// Connects with the `postgres` crate (TLS as `ssl` says) and reads the version and
 /// database size.
-fn server_info(spec: &TargetSpec, ssl: &PgSsl, dir: &PrivateDir) -> Result<ServerInfo, DriverError> {
+/// The agent's own connection to `database` on `spec`'s server (the version check, the
+/// snapshot whose rows the manifest counts, a drill's scratch database): over the UNIX
+/// socket, or TCP with rustls as the target's sslmode says; `prefer` never retries in
+/// plaintext after a failed handshake. `dir` holds a decrypted client key, if any.
+pub(crate) fn agent_connect(
+    spec: &TargetSpec,
+    database: &str,
+    ssl: &PgSsl,
+    dir: &PrivateDir,
+) -> Result<postgres::Client, DriverError> {
     let err = |m: String| DriverError::new(&spec.id, m);
-    if spec.database.is_empty() {
-        return Err(err("a PostgreSQL target needs a database name (pg_dump dumps one database)".into()));
-    }
     let unix = matches!(spec.strategy, Strategy::UnixSocket);
     // libpq ignores sslmode on a UNIX socket; so does the agent.
     let (mode, verify) =
@@ -314,14 +340,14 @@ fn server_info(spec: &TargetSpec, ssl: &PgSsl, dir: &PrivateDir) -> Result<Serve
     config
         .port(port(spec))
         .user(if spec.username.is_empty() { "postgres" } else { &spec.username })
-        .dbname(&spec.database)
+        .dbname(database)
         .ssl_mode(mode)
         .connect_timeout(CONNECT_TIMEOUT)
         .application_name("backupy-agent");
     if let Some(pw) = &spec.password {
         config.password(pw.expose());
     }
-    let mut client = if mode == postgres::config::SslMode::Disable {
+    let client = if mode == postgres::config::SslMode::Disable {
         config.connect(postgres::NoTls).map_err(|e| err(connect_error(spec, ssl, &e)))?
     } else {
         let tls = agent_tls(ssl, verify, dir).map_err(|m| err(format!("sslmode={}: {m}", ssl.mode)))?;
@@ -352,6 +378,15 @@ fn server_info(spec: &TargetSpec, ssl: &PgSsl, dir: &PrivateDir) -> Result<Serve
         }
         client
     };
+    Ok(client)
+}
+
+fn server_info(spec: &TargetSpec, ssl: &PgSsl, dir: &PrivateDir) -> Result<ServerInfo, DriverError> {
+    let err = |m: String| DriverError::new(&spec.id, m);
+    if spec.database.is_empty() {
+        return Err(err("a PostgreSQL target needs a database name (pg_dump dumps one database)".into()));
+    }
+    let mut client = agent_connect(spec, &spec.database, ssl, dir)?;
     let version: String = client
         .query_one("SHOW server_version", &[])
         .and_then(|row| row.try_get(0))

@@ -2,7 +2,10 @@
 //! step (so concurrent writers cannot make it inconsistent) into a 0600 temporary file
 //! in the state directory, streamed by the pipeline and deleted once the dump stage has read it
 //! (or, after a crash, at the next start: its name carries the owner tag of `leftovers`).
+//! Before it is streamed, the snapshot's rows are counted per table for the manifest's
+//! `content` block (issue 19); a drill counts a restored copy with the same function.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,6 +14,7 @@ use rusqlite::{Connection, OpenFlags};
 use super::{DriverError, Engine, MAGIC_LEN, check_magic};
 use crate::cancel::Cancel;
 use crate::pipeline::Source;
+use crate::storage::Content;
 
 /// "SQLite <version>" of the library that takes the snapshot.
 pub fn engine_version() -> String {
@@ -87,7 +91,7 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path, cancel: &Cancel) -> 
         .prefix(&crate::leftovers::tagged_prefix(crate::leftovers::SQLITE_SNAPSHOT))
         .tempfile_in(temp_dir)
         .map_err(|e| err(format!("cannot create a snapshot file in {}: {e}", temp_dir.display())))?;
-    {
+    let content = {
         let mut dst = Connection::open(snapshot.path())
             .map_err(|e| err(format!("cannot open snapshot file {}: {e}", snapshot.path().display())))?;
         let backup = rusqlite::backup::Backup::new(&src, &mut dst)
@@ -115,14 +119,66 @@ pub fn snapshot(target: &str, path: &Path, temp_dir: &Path, cancel: &Cancel) -> 
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
         }
-    }
-    let _ = src.execute_batch("COMMIT");
+        drop(backup);
+        // The copy is complete: release the live database before counting.
+        let _ = src.execute_batch("COMMIT");
+        // The manifest's `content` (issue 19): counted from the snapshot file that is
+        // about to be streamed, so the counts are exactly those of the stored dump. On the
+        // connection that wrote it: closing it leaves no -wal/-shm file beside the
+        // snapshot (a read-only connection to a WAL-mode copy would).
+        let tables = count_rows(&dst, Some(cancel))
+            .map_err(|e| err(format!("cannot count the rows of the snapshot of {}: {e}", path.display())))?;
+        content_of(tables)
+    };
     let file = snapshot.reopen().map_err(|e| err(format!("cannot read snapshot file: {e}")))?;
     let size = file.metadata().map(|m| m.len()).ok();
     Ok(Source::from_reader(format!("sqlite snapshot of {}", path.display()), file)
         .with_magic(MAGIC_LEN, Box::new(|head| check_magic(Engine::Sqlite, head)))
         .with_size_hint(size)
-        .with_guard(snapshot))
+        .with_guard(snapshot)
+        .with_content(content))
+}
+
+/// The manifest `content` block of a SQLite snapshot with these row counts.
+pub fn content_of(tables: BTreeMap<String, u64>) -> Content {
+    Content {
+        engine_version: engine_version(),
+        counted_from: "sqlite snapshot file".into(),
+        exactness: "exact".into(),
+        unit: "rows".into(),
+        tables,
+    }
+}
+
+/// Rows per table of the database open on `conn`: every ordinary table of `main`
+/// (`sqlite_master` type `table`), the internal `sqlite_*` tables and virtual tables
+/// left out (a virtual table's rows live in its shadow tables, which are counted, and
+/// its module may not be loadable here). Used at backup time on the snapshot and by a
+/// drill on the restored copy, so both sides count the same way. `cancel` is checked
+/// between tables.
+pub fn count_rows(conn: &Connection, cancel: Option<&Cancel>) -> Result<BTreeMap<String, u64>, String> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
+             AND upper(coalesce(sql, '')) NOT LIKE 'CREATE VIRTUAL%' ORDER BY name",
+        )
+        .map_err(|e| format!("cannot list the tables: {e}"))?;
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
+        .map_err(|e| format!("cannot list the tables: {e}"))?;
+    let mut out = BTreeMap::new();
+    for name in names {
+        if cancel.is_some_and(Cancel::is_cancelled) {
+            return Err("stopped (cancelled)".into());
+        }
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let n: i64 = conn
+            .query_row(&format!("SELECT count(*) FROM main.{quoted}"), [], |r| r.get(0))
+            .map_err(|e| format!("cannot count the rows of table {name:?}: {e}"))?;
+        out.insert(name, u64::try_from(n).unwrap_or(0));
+    }
+    Ok(out)
 }
 
 fn is_busy(e: &rusqlite::Error) -> bool {

@@ -33,7 +33,14 @@ pub struct Source {
     /// How to stop a native reader blocked in a read (shut its socket down), called on
     /// failure or cancel like the child's group kill.
     pub(crate) abort: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// What the dump holds (the manifest's `content`, issue 19), filled by the driver
+    /// before the stream starts or, for a driver that counts while it dumps, before the
+    /// stream ends; the runner reads it after the pipeline finished.
+    pub(crate) content: ContentSlot,
 }
+
+/// Where a driver leaves the counts of what its dump holds; shared with the runner.
+pub type ContentSlot = Arc<std::sync::Mutex<Option<crate::storage::Content>>>;
 
 /// A process outside this host's process table (a command run inside a container): how
 /// to learn, once its output ended, whether it succeeded, and how to kill it from the
@@ -56,6 +63,7 @@ impl Source {
             _guard: Vec::new(),
             remote: None,
             abort: None,
+            content: ContentSlot::default(),
         }
     }
 
@@ -84,6 +92,7 @@ impl Source {
             _guard: Vec::new(),
             remote: None,
             abort: None,
+            content: ContentSlot::default(),
         })
     }
 
@@ -112,6 +121,17 @@ impl Source {
     pub fn with_remote(mut self, remote: RemoteProcess) -> Self {
         self.remote = Some(remote);
         self
+    }
+
+    /// Records what the dump holds, counted before the stream starts (SQLite).
+    pub fn with_content(self, content: crate::storage::Content) -> Self {
+        *self.content.lock().unwrap_or_else(|p| p.into_inner()) = Some(content);
+        self
+    }
+
+    /// The slot a driver that counts while it dumps fills before its stream ends.
+    pub fn content_slot(&self) -> ContentSlot {
+        self.content.clone()
     }
 
     /// A handle that kills the child's process group from another thread.

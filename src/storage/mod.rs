@@ -107,7 +107,8 @@ impl Storage {
     pub fn manifests_checked(&self, prefix: &str) -> io::Result<Manifests> {
         let mut out = Manifests::default();
         for (key, _) in self.list(prefix)? {
-            if !key.ends_with(".json") {
+            // Drill reports sit beside the manifests but are not manifests.
+            if !key.ends_with(".json") || key.ends_with(DRILL_REPORT_SUFFIX) {
                 continue;
             }
             let mut text = Vec::new();
@@ -203,6 +204,15 @@ pub fn manifest_key(object_key: &str) -> String {
     format!("{object_key}.json")
 }
 
+/// What ends the key of a drill report ([`drill_report_key`]).
+pub const DRILL_REPORT_SUFFIX: &str = ".drill.json";
+
+/// The key of the drill report of an object: its key plus `.drill.json` (issue 19).
+/// Never a manifest: object names end in a dump extension, never in `.drill`.
+pub fn drill_report_key(object_key: &str) -> String {
+    format!("{object_key}{DRILL_REPORT_SUFFIX}")
+}
+
 /// Checks that an id may be used as one path segment of an object key.
 pub fn check_key_segment(what: &str, s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
@@ -254,6 +264,30 @@ pub struct Manifest {
     pub started_at: String,
     pub finished_at: String,
     pub agent_version: String,
+    /// What the dump holds, counted from the same snapshot it was taken from (issue 19):
+    /// what a drill compares a restored copy with. Absent in manifests written before
+    /// it existed and for engines that do not count yet; never written when absent, so
+    /// older agents still read these manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Content>,
+}
+
+/// The `content` block of a manifest: per-table (or per-collection, per-db) counts of
+/// what the dump holds, and how far those counts can be trusted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Content {
+    /// The engine's own version as the counting connection saw it ("SQLite 3.46.0").
+    pub engine_version: String,
+    /// What was counted from: "sqlite snapshot file" and the like.
+    pub counted_from: String,
+    /// `"exact"`: counted inside the very snapshot the dump holds, so a faithful
+    /// restore has exactly these counts.
+    pub exactness: String,
+    /// What a count counts: "rows", "documents", "keys".
+    pub unit: String,
+    /// Count per table (SQLite: the table name; schema-qualified where an engine has
+    /// schemas), sorted by name.
+    pub tables: std::collections::BTreeMap<String, u64>,
 }
 
 impl Manifest {

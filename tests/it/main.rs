@@ -17,6 +17,7 @@ mod dir_storage;
 mod docker_client;
 mod docker_discovery;
 mod docker_exec;
+mod drill;
 mod driver_mariadb;
 mod driver_mongodb;
 mod driver_postgres;

@@ -71,6 +71,7 @@ fn manifest(id: &str, key: &str, t: DateTime<Utc>) -> Vec<u8> {
         started_at: rfc3339(t),
         finished_at: rfc3339(t),
         agent_version: "test".into(),
+        content: None,
     };
     serde_json::to_vec(&m).unwrap()
 }

@@ -67,6 +67,7 @@ fn store_at(storage: &Storage, id: &str, t: DateTime<Utc>) -> String {
         started_at: rfc3339(t),
         finished_at: rfc3339(t),
         agent_version: "test".into(),
+        content: None,
     };
     storage.put(&manifest_key(&key), &serde_json::to_vec(&m).unwrap()).unwrap();
     key

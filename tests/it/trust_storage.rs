@@ -30,6 +30,7 @@ fn manifest(id: &str, target: &str, job: &str, key: &str, days_ago: i64) -> Mani
         started_at: rfc3339(started),
         finished_at: rfc3339(started),
         agent_version: "test".into(),
+        content: None,
     }
 }
 
