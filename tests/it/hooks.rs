@@ -141,8 +141,12 @@ fn a_process_that_escapes_the_hooks_group_holds_the_run_no_longer_than_the_timeo
     let cfg = config(
         dir.path(),
         &format!(
-            "pre_hooks = [\"setsid sleep 120 & echo $! > {}; echo started\"]\nhook_timeout_sec = 2",
-            pidfile.display()
+            // The shell exits only once the child has left the group (it writes its pid
+            // after setsid(2)): otherwise the group kill at the shell's exit may catch it
+            // before it escaped, and the test would prove nothing.
+            "pre_hooks = [\"setsid sh -c 'echo $$ > {p}; exec sleep 120' & while [ ! -s {p} ]; do sleep 0.05; done; \
+             echo started\"]\nhook_timeout_sec = 2",
+            p = pidfile.display()
         ),
     );
     let t0 = Instant::now();
