@@ -472,6 +472,17 @@ fn prune_deletes_a_drill_report_with_its_backup() {
     let mut toml = std::fs::read_to_string(&config).unwrap();
     toml.push_str("keep_last = 1\n");
     std::fs::write(&config, toml).unwrap();
+    // Object keys and manifests carry whole seconds: the second backup must start in a
+    // later second than the first, or "the newest" is a tie.
+    let first_second = json_file(&PathBuf::from(format!("{}.json", first.display())))["started_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t0 = std::time::Instant::now();
+    while chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string() <= first_second {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "the clock did not pass {first_second}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     backup(&config, &[]);
     let mut c = agent();
     c.args(["prune", "--config"]).arg(&config);
